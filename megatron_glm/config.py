@@ -1,0 +1,478 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides and validation.
+
+A run is described by one :class:`RunConfig` made of per-component sections (model, data,
+objective, parallel, optimizer, train, checkpoint, logging). Each section is a ``kw_only``
+dataclass whose fields carry their meaning in a docstring-style comment and whose
+``__post_init__`` rejects bad values with a ``ValueError`` naming the field and the rule.
+
+YAML files are loaded with ``yaml.safe_load``. A section given as a string (``model: glm-tiny``)
+names a file: it is looked up next to the run file, then in ``configs/<section>/`` of every parent
+directory, so run recipes reuse ``configs/model/*.yaml``. Overrides ``key.sub=value`` are applied
+to the raw mapping before validation (the value parsed as YAML), and an unknown key anywhere is an
+error naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Precision = Literal["fp32", "bf16", "fp16"]
+KernelChoice = Literal["auto", "triton", "torch"]
+
+
+def _require(cond: bool, name: str, rule: str) -> None:
+    """Raise the uniform config error: which field, which rule."""
+    if not cond:
+        raise ValueError(f"config field '{name}': {rule}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a GLM (DESIGN.md, "Model sizes")."""
+
+    name: str = "glm"
+    """Human-readable name, e.g. ``glm-large``; used in logs only."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    hidden_size: int = 64
+    """Width h of the residual stream."""
+    num_attention_heads: int = 2
+    """Attention heads; must divide hidden_size (and later be divisible by tp)."""
+    ffn_hidden_size: int | None = None
+    """MLP inner width; None means 4 * hidden_size."""
+    vocab_size: int = 0
+    """Padded vocabulary size; 0 means take it from the tokenizer at start-up."""
+    max_position_embeddings: int = 512
+    """Rows of the position and block-position tables; at least the sequence length."""
+    hidden_dropout: float = 0.1
+    """Dropout on the embedding output and on each residual branch."""
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities."""
+    layernorm_epsilon: float = 1e-5
+    """LayerNorm epsilon."""
+    init_method_std: float = 0.02
+    """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+    kernels: KernelChoice = "auto"
+    """Fused-op implementation: auto (Triton on CUDA, torch elsewhere), triton or torch."""
+    make_vocab_size_divisible_by: int = 128
+    """The padded vocab is a multiple of this times tp."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size",
+            f"must be divisible by num_attention_heads ({self.num_attention_heads})",
+        )
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        _require(self.ffn_hidden_size > 0, "ffn_hidden_size", "must be > 0")
+        _require(self.vocab_size >= 0, "vocab_size", "must be >= 0 (0 = from tokenizer)")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        _require(self.layernorm_epsilon > 0, "layernorm_epsilon", "must be > 0")
+        _require(self.init_method_std > 0, "init_method_std", "must be > 0")
+        _require(self.make_vocab_size_divisible_by > 0, "make_vocab_size_divisible_by", "> 0")
+        _require(
+            self.kernels in ("auto", "triton", "torch"), "kernels", "one of auto, triton, torch"
+        )
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the training tokens come from and how they are split and packed."""
+
+    data_path: list[str] = field(default_factory=list)
+    """Indexed-dataset prefixes (without .bin/.idx), e.g. ``data/corpus_text_sentence``."""
+    data_weights: list[float] | None = None
+    """Blending weights, one per prefix; None means proportional to their sizes."""
+    tokenizer_model: str = ""
+    """Path to the SentencePiece ``.model`` with GLM's special tokens."""
+    split: str = "969,30,1"
+    """Train/valid/test weights over documents, comma separated."""
+    seq_length: int = 512
+    """Static row length S of every micro-batch (part A + part B + padding)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    cache_dir: str | None = None
+    """Where index caches go; None means next to the data."""
+
+    def __post_init__(self) -> None:
+        _require(self.seq_length > 1, "seq_length", "must be > 1")
+        _require(self.num_workers >= 0, "num_workers", "must be >= 0")
+        parts = self.split.split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            weights = []
+        _require(
+            len(weights) in (1, 2, 3) and all(w >= 0 for w in weights) and sum(weights) > 0,
+            "split",
+            "must be 1-3 non-negative comma-separated numbers with a positive sum, e.g. 969,30,1",
+        )
+        if self.data_weights is not None:
+            _require(
+                len(self.data_weights) == len(self.data_path),
+                "data_weights",
+                f"needs one weight per data_path entry ({len(self.data_path)})",
+            )
+            _require(all(w > 0 for w in self.data_weights), "data_weights", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """GLM's blank-infilling objective mix (DESIGN.md, "Data"; the paper's section 2)."""
+
+    span_prob: float = 0.5
+    """Probability that a row uses the span (token-level [MASK]) task."""
+    sentence_prob: float = 0.25
+    """Probability that a row uses the sentence ([sMASK]) task."""
+    document_prob: float = 0.25
+    """Probability that a row uses the document ([gMASK]) task."""
+    single_span_prob: float = 0.0
+    """Within the span task, probability of masking one single span instead of many."""
+    mask_ratio: float = 0.15
+    """Fraction of tokens the span task masks."""
+    poisson_lambda: float = 3.0
+    """Mean of the Poisson span-length distribution."""
+    max_span_length: int = 40
+    """Span lengths are truncated to 1..max_span_length."""
+    sentence_ratio: float = 0.15
+    """Fraction of tokens the sentence task masks (whole sentences)."""
+    document_min_ratio: float = 0.5
+    """Smallest fraction of the window the document task generates."""
+    document_max_ratio: float = 1.0
+    """Largest fraction of the window the document task generates."""
+
+    def __post_init__(self) -> None:
+        probs = ("span_prob", "sentence_prob", "document_prob", "single_span_prob")
+        for name in probs:
+            _require(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1]")
+        total = self.span_prob + self.sentence_prob + self.document_prob
+        _require(
+            abs(total - 1.0) < 1e-6, "span_prob", f"span+sentence+document must be 1 ({total})"
+        )
+        _require(0.0 < self.mask_ratio < 0.5, "mask_ratio", "must be in (0, 0.5)")
+        _require(self.poisson_lambda > 0, "poisson_lambda", "must be > 0")
+        _require(self.max_span_length >= 1, "max_span_length", "must be >= 1")
+        _require(0.0 < self.sentence_ratio < 1.0, "sentence_ratio", "must be in (0, 1)")
+        _require(
+            0.0 < self.document_min_ratio <= self.document_max_ratio <= 1.0,
+            "document_min_ratio",
+            "need 0 < document_min_ratio <= document_max_ratio <= 1",
+        )
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Parallel layout; data parallelism takes the rest of the world size."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    sequence_parallel: bool = False
+    """Split LayerNorm/dropout regions along the sequence across TP ranks."""
+
+    def __post_init__(self) -> None:
+        _require(self.tp >= 1, "tp", "must be >= 1")
+        _require(self.pp >= 1, "pp", "must be >= 1")
+        _require(not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs tp > 1")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW and the LR schedule (GLM's AnnealingLR: linear warmup, then decay)."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak."""
+    warmup_ratio: float = 0.01
+    """Warmup length as a fraction of train_iters (used when warmup_iters is None)."""
+    warmup_iters: int | None = None
+    """Warmup length in steps; overrides warmup_ratio."""
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to biases and LayerNorm weights)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        if self.warmup_iters is not None:
+            _require(self.warmup_iters >= 0, "warmup_iters", "must be >= 0")
+        _require(
+            self.decay_style in ("cosine", "linear", "constant"),
+            "decay_style",
+            "one of cosine, linear, constant",
+        )
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        _require(self.adam_eps > 0, "adam_eps", "must be > 0")
+        _require(self.clip_grad >= 0, "clip_grad", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Batch sizes, length of the run, precision and ZeRO."""
+
+    micro_batch_size: int = 4
+    """Rows per micro-batch per data-parallel rank."""
+    global_batch_size: int = 4
+    """Rows per optimizer step over all data-parallel ranks (a multiple of micro * dp)."""
+    train_iters: int = 100
+    """Optimizer steps of the run."""
+    seed: int = 1234
+    """Seed of everything: init, data order, masking, dropout."""
+    precision: Precision = "fp32"
+    """fp32, bf16, or fp16 with dynamic loss scaling."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    cpu_offload: bool = False
+    """Offload optimizer state to CPU (ZeRO >= 1)."""
+    eval_interval: int = 0
+    """Validate every this many steps; 0 disables."""
+    eval_iters: int = 10
+    """Micro-batches per validation."""
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "train_iters"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "global_batch_size",
+            f"must be a multiple of micro_batch_size ({self.micro_batch_size})",
+        )
+        _require(self.precision in ("fp32", "bf16", "fp16"), "precision", "fp32, bf16 or fp16")
+        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        _require(not self.cpu_offload or self.zero_stage >= 1, "cpu_offload", "needs zero >= 1")
+        _require(self.eval_interval >= 0, "eval_interval", "must be >= 0")
+        _require(self.eval_iters > 0, "eval_iters", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where checkpoints go and when."""
+
+    save: str | None = None
+    """Directory to save checkpoints in; None disables saving."""
+    load: str | None = None
+    """Directory to resume from; None means auto-resume from ``save`` if it has ``latest``."""
+    save_interval: int = 0
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval >= 0, "save_interval", "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Console, TensorBoard and progress output."""
+
+    log_interval: int = 10
+    """Print a log line every this many steps."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event directory; None disables."""
+    progress_bar: bool = True
+    """Show a tqdm bar on rank 0."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_interval > 0, "log_interval", "must be > 0")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """One training run: every section, validated together."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpora, tokenizer, split, sequence length."""
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Blank-infilling task mix."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """tp / pp layout."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW + LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batches, steps, precision, ZeRO."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logs and TensorBoard."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.model.max_position_embeddings >= self.data.seq_length,
+            "model.max_position_embeddings",
+            f"must be >= data.seq_length ({self.data.seq_length})",
+        )
+        _require(
+            self.model.num_attention_heads % self.parallel.tp == 0,
+            "model.num_attention_heads",
+            f"must be divisible by parallel.tp ({self.parallel.tp})",
+        )
+        _require(
+            self.model.num_layers % self.parallel.pp == 0 or self.parallel.pp == 1,
+            "model.num_layers",
+            f"must be divisible by parallel.pp ({self.parallel.pp})",
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check a YAML scalar/list against a field type; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"config field '{key}': bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"config field '{key}': {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"config field '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"config field '{key}': expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys name the closest valid key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"config section '{prefix or cls.__name__}': expected a mapping")
+    types_ = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in types_:
+            close = difflib.get_close_matches(str(key), list(types_), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ValueError(f"unknown config key '{full}'{hint}")
+        tp = types_[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = from_dict(tp, value or {}, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        msg = str(exc)
+        if prefix and msg.startswith("config field '"):
+            msg = msg.replace("config field '", f"config field '{prefix}", 1)
+        raise ValueError(msg) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for logs, checkpoints and YAML dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+def _find_section_file(name: str, section: str, base: Path) -> Path:
+    """Resolve ``model: glm-tiny`` to a YAML file next to the run file or in configs/<section>/."""
+    candidates = [base / name, base / f"{name}.yaml"]
+    for parent in [base, *base.parents]:
+        candidates += [
+            parent / section / f"{name}.yaml",
+            parent / "configs" / section / f"{name}.yaml",
+        ]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    raise ValueError(f"config section '{section}': no file for '{name}' (looked in {base})")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML mapping, resolving sections given as file names."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    for section, value in list(raw.items()):
+        if isinstance(value, str) and section in {f.name for f in dataclasses.fields(RunConfig)}:
+            sub = _find_section_file(value, section, path.parent)
+            raw[section] = yaml.safe_load(sub.read_text()) or {}
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed as YAML) to a nested mapping in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}': expected key.sub=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+    return raw
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, cls: type = RunConfig
+) -> Any:
+    """Load a run config: YAML file (optional), then overrides, then validation."""
+    raw = load_yaml(path) if path is not None else {}
+    apply_overrides(raw, overrides or [])
+    return from_dict(cls, raw)
