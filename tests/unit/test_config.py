@@ -1,0 +1,113 @@
+"""Config loading, overrides, validation messages, and every shipped YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_glm.config import (
+    ModelConfig,
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist() -> None:
+    names = {p.stem for p in (REPO / "configs" / "model").glob("*.yaml")}
+    assert {
+        "glm-tiny",
+        "glm-base",
+        "glm-large",
+        "glm-410m",
+        "glm-515m",
+        "glm-2b",
+        "glm-10b",
+    } <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_validates(path: Path) -> None:
+    """Model files load as ModelConfig; run recipes (everything else) as RunConfig."""
+    cls = ModelConfig if path.parent.name == "model" else RunConfig
+    cfg = load_config(path, cls=cls)
+    assert isinstance(cfg, cls)
+
+
+def test_model_section_by_name_resolves_configs_model(tmp_path: Path) -> None:
+    run = tmp_path / "configs" / "run.yaml"
+    (tmp_path / "configs" / "model").mkdir(parents=True)
+    (tmp_path / "configs" / "model" / "m.yaml").write_text("num_layers: 3\nhidden_size: 96\n")
+    run.write_text("model: m\ndata:\n  seq_length: 128\n")
+    cfg = load_config(run, ["model.num_attention_heads=4"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (
+        3,
+        96,
+        4,
+    )
+    assert cfg.model.ffn_hidden_size == 4 * 96
+    assert cfg.data.seq_length == 128
+
+
+def test_overrides_parse_yaml_values() -> None:
+    raw = apply_overrides(
+        {}, ["train.precision=bf16", "optimizer.lr=3e-4", "data.data_path=[a, b]"]
+    )
+    cfg = from_dict(RunConfig, raw)
+    assert cfg.train.precision == "bf16"
+    assert cfg.optimizer.lr == pytest.approx(3e-4)
+    assert cfg.data.data_path == ["a", "b"]
+
+
+def test_unknown_key_names_closest() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"unknown config key 'model\.hiden_size'; did you mean "
+        r"'model\.hidden_size'\?",
+    ):
+        load_config(None, ["model.hiden_size=8"])
+    with pytest.raises(ValueError, match=r"unknown config key 'trian'; did you mean 'train'\?"):
+        load_config(None, ["trian.seed=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["model.hidden_size=65"], "config field 'model.hidden_size': must be divisible by"),
+        (["model.hidden_dropout=1.5"], "config field 'model.hidden_dropout': must be in [0, 1)"),
+        (
+            ["train.global_batch_size=6", "train.micro_batch_size=4"],
+            "config field 'train.global_batch_size': must be a multiple of micro_batch_size (4)",
+        ),
+        (["train.precision=fp8"], "config field 'train.precision': 'fp8' is not one of"),
+        (["objective.span_prob=0.9"], "config field 'objective.span_prob': span+sentence+document"),
+        (["data.split=a,b"], "config field 'data.split'"),
+        (["data.seq_length=1024"], "config field 'model.max_position_embeddings': must be >="),
+        (["parallel.tp=4"], "config field 'model.num_attention_heads': must be divisible by"),
+        (["train.zero_stage=5"], "config field 'train.zero_stage'"),
+        (["model.num_layers=two"], "config field 'model.num_layers': expected int"),
+    ],
+)
+def test_validation_names_field(override: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        load_config(None, override)
+    assert message in str(info.value)
+
+
+def test_bad_yaml_names_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match=str(bad)):
+        load_config(bad)
+
+
+def test_round_trip_through_dict() -> None:
+    cfg = load_config(None, ["model.num_layers=3", "train.seed=7"])
+    again = from_dict(RunConfig, to_dict(cfg))
+    assert again == cfg
