@@ -1,0 +1,1 @@
+"""Decoding with a trained GLM: blank filling (part A with masks, part B generated)."""
