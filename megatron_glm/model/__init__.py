@@ -1,0 +1,24 @@
+"""GLM model: flat stage-able layers, tied head, loss on loss positions only, FLOP counts."""
+
+from megatron_glm.model.embedding import EmbeddingLayer
+from megatron_glm.model.flops import flops_per_token, matmul_parameters, num_parameters
+from megatron_glm.model.glm import GLMModel, build_model, init_layer, resolve_vocab_size
+from megatron_glm.model.loss import LossOutput, glm_loss
+from megatron_glm.model.transformer import MLP, FinalLayerNorm, GLMBlock, SelfAttention
+
+__all__ = [
+    "MLP",
+    "EmbeddingLayer",
+    "FinalLayerNorm",
+    "GLMBlock",
+    "GLMModel",
+    "LossOutput",
+    "SelfAttention",
+    "build_model",
+    "flops_per_token",
+    "glm_loss",
+    "init_layer",
+    "matmul_parameters",
+    "num_parameters",
+    "resolve_vocab_size",
+]

@@ -1,0 +1,173 @@
+"""GLM attention: the prefix ("part A") + causal ("part B") mask, behind one function.
+
+GLM's blank-infilling batch row is ``[part A | part B | padding]``. Part A (the corrupted text)
+is attended bidirectionally, part B (the spans being generated) causally, and padding never.
+The whole mask is therefore described by two int64 numbers per row, ``sep`` (length of part A)
+and ``valid_len`` (length before padding)::
+
+    query i may attend key j  <=>  j < valid_len and (j < sep or j <= i)
+
+:func:`glm_attention` is the single entry point the model uses. Today it has one
+implementation, torch's ``scaled_dot_product_attention`` (SDPA) with a boolean mask built by
+:func:`glm_attention_mask`; a fused Triton kernel that takes ``(sep, valid_len)`` directly and
+skips fully masked blocks will sit behind the same function, chosen by :func:`attention_backend`.
+Keeping the ``(sep, valid_len)`` pair (rather than a materialised mask) in the signature is what
+lets that kernel drop the O(s^2) mask later without touching the model.
+
+The boolean mask is rebuilt inside every layer (``b * s * s`` bools, negligible next to the
+attention itself) instead of being threaded through the model, so pipeline stages exchange only
+the two ``[b]`` tensors.
+
+Fully masked query rows (only possible when ``valid_len == 0`` for the default mask, or with an
+arbitrary explicit mask) are defined to output zeros. SDPA's behaviour on such rows differs by
+backend (NaN on some, zeros on others), so we never hand it one: such rows are unmasked before the
+call and their outputs multiplied by 0 afterwards, which also keeps their gradients finite (zero).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KernelBackend = Literal["torch", "triton"]
+
+TRITON_ATTENTION_AVAILABLE: bool = False
+"""Whether this build ships the fused Triton GLM attention kernel (not yet)."""
+
+
+def attention_backend(choice: str, device: torch.device) -> KernelBackend:
+    """Resolve a ``model.kernels`` choice (auto|triton|torch) to the implementation to run.
+
+    ``auto`` means Triton on CUDA when the kernel exists, torch otherwise; ``triton`` without the
+    kernel (or off CUDA) is a user error rather than a silent fallback, because the dispatcher must
+    never change numerics behind the user's back.
+    """
+    if choice == "torch":
+        return "torch"
+    if choice == "auto":
+        return "triton" if TRITON_ATTENTION_AVAILABLE and device.type == "cuda" else "torch"
+    if choice == "triton":
+        if not TRITON_ATTENTION_AVAILABLE:
+            raise ValueError(
+                "config field 'model.kernels': 'triton' requested but this build has no Triton "
+                "GLM attention kernel yet; use 'auto' or 'torch'"
+            )
+        if device.type != "cuda":
+            raise ValueError(
+                f"config field 'model.kernels': 'triton' needs CUDA tensors, got {device.type}; "
+                "use 'auto' or 'torch'"
+            )
+        return "triton"
+    raise ValueError(f"config field 'model.kernels': {choice!r} is not one of auto, triton, torch")
+
+
+def _check_lengths(sep: Tensor, valid_len: Tensor) -> None:
+    """Shape/dtype checks only (no value checks: those would force a device sync)."""
+    for name, t in (("sep", sep), ("valid_len", valid_len)):
+        if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(
+                f"glm attention: '{name}' must be an integer tensor of shape [batch], "
+                f"got {t.dtype} {tuple(t.shape)}"
+            )
+    if sep.shape != valid_len.shape:
+        raise ValueError(
+            f"glm attention: 'sep' {tuple(sep.shape)} and 'valid_len' {tuple(valid_len.shape)} "
+            "must have the same shape [batch]"
+        )
+
+
+def glm_attention_mask(sep: Tensor, valid_len: Tensor, seq_len: int) -> Tensor:
+    """Boolean mask ``[b, 1, s, s]`` (True = may attend) of the GLM rule from ``(sep, valid_len)``.
+
+    ``sep`` and ``valid_len`` are int64 ``[b]``. Query i sees key j iff
+    ``j < valid_len and (j < sep or j <= i)``. The singleton dim broadcasts over heads.
+    """
+    _check_lengths(sep, valid_len)
+    pos = torch.arange(seq_len, device=sep.device)
+    key = pos.view(1, 1, seq_len)  # [1, 1, s]   j
+    query = pos.view(1, seq_len, 1)  # [1, s, 1]   i
+    sep_ = sep.view(-1, 1, 1)  # [b, 1, 1]
+    valid_ = valid_len.view(-1, 1, 1)  # [b, 1, 1]
+    mask = (key < valid_) & ((key < sep_) | (key <= query))  # [b, s, s]
+    return mask.unsqueeze(1)  # [b, 1, s, s]
+
+
+def _explicit_mask(attention_mask: Tensor, b: int, s: int) -> Tensor:
+    """Validate a caller-supplied full mask and bring it to ``[b, 1 or heads, s, s]``."""
+    if attention_mask.dtype != torch.bool:
+        raise ValueError(
+            f"glm attention: 'attention_mask' must be bool (True = may attend), "
+            f"got {attention_mask.dtype}"
+        )
+    if attention_mask.dim() == 3:
+        attention_mask = attention_mask.unsqueeze(1)  # [b, s, s] -> [b, 1, s, s]
+    if (
+        attention_mask.dim() != 4
+        or attention_mask.shape[0] != b
+        or attention_mask.shape[2:]
+        != (
+            s,
+            s,
+        )
+    ):
+        raise ValueError(
+            f"glm attention: 'attention_mask' must be [b, s, s] or [b, 1|heads, s, s] with "
+            f"b={b}, s={s}, got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask
+
+
+def glm_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sep: Tensor | None,
+    valid_len: Tensor | None,
+    *,
+    dropout_p: float,
+    training: bool,
+    attention_mask: Tensor | None = None,
+    kernels: str = "auto",
+) -> Tensor:
+    """Scaled dot-product attention under the GLM mask; returns ``[b, heads, s, d]``.
+
+    Args:
+        q, k, v: ``[b, heads, s, d]``.
+        sep, valid_len: int64 ``[b]``; the mask rule of the module docstring. May be None only
+            when ``attention_mask`` is given.
+        dropout_p: dropout on the attention probabilities, applied only when ``training``.
+        training: the calling module's ``self.training``.
+        attention_mask: optional bool ``[b, s, s]`` / ``[b, 1|heads, s, s]`` (True = may attend),
+            the slow fallback for finetuning formats whose mask is not a (sep, valid_len) pair.
+            When given it replaces the (sep, valid_len) rule.
+        kernels: ``model.kernels`` (auto|triton|torch), see :func:`attention_backend`.
+
+    A query row with no visible key outputs zeros (see module docstring).
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"glm attention: q, k, v must all be [b, heads, s, d], got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, _, s, _ = q.shape
+    backend = attention_backend(kernels, q.device)
+    assert backend == "torch", "only the torch backend exists"
+    if attention_mask is not None:
+        mask = _explicit_mask(attention_mask, b, s)  # [b, 1|heads, s, s]
+    else:
+        if sep is None or valid_len is None:
+            raise ValueError("glm attention: pass (sep, valid_len) or an explicit attention_mask")
+        if sep.shape[0:1] != (b,):
+            raise ValueError(
+                f"glm attention: 'sep' has shape {tuple(sep.shape)}, expected [batch={b}]"
+            )
+        mask = glm_attention_mask(sep, valid_len, s)  # [b, 1, s, s]
+    has_key = mask.any(dim=-1, keepdim=True)  # [b, 1|heads, s, 1]
+    safe_mask = mask | ~has_key  # a fully masked row attends everything, then is zeroed below
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=safe_mask, dropout_p=dropout_p if training else 0.0
+    )  # [b, heads, s, d]
+    return out * has_key.to(out.dtype)

@@ -1,0 +1,96 @@
+"""GLM's loss: cross entropy on loss positions only, as sums (the caller normalises globally).
+
+The logits ``[tokens, vocab]`` are the largest activation of a small GLM (vocab >> hidden), and in
+a blank-infilling row most positions (part A, padding) carry no loss. So the hidden states at
+``loss_mask > 0`` are gathered first (``index_select``) and the tied head is applied to those rows
+only. This costs one device sync (``nonzero``: the row count is data dependent), which is cheap
+next to the memory and FLOPs of full-sequence logits.
+
+Sums, not means, are returned: the training loop all-reduces ``sum_loss`` and ``num_tokens``
+across data parallelism and gradient accumulation and divides once, which is what
+"loss = sum(CE * mask) / sum(mask) over the global batch" (DESIGN.md) requires.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LossOutput(NamedTuple):
+    """Sums of one micro-batch; divide by the (globally reduced) token count yourself."""
+
+    sum_loss: Tensor
+    """Scalar float32 ``sum(CE * loss_mask)``, differentiable."""
+    num_tokens: Tensor
+    """Scalar float32 ``sum(loss_mask)`` (the mask is a weight)."""
+    per_objective_sum: Tensor
+    """float32 ``[num_objectives]`` of ``sum(CE * loss_mask)`` per row objective, detached."""
+    per_objective_count: Tensor
+    """float32 ``[num_objectives]`` of ``sum(loss_mask)`` per row objective."""
+
+
+def _head_weight(model_or_head_weight: nn.Module | Tensor) -> Tensor:
+    if isinstance(model_or_head_weight, Tensor):
+        return model_or_head_weight
+    weight = getattr(model_or_head_weight, "head_weight", None)
+    if not isinstance(weight, Tensor):
+        raise TypeError("glm_loss: expected a GLMModel (with .head_weight) or a [vocab, h] tensor")
+    return weight
+
+
+def glm_loss(
+    model_or_head_weight: nn.Module | Tensor,
+    hidden: Tensor,
+    targets: Tensor,
+    loss_mask: Tensor,
+    objective: Tensor,
+    num_objectives: int = 3,
+) -> LossOutput:
+    """Cross entropy of the tied head at loss positions.
+
+    Args:
+        model_or_head_weight: a ``GLMModel`` or its head matrix ``[vocab, h]``.
+        hidden: final hidden states ``[b, s, h]`` (``GLMModel.forward``).
+        targets: int64 ``[b, s]``, aligned with the tokens (no shift here).
+        loss_mask: ``[b, s]``, a float weight; positions with weight 0 are never projected.
+        objective: int64 ``[b]``, the row's objective (0 span, 1 sentence, 2 document).
+        num_objectives: length of the per-objective outputs.
+    """
+    weight = _head_weight(model_or_head_weight)  # [vocab, h]
+    b, s, h = hidden.shape
+    if targets.shape != (b, s) or loss_mask.shape != (b, s):
+        raise ValueError(
+            f"glm_loss: targets {tuple(targets.shape)} and loss_mask {tuple(loss_mask.shape)} "
+            f"must both be [b, s] = {(b, s)}"
+        )
+    if objective.shape != (b,):
+        raise ValueError(f"glm_loss: objective must be [b] = ({b},), got {tuple(objective.shape)}")
+    if objective.dtype.is_floating_point or objective.dtype == torch.bool:
+        raise ValueError(f"glm_loss: objective must be an integer tensor, got {objective.dtype}")
+    mask = loss_mask.reshape(-1).float()  # [b*s]
+    rows = torch.nonzero(mask > 0).squeeze(1)  # [n]
+    selected = hidden.reshape(b * s, h).index_select(0, rows)  # [n, h]
+    logits = F.linear(selected, weight).float()  # [n, vocab]
+    ce = F.cross_entropy(logits, targets.reshape(-1).index_select(0, rows), reduction="none")
+    weights = mask.index_select(0, rows)  # [n]
+    weighted = ce * weights  # [n]
+
+    row_objective = objective.view(b, 1).expand(b, s).reshape(-1).index_select(0, rows)  # [n]
+    if row_objective.numel():
+        low, high = (int(x) for x in torch.aminmax(row_objective))
+        if low < 0 or high >= num_objectives:
+            raise ValueError(
+                f"glm_loss: objective ids must be in [0, {num_objectives}), got {low}..{high}"
+            )
+    per_sum = torch.bincount(row_objective, weights=weighted.detach(), minlength=num_objectives)
+    per_count = torch.bincount(row_objective, weights=weights, minlength=num_objectives)
+    return LossOutput(
+        sum_loss=weighted.sum(),
+        num_tokens=mask.sum(),
+        per_objective_sum=per_sum.float(),
+        per_objective_count=per_count.float(),
+    )
