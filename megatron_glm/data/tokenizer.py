@@ -1,0 +1,506 @@
+"""GLM tokenizer: a SentencePiece model with GLM's special tokens as user-defined symbols.
+
+Design decisions (the trainer, :func:`train_tokenizer`, and the reader, :class:`GLMTokenizer`,
+agree on them; any SentencePiece model holding the specials as user-defined symbols loads):
+
+* **Special tokens** (:data:`SPECIAL_TOKENS`) are SentencePiece *user-defined symbols*: they are
+  matched in raw text before segmentation, so ``"[MASK]"`` inside a text always becomes exactly
+  one id. Training reserves them at ids 1..7, right after ``<unk>`` = 0, so every model trained
+  here shares the same special ids. SentencePiece's own ``<s>``/``</s>``/``<pad>`` are disabled
+  (``bos_id = eos_id = pad_id = -1``): GLM's end of text is ``<|endoftext|>``, which is both eos
+  and pad (pad positions are never attended and never in the loss, so sharing is safe).
+* **Exact round trip**: ``normalization_rule_name="identity"``, ``remove_extra_whitespaces=False``
+  and ``byte_fallback=True``, so ``decode(encode(text)) == text`` for every string. NFKC (the
+  SentencePiece default) would rewrite ligatures, full-width forms and collapse runs of spaces,
+  which breaks code examples in docstrings and any alignment between generated text and source
+  characters. Byte fallback maps characters outside the learned vocabulary to their UTF-8 bytes
+  (pieces ``<0x00>``..``<0xFF>``, 256 ids) instead of ``<unk>``, so newlines, tabs and rare
+  symbols survive. Cost: 256 ids of the vocabulary, and no Unicode folding of variants. The
+  trainer feeds SentencePiece one line at a time, so a newline inside a document encodes as the
+  byte piece ``<0x0A>``: still exactly one id.
+* **Dummy prefix**: SentencePiece prepends a ``▁`` (space) to every text so a word at the start
+  looks like the same word after a space; sentences encoded separately (preprocess with
+  ``--split-sentences``) then concatenate into correctly spaced text. When a text *starts with* a
+  special token the dummy ``▁`` precedes nothing but the special token and carries no
+  information, and it would make ``encode("[MASK]")`` two ids, so :meth:`GLMTokenizer.encode`
+  drops it in exactly that case; ``decode`` gives back the same text either way.
+* **Padded vocabulary**: the embedding has ``padded_vocab_size`` rows, a multiple of
+  ``make_vocab_size_divisible_by * tp`` (every tensor-parallel shard gets an equal, aligned
+  slice). Rows ``>= vocab_size`` are never produced by ``encode``; ``decode`` renders such an id
+  as ``<pad:ID>`` (a model may still sample one before it learns not to), and raises
+  :class:`TokenizerError` for ids outside ``[0, padded_vocab_size)``.
+* **Determinism of training**: SentencePiece's own sentence sampling (``input_sentence_size``)
+  draws from ``std::random_device`` and differs between processes. We therefore sample ourselves:
+  a counting pass over the input, then a seeded uniform choice of at most ``input_sentence_size``
+  sentence indices, streamed to SentencePiece in a second pass. SentencePiece then sees fewer
+  sentences than its limit, loads them all, and the model is a pure function of (inputs,
+  parameters, ``seed``, ``threads``): the number of trainer threads changes floating-point
+  reduction order and hence the result.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sentencepiece as spm
+
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "[CLS]",
+    "[MASK]",
+    "[sMASK]",
+    "[gMASK]",
+    "<|startofpiece|>",
+    "<|endofpiece|>",
+    "<|endoftext|>",
+)
+"""GLM's special tokens, in the order :func:`train_tokenizer` reserves them (ids 1..7)."""
+
+_SPECIAL_ATTRS: tuple[str, ...] = (
+    "cls_id",
+    "mask_id",
+    "smask_id",
+    "gmask_id",
+    "sop_id",
+    "eop_id",
+    "eos_id",
+)
+_JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+MODEL_TYPES = ("unigram", "bpe")
+MAX_SENTENCE_BYTES = 4192
+"""SentencePiece's ``max_sentence_length``: longer training sentences would be skipped by it,
+so the trainer cuts longer lines into pieces below this size (counted in the summary)."""
+SAMPLE_SENTENCES = 2000
+"""Sentences (the first ones of the input) encoded after training for the summary statistics."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer model or tokenizer-training input is unusable; the message names the file."""
+
+
+class GLMTokenizer:
+    """Encode/decode with GLM's special ids over a SentencePiece model (see module docstring).
+
+    Instances are picklable (SentencePiece serialises its model proto), so worker processes can
+    receive one.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        make_vocab_size_divisible_by: int = 128,
+        tp: int = 1,
+    ) -> None:
+        if make_vocab_size_divisible_by < 1:
+            raise ValueError(
+                f"make_vocab_size_divisible_by must be >= 1, got {make_vocab_size_divisible_by}"
+            )
+        if tp < 1:
+            raise ValueError(f"tp must be >= 1, got {tp}")
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise TokenizerError(f"tokenizer model {self.model_path} does not exist")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(
+                f"tokenizer model {self.model_path} is not a SentencePiece model: {e}"
+            ) from e
+        self.vocab_size: int = self._sp.get_piece_size()
+        multiple = make_vocab_size_divisible_by * tp
+        self.padded_vocab_size: int = -(-self.vocab_size // multiple) * multiple
+        self.unk_id: int = self._sp.unk_id()
+        ids = self._find_special_ids()
+        (
+            self.cls_id,
+            self.mask_id,
+            self.smask_id,
+            self.gmask_id,
+            self.sop_id,
+            self.eop_id,
+            self.eos_id,
+        ) = (ids[t] for t in SPECIAL_TOKENS)
+        self.pad_id: int = self.eos_id
+        self._special_ids = ids
+        self._dummy_prefix = self._check_specials_encode_alone(ids)
+
+    def _find_special_ids(self) -> dict[str, int]:
+        """Look every special token up; one error listing all that are missing."""
+        ids: dict[str, int] = {}
+        missing: list[str] = []
+        for token in SPECIAL_TOKENS:
+            i = self._sp.piece_to_id(token)
+            if self._sp.id_to_piece(i) != token:  # piece_to_id answers unk_id when absent
+                missing.append(token)
+            ids[token] = i
+        if missing:
+            raise TokenizerError(
+                f"tokenizer model {self.model_path} lacks GLM special token(s) "
+                f"{', '.join(missing)}; train it with tools/train_tokenizer.py, which reserves "
+                f"them as SentencePiece user-defined symbols"
+            )
+        return ids
+
+    def _check_specials_encode_alone(self, ids: dict[str, int]) -> tuple[int, ...]:
+        """Return the model's dummy-prefix ids; verify each special alone encodes to one id.
+
+        A special token stored as a normal or control piece (not user-defined) would be split
+        into several pieces when it appears in text, which blank infilling cannot tolerate.
+        """
+        prefix = tuple(self._sp.encode(SPECIAL_TOKENS[-1])[:-1])
+        for token in SPECIAL_TOKENS:
+            got = self._sp.encode(token)
+            if tuple(got[: len(prefix)]) != prefix or got[len(prefix) :] != [ids[token]]:
+                raise TokenizerError(
+                    f"tokenizer model {self.model_path}: special token {token} encodes to "
+                    f"{self._sp.encode(token, out_type=str)}, not one id; it must be a "
+                    f"SentencePiece user-defined symbol"
+                )
+        return prefix
+
+    @property
+    def sentencepiece(self) -> spm.SentencePieceProcessor:
+        """The underlying processor (for raw-speed baselines; prefer the methods here)."""
+        return self._sp
+
+    def special_ids(self) -> dict[str, int]:
+        """``{token text: id}`` for the 7 :data:`SPECIAL_TOKENS` (pad is eos, unk is ``unk_id``)."""
+        return dict(self._special_ids)
+
+    def _drop_dummy_prefix(self, text: str, ids: list[int]) -> list[int]:
+        k = len(self._dummy_prefix)
+        if k and text.startswith(SPECIAL_TOKENS) and tuple(ids[:k]) == self._dummy_prefix:
+            return ids[k:]
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-token strings inside it become their single id."""
+        return self._drop_dummy_prefix(text, self._sp.encode(text))
+
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """``[encode(t) for t in texts]`` computed by SentencePiece's C++ thread pool.
+
+        ``num_threads=-1`` lets SentencePiece use all hardware threads.
+        """
+        out = self._sp.encode(list(texts), num_threads=num_threads)
+        if self._dummy_prefix:
+            out = [self._drop_dummy_prefix(t, ids) for t, ids in zip(texts, out, strict=True)]
+        return out
+
+    def _check_id(self, i: int, where: str) -> None:
+        if not 0 <= i < self.padded_vocab_size:
+            raise TokenizerError(
+                f"token id {i}{where} is outside [0, {self.padded_vocab_size}) "
+                f"(padded vocab of {self.model_path})"
+            )
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of ``ids``: special tokens as their text, padding rows as ``<pad:ID>``.
+
+        ``<unk>`` renders as SentencePiece's ``" ⁇ "``. Raises :class:`TokenizerError` for an id
+        outside ``[0, padded_vocab_size)``.
+        """
+        if isinstance(ids, np.ndarray):
+            if ids.ndim != 1:
+                raise TokenizerError(f"decode expects a 1-D array of ids, got shape {ids.shape}")
+            ids = ids.tolist()
+        id_list = [int(i) for i in ids]
+        if not id_list:
+            return ""
+        if min(id_list) >= 0 and max(id_list) < self.vocab_size:
+            return self._sp.decode(id_list)
+        parts: list[str] = []
+        run: list[int] = []
+        for pos, i in enumerate(id_list):
+            self._check_id(i, f" at position {pos}")
+            if i < self.vocab_size:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self._decode_run(run, at_start=not parts))
+                run = []
+            parts.append(f"<pad:{i}>")
+        if run:
+            parts.append(self._decode_run(run, at_start=not parts))
+        return "".join(parts)
+
+    def _decode_run(self, run: list[int], at_start: bool) -> str:
+        """Decode ids that follow other text: SentencePiece drops the leading space of a decoded
+        sequence (the dummy prefix), so a run after a ``<pad:ID>`` is decoded behind a sentinel
+        special token whose text is then removed, keeping the run's leading space."""
+        if at_start:
+            return self._sp.decode(run)
+        return self._sp.decode([self.eos_id, *run])[len(SPECIAL_TOKENS[-1]) :]
+
+    def id_to_piece(self, i: int) -> str:
+        """The vocabulary piece of id ``i`` (``▁`` marks a space); ``<pad:ID>`` for padding rows."""
+        self._check_id(i, "")
+        return self._sp.id_to_piece(i) if i < self.vocab_size else f"<pad:{i}>"
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.lower().endswith(_JSON_SUFFIXES)
+
+
+def _open_binary(path: Path) -> gzip.GzipFile | io.BufferedReader:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _iter_texts(path: Path, json_key: str) -> Iterator[str]:
+    """Documents (JSONL) or lines (plain text) of one file; errors name ``file:line``.
+
+    Blank lines hold no text and are passed over in both formats.
+    """
+    jsonl = _is_jsonl(path)
+    with _open_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{path}:{lineno}: invalid UTF-8 ({e.reason})") from e
+            if not line.strip():
+                continue
+            if not jsonl:
+                yield line.rstrip("\r\n")
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            if not isinstance(obj, dict) or json_key not in obj:
+                raise TokenizerError(f"{path}:{lineno}: JSON object has no key {json_key!r}")
+            text = obj[json_key]
+            if not isinstance(text, str):
+                raise TokenizerError(
+                    f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string"
+                )
+            yield text
+
+
+def _chunk_line(line: str, max_bytes: int) -> list[str]:
+    """Cut a line longer than ``max_bytes`` UTF-8 bytes at spaces (hard cut if none)."""
+    if len(line) * 4 <= max_bytes or len(line.encode("utf-8")) <= max_bytes:
+        return [line]
+    step = max_bytes // 4  # a character is at most 4 bytes, so `step` characters always fit
+    chunks: list[str] = []
+    start = 0
+    while start < len(line):
+        end = min(start + step, len(line))
+        if end < len(line):
+            cut = line.rfind(" ", start + 1, end)
+            end = cut if cut > start else end
+        chunks.append(line[start:end])
+        start = end
+    return chunks
+
+
+class _SentenceStream:
+    """Sentence-sized pieces of the inputs: each text split on line breaks, long lines cut.
+
+    JSONL documents contain newlines and SentencePiece skips sentences over its maximum length,
+    so documents are never fed whole. ``chunked_lines`` counts the long lines that were cut.
+    """
+
+    def __init__(self, inputs: Sequence[Path], json_key: str, max_bytes: int) -> None:
+        self.inputs = inputs
+        self.json_key = json_key
+        self.max_bytes = max_bytes
+        self.chunked_lines = 0
+
+    def __iter__(self) -> Iterator[str]:
+        self.chunked_lines = 0
+        for path in self.inputs:
+            for text in _iter_texts(path, self.json_key):
+                for line in text.splitlines():
+                    if not line.strip():
+                        continue
+                    chunks = _chunk_line(line, self.max_bytes)
+                    self.chunked_lines += len(chunks) > 1
+                    yield from chunks
+
+
+def _select(stream: Iterable[str], chosen: np.ndarray | None) -> Iterator[str]:
+    """The sentences of ``stream`` whose running index is in sorted ``chosen`` (all if None)."""
+    if chosen is None:
+        yield from stream
+        return
+    k = 0
+    for i, sentence in enumerate(stream):
+        if k == len(chosen):
+            return
+        if i == chosen[k]:
+            k += 1
+            yield sentence
+
+
+class _ErrorKeepingIterator:
+    """Wraps the sentence iterator so an exception raised while SentencePiece consumes it
+    surfaces as itself (SentencePiece would turn it into a RuntimeError with a text trace)."""
+
+    def __init__(self, it: Iterator[str]) -> None:
+        self._it = it
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except BaseException as e:
+            self.error = e
+            raise
+
+
+def _validate_training_args(
+    paths: list[Path],
+    vocab_size: int,
+    model_type: str,
+    input_sentence_size: int,
+    threads: int,
+    byte_fallback: bool,
+) -> None:
+    if not paths:
+        raise TokenizerError("train_tokenizer: no input files given")
+    for p in paths:
+        if not p.is_file():
+            raise TokenizerError(f"train_tokenizer: input file {p} does not exist")
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    reserved = 1 + len(SPECIAL_TOKENS) + (256 if byte_fallback else 0)
+    if vocab_size <= reserved:
+        raise TokenizerError(
+            f"vocab_size {vocab_size} leaves no room for learned pieces: <unk>, "
+            f"{len(SPECIAL_TOKENS)} special tokens"
+            f"{' and 256 byte-fallback pieces' if byte_fallback else ''} take {reserved} ids"
+        )
+    if input_sentence_size < 1:
+        raise TokenizerError(f"input_sentence_size must be >= 1, got {input_sentence_size}")
+    if threads < 1:
+        raise TokenizerError(f"threads must be >= 1, got {threads}")
+
+
+def sample_statistics(tokenizer: GLMTokenizer, sentences: Sequence[str]) -> dict[str, float]:
+    """Compression on sample text: characters per token, tokens per whitespace word, and the
+    fraction of tokens that are byte-fallback pieces or ``<unk>`` (both should be small)."""
+    encoded = tokenizer.encode_batch(list(sentences))
+    n_tokens = sum(len(ids) for ids in encoded)
+    n_chars = sum(len(s) for s in sentences)
+    n_words = sum(len(s.split()) for s in sentences)
+    sp = tokenizer.sentencepiece
+    n_byte = sum(sp.is_byte(i) for ids in encoded for i in ids)
+    n_unk = sum(i == tokenizer.unk_id for ids in encoded for i in ids)
+    return {
+        "sample_sentences": float(len(sentences)),
+        "chars_per_token": n_chars / max(n_tokens, 1),
+        "tokens_per_word": n_tokens / max(n_words, 1),
+        "byte_fallback_fraction": n_byte / max(n_tokens, 1),
+        "unk_fraction": n_unk / max(n_tokens, 1),
+    }
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    model_prefix: str | Path,
+    vocab_size: int,
+    *,
+    model_type: str = "unigram",
+    input_sentence_size: int = 1_000_000,
+    threads: int = 2,
+    json_key: str = "text",
+    seed: int = 1234,
+    byte_fallback: bool = True,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Train a SentencePiece model for GLM; write ``{model_prefix}.model`` and ``.vocab``.
+
+    ``inputs``: JSONL files (``.jsonl``, ``.json``, optionally ``.gz``; the string under
+    ``json_key`` of each line is a document) or plain-text files (one sentence per line).
+    Inputs are streamed twice (count, then feed a seeded uniform sample of at most
+    ``input_sentence_size`` sentences); SentencePiece keeps at most that many sentences in
+    memory. Returns a summary: sizes, special ids, sentence counts, timings and
+    :func:`sample_statistics` on the first :data:`SAMPLE_SENTENCES` sentences (in-sample).
+    """
+    start = time.perf_counter()
+    paths = [Path(p) for p in inputs]
+    _validate_training_args(
+        paths, vocab_size, model_type, input_sentence_size, threads, byte_fallback
+    )
+    prefix = Path(model_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    stream = _SentenceStream(paths, json_key, MAX_SENTENCE_BYTES)
+    n_sentences = sum(1 for _ in stream)
+    lines_chunked = stream.chunked_lines
+    if n_sentences == 0:
+        raise TokenizerError(f"train_tokenizer: inputs {[str(p) for p in paths]} hold no text")
+    chosen = None
+    if n_sentences > input_sentence_size:
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(n_sentences, size=input_sentence_size, replace=False))
+    feed = _ErrorKeepingIterator(_select(stream, chosen))
+    count_seconds = time.perf_counter() - start
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=feed,
+            model_prefix=str(prefix),
+            vocab_size=vocab_size,
+            model_type=model_type,
+            user_defined_symbols=list(SPECIAL_TOKENS),
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            byte_fallback=byte_fallback,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            train_extremely_large_corpus=False,
+            num_threads=threads,
+            minloglevel=0 if verbose else 2,
+        )
+    except RuntimeError as e:
+        if feed.error is not None:
+            raise feed.error from None
+        raise TokenizerError(f"SentencePiece training of {prefix}.model failed: {e}") from e
+    train_seconds = time.perf_counter() - start - count_seconds
+    tok = GLMTokenizer(f"{prefix}.model")
+    sample = [s for s, _ in zip(stream, range(SAMPLE_SENTENCES), strict=False)]
+    return {
+        "model": f"{prefix}.model",
+        "vocab": f"{prefix}.vocab",
+        "model_type": model_type,
+        "vocab_size": tok.vocab_size,
+        "padded_vocab_size": tok.padded_vocab_size,
+        "special_ids": tok.special_ids(),
+        "unk_id": tok.unk_id,
+        "byte_fallback": byte_fallback,
+        "inputs": [str(p) for p in paths],
+        "sentences_total": n_sentences,
+        "sentences_used": n_sentences if chosen is None else len(chosen),
+        "lines_chunked": lines_chunked,
+        "threads": threads,
+        "seed": seed,
+        "count_seconds": count_seconds,
+        "train_seconds": train_seconds,
+        **sample_statistics(tok, sample),
+        "seconds": time.perf_counter() - start,
+    }
