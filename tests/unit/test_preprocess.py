@@ -1,0 +1,358 @@
+"""preprocess_data: bad-line accounting, exact tokens, determinism, inputs, strict mode, CLIs.
+
+The reference for every token is the tokenizer's own ``encode`` of each document (or of each
+sentence of :func:`split_sentences`, itself checked against a character-loop reference in
+test_sentence_split.py), plus eos at the end of each document, compared with what the
+memory-mapped reader returns.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from megatron_glm.data.indexed import IndexedDataset, data_file_path, index_file_path
+from megatron_glm.data.preprocess import (
+    BadLineError,
+    output_prefix_for,
+    preprocess_data,
+    resolve_inputs,
+)
+from megatron_glm.data.sentence_split import split_sentences
+from megatron_glm.data.tokenizer import GLMTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+N_DEMO = 40
+
+# Every kind of bad line, as raw bytes, with its reason.
+BAD_LINES: list[tuple[bytes, str]] = [
+    (b'{"text": "caf\xe9 au lait"}\n', "invalid_utf8"),  # latin-1 byte
+    (b'{"text": "a\\ud800b"}\n', "invalid_utf8"),  # lone surrogate escape
+    (b'{"text": "unterminated}\n', "invalid_json"),
+    (b"\n", "invalid_json"),  # blank line
+    (b'{"text": "x"} trailing\n', "invalid_json"),
+    (b'{"body": "no text key"}\n', "missing_key"),
+    (b'["text", "a list"]\n', "missing_key"),
+    (b'{"text": 17}\n', "non_string"),
+    (b'{"text": ["pre", "split"]}\n', "non_string"),
+    (b'{"text": ""}\n', "empty_text"),
+    (b'{"text": " \\n\\t\\u3000 "}\n', "empty_text"),  # whitespace only counts as empty
+]
+
+# Good lines beyond the demo corpus: special token first (dummy prefix rule), CJK, raw U+2028
+# inside a JSON string (a line break for str.splitlines, not for JSONL), CRLF line ending.
+EXTRA_GOOD = [
+    json.dumps({"text": "[MASK] fills a blank. Then more text."}).encode() + b"\n",
+    json.dumps({"text": "你好。世界！Mixed text: yes"}, ensure_ascii=False).encode() + b"\n",
+    '{"text": "line\u2028separator inside. End"}\n'.encode(),
+    b'{"text": "windows line ending. Works"}\r\n',
+]
+
+
+def _demo_lines(demo_corpus_path: Path, n: int = N_DEMO) -> list[bytes]:
+    with open(demo_corpus_path, "rb") as f:
+        return [next(f) for _ in range(n)]
+
+
+def _build_corpus(demo_corpus_path: Path) -> tuple[list[bytes], list[str], dict[str, list[int]]]:
+    """Lines (good and bad interleaved), the good texts in order, bad line numbers by reason."""
+    good = _demo_lines(demo_corpus_path) + EXTRA_GOOD
+    lines: list[bytes] = []
+    texts: list[str] = []
+    bad_at: dict[str, list[int]] = {}
+    for i, line in enumerate(good):
+        lines.append(line)
+        texts.append(json.loads(line)["text"])
+        if i < len(BAD_LINES):
+            raw, reason = BAD_LINES[i]
+            lines.append(raw)
+            bad_at.setdefault(reason, []).append(len(lines))
+    last = json.dumps({"text": "no newline at the end. Still read"}).encode()
+    lines.append(last)
+    texts.append(json.loads(last)["text"])
+    return lines, texts, bad_at
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, demo_corpus_path: Path) -> dict:
+    lines, texts, bad_at = _build_corpus(demo_corpus_path)
+    path = tmp_path_factory.mktemp("pp") / "corpus.jsonl"
+    path.write_bytes(b"".join(lines))
+    return {"path": path, "lines": lines, "texts": texts, "bad_at": bad_at}
+
+
+def _run(corpus_path: Path | list[str], out: Path, model: Path, **kw: object):
+    inputs = corpus_path if isinstance(corpus_path, list) else [str(corpus_path)]
+    return preprocess_data(inputs, out, model, progress=False, **kw)  # type: ignore[arg-type]
+
+
+def _files(prefix: str) -> tuple[bytes, bytes]:
+    return Path(data_file_path(prefix)).read_bytes(), Path(index_file_path(prefix)).read_bytes()
+
+
+def test_bad_lines_counted_and_every_good_line_tokenized(
+    corpus: dict, tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer, tmp_path: Path
+) -> None:
+    summary = _run(
+        corpus["path"],
+        tmp_path / "out",
+        tiny_tokenizer_model,
+        split_sentences=True,
+        append_eod=True,
+        chunk_bytes=3000,  # many chunks, several in flight
+    )
+    path = str(corpus["path"])
+    expected_counts = {r: len(v) for r, v in corpus["bad_at"].items()}
+    assert {r: n for r, n in summary.bad.counts.items() if n} == expected_counts
+    for reason, linenos in corpus["bad_at"].items():
+        assert summary.bad.locations[reason] == [f"{path}:{n}" for n in linenos]
+    texts = corpus["texts"]
+    assert summary.documents == len(texts)
+    prefix = output_prefix_for(tmp_path / "out", "text", split=True)
+    assert prefix.endswith("out_text_sentence")
+    ds = IndexedDataset(prefix)
+    assert ds.dtype == np.uint16 and ds.num_documents == len(texts)
+    eos = tiny_tokenizer.eos_id
+    n_seq = 0
+    for d, text in enumerate(texts):
+        sents = split_sentences(text)
+        ids = [tiny_tokenizer.encode(s) for s in sents]
+        ids[-1] = [*ids[-1], eos]
+        assert ds.document_sequence_sizes(d).tolist() == [len(x) for x in ids], d
+        assert ds.document(d).tolist() == [t for x in ids for t in x], d
+        n_seq += len(sents)
+    assert summary.sequences == len(ds) == n_seq
+    assert summary.tokens == len(ds.tokens)
+    report = summary.format()
+    assert f"bad lines: {sum(expected_counts.values())}" in report
+    assert f"invalid UTF-8: 2 ({path}:{corpus['bad_at']['invalid_utf8'][0]}, " in report
+
+
+def test_document_level_tokens_equal_sentencepiece(
+    corpus: dict, tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer, tmp_path: Path
+) -> None:
+    summary = _run(corpus["path"], tmp_path / "out", tiny_tokenizer_model, append_eod=True)
+    ds = IndexedDataset(output_prefix_for(tmp_path / "out", "text", split=False))
+    raw_sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_model))
+    texts = corpus["texts"]
+    assert summary.level == "document" and len(ds) == ds.num_documents == len(texts)
+    for d, text in enumerate(texts):
+        expected = [*tiny_tokenizer.encode(text), tiny_tokenizer.eos_id]
+        assert ds[d].tolist() == expected, d
+        if not text.startswith("["):  # plain SentencePiece agrees except after a special token
+            assert ds[d].tolist() == [*raw_sp.encode(text), tiny_tokenizer.eos_id]
+    # without --append-eod no eos is added
+    _run(corpus["path"], tmp_path / "noeod", tiny_tokenizer_model)
+    ds2 = IndexedDataset(output_prefix_for(tmp_path / "noeod", "text", split=False))
+    assert ds2[0].tolist() == tiny_tokenizer.encode(texts[0])
+
+
+def test_output_identical_for_workers_and_chunking(
+    corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path
+) -> None:
+    outs = []
+    for name, kw in {
+        "w1": {"workers": 1},
+        "w2": {"workers": 2},
+        "w2_small_chunks": {"workers": 2, "chunk_bytes": 1000},
+    }.items():
+        _run(
+            corpus["path"],
+            tmp_path / name,
+            tiny_tokenizer_model,
+            split_sentences=True,
+            append_eod=True,
+            **kw,
+        )
+        outs.append(_files(output_prefix_for(tmp_path / name, "text", split=True)))
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_gz_and_glob_inputs(corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path) -> None:
+    lines = corpus["lines"]
+    half = corpus["bad_at"]["missing_key"][0] - 1  # bad lines fall in both files
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(b"".join(lines[:half]))
+    with gzip.open(d / "b.jsonl.gz", "wb") as f:
+        f.write(b"".join(lines[half:]))
+    (d / "ignored.txt").write_text("not matched by the glob")
+    summary = _run([str(d / "*.jsonl*")], tmp_path / "g", tiny_tokenizer_model, append_eod=True)
+    assert summary.inputs == [str(d / "a.jsonl"), str(d / "b.jsonl.gz")]
+    _run(corpus["path"], tmp_path / "single", tiny_tokenizer_model, append_eod=True)
+    assert _files(output_prefix_for(tmp_path / "g", "text", False)) == _files(
+        output_prefix_for(tmp_path / "single", "text", False)
+    )
+    # bad-line locations name the file and the line within it
+    locs = [loc for v in summary.bad.locations.values() for loc in v]
+    first_bad_b = min(n for v in corpus["bad_at"].values() for n in v if n > half)
+    assert f"{d / 'b.jsonl.gz'}:{first_bad_b - half}" in locs
+
+
+def test_strict_names_file_line_and_reason(
+    corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path
+) -> None:
+    first = min((n, r) for r, v in corpus["bad_at"].items() for n in v)
+    assert first[1] == "invalid_utf8"
+    with pytest.raises(BadLineError) as info:
+        _run(corpus["path"], tmp_path / "s", tiny_tokenizer_model, strict=True)
+    assert str(info.value) == (
+        f"{corpus['path']}:{first[0]}: invalid UTF-8: byte 13: invalid continuation byte"
+    )
+    assert isinstance(info.value, ValueError)
+    assert [p for p in os.listdir(tmp_path) if p.startswith("s_")] == []  # nothing published
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_bytes(b'{"text": "ok"}\n{"text": 3}\n')
+    with pytest.raises(BadLineError, match=r"bad\.jsonl:2: non-string value: 'text' is int"):
+        _run(bad_json, tmp_path / "s2", tiny_tokenizer_model, strict=True)
+
+
+def test_several_json_keys_stay_aligned(tiny_tokenizer_model: Path, tmp_path: Path) -> None:
+    rows = [
+        {"title": "First.", "text": "Body one. Two"},
+        {"text": "no title here"},  # missing key: the whole line is bad for both outputs
+        {"title": "Third", "text": ""},  # empty text: bad for both
+        {"title": "Fourth title", "text": "Body four"},
+    ]
+    path = tmp_path / "k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = _run(path, tmp_path / "k", tiny_tokenizer_model, json_keys=["title", "text"])
+    assert summary.bad.counts["missing_key"] == 1 and summary.bad.counts["empty_text"] == 1
+    assert summary.bad.locations["missing_key"] == [f"{path}:2"]
+    tok = GLMTokenizer(tiny_tokenizer_model)
+    for key in ("title", "text"):
+        ds = IndexedDataset(summary.outputs[key])
+        assert [ds[i].tolist() for i in range(len(ds))] == [
+            tok.encode(rows[i][key]) for i in (0, 3)
+        ]
+
+
+def test_chunks_in_flight_are_bounded(
+    demo_corpus_path: Path,
+    tiny_tokenizer_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Memory stays flat: however long the corpus, only a few chunks are alive at once."""
+    import megatron_glm.data.preprocess as module
+
+    live = {"now": 0, "max": 0, "total": 0}
+    real_iter = module._iter_chunks
+
+    def counting_iter(*args: object) -> Iterator[object]:
+        for chunk in real_iter(*args):  # type: ignore[arg-type]
+            live["now"] += 1
+            live["total"] += 1
+            live["max"] = max(live["max"], live["now"])
+            weakref.finalize(chunk, lambda: live.__setitem__("now", live["now"] - 1))
+            yield chunk
+
+    monkeypatch.setattr(module, "_iter_chunks", counting_iter)
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(b"".join(_demo_lines(demo_corpus_path, 60)) * 4)
+    _run(path, tmp_path / "m", tiny_tokenizer_model, split_sentences=True, chunk_bytes=2048)
+    assert live["total"] > 50
+    assert live["max"] <= 4, live  # MAX_IN_FLIGHT (2) in the pipeline, one being parsed, one read
+    assert live["now"] == 0
+
+
+def test_resolve_inputs_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--input '.*nothing\*\.jsonl' matches no file"):
+        resolve_inputs([str(tmp_path / "nothing*.jsonl")])
+    with pytest.raises(ValueError, match=r"--input '.*missing\.jsonl': no such file"):
+        resolve_inputs([str(tmp_path / "missing.jsonl")])
+    (tmp_path / "x.jsonl").write_text("")
+    assert resolve_inputs([str(tmp_path / "x.jsonl")] * 2) == [tmp_path / "x.jsonl"]
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_and_merge(
+    corpus: dict, tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer, tmp_path: Path
+) -> None:
+    """The real CLIs: preprocess_data.py prints the summary; merge_datasets.py concatenates."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_data.py"),
+        "--input",
+        str(corpus["path"]),
+        "--output-prefix",
+        str(tmp_path / "cli"),
+        "--tokenizer-model",
+        str(tiny_tokenizer_model),
+        "--workers",
+        "2",
+        "--append-eod",
+        "--split-sentences",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    n_docs = len(corpus["texts"])
+    assert res.stdout.startswith(f"documents: {n_docs}  sentences: ")
+    assert f"bad lines: {len(BAD_LINES)}\n" in res.stdout
+    assert "preprocess" in res.stderr  # the progress bar
+    prefix = str(tmp_path / "cli_text_sentence")
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "merge_datasets.py"),
+            "--input",
+            prefix,
+            prefix,
+            "--output-prefix",
+            str(tmp_path / "merged"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    merged = IndexedDataset(tmp_path / "merged")
+    single = IndexedDataset(prefix)
+    assert merged.num_documents == 2 * n_docs
+    assert np.array_equal(merged.tokens, np.concatenate([single.tokens, single.tokens]))
+    assert f"documents={2 * n_docs}" in res.stdout
+    bad = subprocess.run(
+        [*cmd[:3], str(tmp_path / "nope.jsonl"), *cmd[4:]], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "nope.jsonl': no such file" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"text": "a"}\n',
+        '{"text": "a"}\r\n',
+        '  {"text": "leading space"}\n',
+        '{"text": "a"}  \t\n',
+        '"just a string"\n',
+        "17",
+        '{"text": "a"} {"text": "b"}\n',
+        '{"text": "a",}\n',
+        "\n",
+        "",
+        "[" * 100_000 + "]" * 100_000,
+        '{"text": "bad \\x escape"}',
+        '{"text": "raw\tcontrol"}',
+        "NaN",
+    ],
+)
+def test_fast_json_path_agrees_with_json_loads(line: str) -> None:
+    """_loads takes a shortcut through json's C scanner; results and errors must not change."""
+    from megatron_glm.data.preprocess import _loads
+
+    try:
+        expected: object = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        with pytest.raises(type(e)) as info:
+            _loads(line)
+        assert str(info.value) == str(e)
+    else:
+        assert json.dumps(_loads(line)) == json.dumps(expected)  # NaN != NaN, "NaN" == "NaN"
