@@ -1,8 +1,20 @@
 """GLM model: flat stage-able layers, tied head, loss on loss positions only, FLOP counts."""
 
 from megatron_glm.model.embedding import EmbeddingLayer
-from megatron_glm.model.flops import flops_per_token, matmul_parameters, num_parameters
-from megatron_glm.model.glm import GLMModel, build_model, init_layer, resolve_vocab_size
+from megatron_glm.model.flops import (
+    TensorParallelTraffic,
+    flops_per_token,
+    matmul_parameters,
+    num_parameters,
+    tensor_parallel_bytes_per_layer,
+)
+from megatron_glm.model.glm import (
+    GLMModel,
+    build_model,
+    init_layer,
+    resolve_vocab_size,
+    tensor_parallel_layout,
+)
 from megatron_glm.model.loss import LossOutput, glm_loss
 from megatron_glm.model.transformer import MLP, FinalLayerNorm, GLMBlock, SelfAttention
 
@@ -14,6 +26,7 @@ __all__ = [
     "GLMModel",
     "LossOutput",
     "SelfAttention",
+    "TensorParallelTraffic",
     "build_model",
     "flops_per_token",
     "glm_loss",
@@ -21,4 +34,6 @@ __all__ = [
     "matmul_parameters",
     "num_parameters",
     "resolve_vocab_size",
+    "tensor_parallel_bytes_per_layer",
+    "tensor_parallel_layout",
 ]

@@ -17,6 +17,8 @@ activation checkpointing is not counted, as is conventional for MFU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from megatron_glm.config import ModelConfig
 from megatron_glm.model.glm import resolve_vocab_size
 
@@ -50,3 +52,69 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int | None, seq_length: int) -
         raise ValueError(f"seq_length must be > 0, got {seq_length}")
     n_matmul = matmul_parameters(cfg, vocab_size)
     return 6 * n_matmul + 12 * cfg.num_layers * cfg.hidden_size * seq_length
+
+
+@dataclass(frozen=True)
+class TensorParallelTraffic:
+    """Collective payloads of one transformer layer for one micro-batch (forward + backward).
+
+    Payload = the size of the tensor handed to the collective: the tensor of an all-reduce, the
+    *output* of an all-gather, the *input* of a reduce-scatter (all three equal ``b * s * h``
+    elements for the activations). ``wire_bytes_per_rank`` is what each rank sends with ring
+    algorithms: ``2 (t-1)/t`` of an all-reduce payload, ``(t-1)/t`` of the others.
+    """
+
+    all_reduce_bytes: int
+    all_gather_bytes: int
+    reduce_scatter_bytes: int
+    wire_bytes_per_rank: float
+
+
+def tensor_parallel_bytes_per_layer(
+    cfg: ModelConfig,
+    *,
+    micro_batch_size: int,
+    seq_length: int,
+    tp: int,
+    sequence_parallel: bool,
+    bytes_per_element: int,
+) -> TensorParallelTraffic:
+    """Bytes TP communicates per transformer layer per micro-batch (x micro-batches = per step).
+
+    With ``A = b * s * h * bytes_per_element`` (one full activation) and ``t = tp``:
+
+    * TP only: 2 all-reduces of ``A`` forward (attention output, MLP output) and 2 backward
+      (gradients of the QKV and h->4h inputs): payload ``4A``, wire ``8 (t-1)/t A`` per rank.
+    * TP + SP: each all-reduce becomes an all-gather (column input) or a reduce-scatter (row
+      output) of the same ``A``, and backward does the conjugates: 4 all-gathers + 4
+      reduce-scatters, payload ``8A`` but wire again ``8 (t-1)/t A`` -- sequence parallelism
+      moves the same bytes and saves the activation memory of LayerNorm/dropout. Plus the
+      all-reduce of the sequence-split replicated parameters' gradients (2 LayerNorms x (gain +
+      bias) + 2 row-parallel biases = ``6 h`` elements): wire ``12 (t-1)/t h`` elements.
+    * ``cfg.activation_checkpointing`` recomputes the forward in backward, and with it the
+      forward's collectives: the two column-input gathers (SP) and the row-output reductions --
+      except that torch's non-reentrant checkpoint stops recomputing once every tensor backward
+      needs is rebuilt, so without residual dropout (``hidden_dropout == 0``: nothing after the
+      MLP's output reduction is saved) that last reduction is not repeated.
+
+    The embedding, the vocab-parallel head and its cross entropy are outside the layers and not
+    counted. A test counts the collectives of a real block against this.
+    """
+    if tp == 1:
+        return TensorParallelTraffic(0, 0, 0, 0.0)
+    act = micro_batch_size * seq_length * cfg.hidden_size * bytes_per_element
+    gathers = reductions = 4  # 2 in forward + the 2 conjugates of the other kind in backward
+    if cfg.activation_checkpointing:
+        gathers += 2
+        reductions += 2 if cfg.hidden_dropout > 0 else 1
+    ring = (tp - 1) / tp
+    if not sequence_parallel:
+        all_reduce = reductions * act  # column inputs communicate only in backward
+        return TensorParallelTraffic(all_reduce, 0, 0, 2 * ring * all_reduce)
+    param_grads = 6 * cfg.hidden_size * bytes_per_element
+    return TensorParallelTraffic(
+        all_reduce_bytes=param_grads,
+        all_gather_bytes=gathers * act,
+        reduce_scatter_bytes=reductions * act,
+        wire_bytes_per_rank=ring * (gathers + reductions) * act + 2 * ring * param_grads,
+    )

@@ -10,7 +10,16 @@ Initialisation is deterministic *per parameter*: each parameter draws from its o
 ``torch.Generator`` seeded from ``(seed, layer index, parameter name)``. Hence
 - the weights do not depend on the device (CPU generators are used everywhere, then copied), and
 - they do not depend on which layers a process materialises, so a pipeline stage that builds only
-  layers 10..19 gets exactly the weights the unpipelined model has there.
+  layers 10..19 gets exactly the weights the unpipelined model has there, and
+- they do not depend on the tensor-parallel size: a split parameter draws the *full* tensor from
+  its generator and keeps this rank's slice, so a tp = N model equals the tp = 1 model.
+
+Tensor parallelism (``dims``, a :class:`~megatron_glm.parallel.dims.ParallelDims`): the layers
+are Megatron-style parallel layers (:mod:`megatron_glm.parallel.layers`), the word embedding and
+the tied head are split by vocabulary, the position tables replicated. ``forward`` returns the
+full ``[b, s, h]`` on every TP rank; ``head_weight`` is this rank's ``[vocab/tp, h]`` shard and
+``glm_loss`` uses vocab-parallel cross entropy on it. The model owns its TP dropout stream
+(``self.rng``, seeded by :meth:`GLMModel.init_weights`).
 """
 
 from __future__ import annotations
@@ -25,6 +34,18 @@ from torch import Tensor, nn
 from megatron_glm.config import ModelConfig
 from megatron_glm.model.embedding import EmbeddingLayer
 from megatron_glm.model.transformer import FinalLayerNorm, GLMBlock
+from megatron_glm.parallel.dims import ParallelDims
+from megatron_glm.parallel.layers import (
+    full_shape,
+    mark_tensor_parallel_parameters,
+    partition_dims,
+    shard_of,
+)
+from megatron_glm.parallel.mappings import (
+    copy_to_tensor_parallel_region,
+    gather_from_tensor_parallel_region,
+)
+from megatron_glm.parallel.random import ModelParallelRNG
 
 
 def resolve_vocab_size(cfg: ModelConfig, vocab_size: int | None) -> int:
@@ -59,17 +80,37 @@ class GLMModel(nn.Module):
     ``torch.device("meta")`` and call :meth:`init_weights` (that is what :func:`build_model` does).
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, vocab_size: int, *, dims: ParallelDims | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.dims = dims
+        if dims is not None and vocab_size % dims.tp:
+            raise ValueError(
+                f"padded vocabulary size {vocab_size} must be divisible by parallel.tp "
+                f"({dims.tp}): set config field 'model.vocab_size' to a multiple of it, or to 0 "
+                "to take the tokenizer's (padded to make_vocab_size_divisible_by x tp)"
+            )
+        tp = 1 if dims is None else dims.tp
+        self.rng = ModelParallelRNG(
+            enabled=tp > 1,
+            tp_rank=0 if dims is None else dims.tp_rank,
+            pp_rank=0 if dims is None else dims.pp_rank,
+        )
         self.layers = nn.ModuleList(
             [
-                EmbeddingLayer(cfg, vocab_size),
-                *(GLMBlock(cfg) for _ in range(cfg.num_layers)),
-                FinalLayerNorm(cfg),
+                EmbeddingLayer(cfg, vocab_size, dims=dims, rng=self.rng),
+                *(GLMBlock(cfg, dims=dims, rng=self.rng) for _ in range(cfg.num_layers)),
+                FinalLayerNorm(cfg, dims=dims),
             ]
         )
+
+    @property
+    def tp(self) -> int:
+        """Tensor-parallel size of this model (1 without ``dims``)."""
+        return 1 if self.dims is None else self.dims.tp
 
     @property
     def embedding(self) -> EmbeddingLayer:
@@ -80,7 +121,10 @@ class GLMModel(nn.Module):
 
     @property
     def head_weight(self) -> Tensor:
-        """The tied output-head matrix ``[vocab, h]`` (the same Parameter as the embedding)."""
+        """The tied output-head matrix ``[vocab/tp, h]`` (the same Parameter as the embedding).
+
+        Under TP, TP rank r holds rows ``[r * vocab/tp, (r+1) * vocab/tp)`` of the full head.
+        """
         return self.embedding.word_embeddings.weight
 
     def forward(
@@ -107,8 +151,18 @@ class GLMModel(nn.Module):
         return state
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Tied output head: ``[..., h] -> [..., vocab]`` (for generation and evaluation)."""
-        return F.linear(hidden, self.head_weight)
+        """Tied output head: ``[..., h] -> [..., vocab]`` (for generation and evaluation).
+
+        Under TP every rank computes its vocabulary columns and they are all-gathered, so the
+        result is the full logits on every rank (training uses ``glm_loss``, which never
+        gathers them).
+        """
+        if self.tp == 1:
+            return F.linear(hidden, self.head_weight)
+        assert self.dims is not None
+        group = self.dims.tp_group
+        local = F.linear(copy_to_tensor_parallel_region(hidden, group), self.head_weight)
+        return gather_from_tensor_parallel_region(local, group)  # [..., vocab]
 
     def _check_inputs(
         self, tokens: Tensor, position_ids: Tensor, sep: Tensor, valid_len: Tensor
@@ -129,6 +183,11 @@ class GLMModel(nn.Module):
                 f"sequence length {s} exceeds config field 'model.max_position_embeddings' "
                 f"({self.cfg.max_position_embeddings})"
             )
+        if self.dims is not None and self.dims.sequence_parallel and s % self.dims.tp:
+            raise ValueError(
+                f"sequence length {s} must be divisible by parallel.tp ({self.dims.tp}) with "
+                "parallel.sequence_parallel (config field 'data.seq_length')"
+            )
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -143,6 +202,7 @@ class GLMModel(nn.Module):
         out_std = std / math.sqrt(2.0 * self.cfg.num_layers)
         for index, layer in enumerate(self.layers):
             init_layer(layer, layer_index=index, seed=seed, std=std, output_std=out_std)
+        self.rng.manual_seed(seed)
 
 
 def _parameter_seed(seed: int, layer_index: int, name: str) -> int:
@@ -155,7 +215,13 @@ def _parameter_seed(seed: int, layer_index: int, name: str) -> int:
 def init_layer(
     layer: nn.Module, *, layer_index: int, seed: int, std: float, output_std: float
 ) -> None:
-    """Initialise one stage-able layer (see :meth:`GLMModel.init_weights` for the rules)."""
+    """Initialise one stage-able layer (see :meth:`GLMModel.init_weights` for the rules).
+
+    A tensor-parallel shard is the slice of the full tensor drawn exactly as at tp = 1. This also
+    (re)marks the split parameters for DeepSpeed, since materialising a meta-device model
+    replaces its Parameter objects.
+    """
+    mark_tensor_parallel_parameters(layer)
     output_projections = getattr(layer, "OUTPUT_PROJECTIONS", ())
     for module_name, module in layer.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -169,10 +235,9 @@ def init_layer(
                 gen = torch.Generator(device="cpu").manual_seed(
                     _parameter_seed(seed, layer_index, full_name)
                 )
-                values = torch.empty(param.shape, dtype=torch.float32).normal_(
-                    0.0, sigma, generator=gen
-                )
-                param.copy_(values)
+                shape = full_shape(module, param_name, param.shape)
+                values = torch.empty(shape, dtype=torch.float32).normal_(0.0, sigma, generator=gen)
+                param.copy_(shard_of(module, param_name, values))
 
 
 def build_model(
@@ -181,15 +246,28 @@ def build_model(
     vocab_size: int | None = None,
     device: str | torch.device = "cpu",
     seed: int,
+    dims: ParallelDims | None = None,
 ) -> GLMModel:
     """Build a GLM on the meta device (no memory, no init work), materialise it, initialise it.
 
     ``vocab_size`` is the tokenizer's padded vocabulary (needed when ``cfg.vocab_size == 0``).
     The result is float32 in train mode on ``device``; precision casts belong to the engine.
+    ``dims`` (built with process groups) gives this rank's tensor-parallel shard; None is tp = 1.
     """
     vocab = resolve_vocab_size(cfg, vocab_size)
     with torch.device("meta"):
-        model = GLMModel(cfg, vocab)
+        model = GLMModel(cfg, vocab, dims=dims)
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
+
+
+def tensor_parallel_layout(cfg: ModelConfig) -> dict[str, int | None]:
+    """``state_dict`` name -> split dimension under TP (None: replicated), for resharding.
+
+    Read off a meta-device model, so it is exactly what the layers do. It depends on neither the
+    TP size nor the vocabulary size (a placeholder vocabulary is used when the config has none).
+    """
+    with torch.device("meta"):
+        model = GLMModel(cfg, cfg.vocab_size or 1)
+    return partition_dims(model)

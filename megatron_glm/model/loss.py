@@ -6,6 +6,13 @@ a blank-infilling row most positions (part A, padding) carry no loss. So the hid
 only. This costs one device sync (``nonzero``: the row count is data dependent), which is cheap
 next to the memory and FLOPs of full-sequence logits.
 
+Tensor parallelism: the head is this rank's vocabulary slice of the tied embedding, so the
+selected hidden rows enter the TP region (:func:`copy_to_tensor_parallel_region`: backward
+all-reduces their gradient over TP), give ``[n, vocab/tp]`` logits, and
+:func:`~megatron_glm.parallel.cross_entropy.vocab_parallel_cross_entropy` turns them into the
+per-row loss with two ``[n]``-sized all-reduces; full logits never exist. The sums are identical
+on every TP rank (reduce them over data parallelism only).
+
 Sums, not means, are returned: the training loop all-reduces ``sum_loss`` and ``num_tokens``
 across data parallelism and gradient accumulation and divides once, which is what
 "loss = sum(CE * mask) / sum(mask) over the global batch" (DESIGN.md) requires.
@@ -18,6 +25,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from megatron_glm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_glm.parallel.dims import ParallelDims
+from megatron_glm.parallel.mappings import copy_to_tensor_parallel_region
 
 
 class LossOutput(NamedTuple):
@@ -42,6 +53,25 @@ def _head_weight(model_or_head_weight: nn.Module | Tensor) -> Tensor:
     return weight
 
 
+def _cross_entropy(
+    selected: Tensor, weight: Tensor, targets: Tensor, dims: ParallelDims | None
+) -> Tensor:
+    """Per-row CE ``[n]`` of the tied head ``weight`` (``[vocab/tp, h]``) at ``selected`` rows."""
+    if dims is None or dims.tp == 1:
+        logits = F.linear(selected, weight).float()  # [n, vocab]
+        return F.cross_entropy(logits, targets, reduction="none")
+    group = dims.tp_group
+    local = F.linear(copy_to_tensor_parallel_region(selected, group), weight)  # [n, vocab/tp]
+    v_local = weight.shape[0]
+    return vocab_parallel_cross_entropy(
+        local,
+        targets,
+        group,
+        vocab_start=dims.tp_rank * v_local,
+        vocab_size=v_local * dims.tp,
+    )
+
+
 def glm_loss(
     model_or_head_weight: nn.Module | Tensor,
     hidden: Tensor,
@@ -49,18 +79,28 @@ def glm_loss(
     loss_mask: Tensor,
     objective: Tensor,
     num_objectives: int = 3,
+    *,
+    dims: ParallelDims | None = None,
 ) -> LossOutput:
     """Cross entropy of the tied head at loss positions.
 
     Args:
-        model_or_head_weight: a ``GLMModel`` or its head matrix ``[vocab, h]``.
+        model_or_head_weight: a ``GLMModel`` or its head matrix ``[vocab, h]`` (under TP this
+            rank's ``[vocab/tp, h]`` rows, and ``dims`` must be given).
         hidden: final hidden states ``[b, s, h]`` (``GLMModel.forward``).
         targets: int64 ``[b, s]``, aligned with the tokens (no shift here).
         loss_mask: ``[b, s]``, a float weight; positions with weight 0 are never projected.
         objective: int64 ``[b]``, the row's objective (0 span, 1 sentence, 2 document).
         num_objectives: length of the per-objective outputs.
+        dims: the parallel layout; taken from the model when a ``GLMModel`` is passed.
     """
-    weight = _head_weight(model_or_head_weight)  # [vocab, h]
+    weight = _head_weight(model_or_head_weight)  # [vocab/tp, h]
+    if dims is None and isinstance(model_or_head_weight, nn.Module):
+        dims = getattr(model_or_head_weight, "dims", None)
+    if getattr(weight, "tensor_model_parallel", False) and (dims is None or dims.tp == 1):
+        raise ValueError(
+            "glm_loss: the head weight is a tensor-parallel shard; pass the model or dims=..."
+        )
     b, s, h = hidden.shape
     if targets.shape != (b, s) or loss_mask.shape != (b, s):
         raise ValueError(
@@ -74,8 +114,7 @@ def glm_loss(
     mask = loss_mask.reshape(-1).float()  # [b*s]
     rows = torch.nonzero(mask > 0).squeeze(1)  # [n]
     selected = hidden.reshape(b * s, h).index_select(0, rows)  # [n, h]
-    logits = F.linear(selected, weight).float()  # [n, vocab]
-    ce = F.cross_entropy(logits, targets.reshape(-1).index_select(0, rows), reduction="none")
+    ce = _cross_entropy(selected, weight, targets.reshape(-1).index_select(0, rows), dims)  # [n]
     weights = mask.index_select(0, rows)  # [n]
     weighted = ce * weights  # [n]
 

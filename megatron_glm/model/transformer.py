@@ -9,6 +9,14 @@ QKV layout. The fused ``query_key_value`` output of width 3h is viewed as ``[hea
 the output dimension into contiguous blocks then hands each tensor-parallel rank whole heads with
 their q, k and v, so the checkpoint layout does not depend on the TP size. The number of heads is
 derived from the linear's output width, so the same code runs on a TP shard.
+
+Tensor parallelism (``dims.tp > 1``): QKV and ``dense_h_to_4h`` are column-parallel, ``dense``
+and ``dense_4h_to_h`` row-parallel (:mod:`megatron_glm.parallel.layers`), so each rank runs
+``heads / tp`` whole heads and ``ffn / tp`` MLP columns. Attention dropout acts on this rank's
+heads and is drawn from the TP-rank-private stream; the residual dropout acts on the replicated
+stream (default generator, the same mask on every TP rank) -- or, under sequence parallelism, on
+this rank's ``[b, s/tp, h]`` slice (private stream). Under sequence parallelism the block's input
+and output are ``[b, s/tp, h]``; the LayerNorms run on the slice.
 """
 
 from __future__ import annotations
@@ -16,21 +24,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.kernels import check_kernel_choice, glm_attention
+from megatron_glm.parallel.dims import ParallelDims
+from megatron_glm.parallel.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear
+from megatron_glm.parallel.mappings import gather_from_sequence_parallel_region
+from megatron_glm.parallel.random import ModelParallelRNG, checkpoint
 
 
 class SelfAttention(nn.Module):
     """Fused QKV projection, GLM-masked attention, output projection ``dense``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dims: ParallelDims | None = None,
+        rng: ModelParallelRNG | None = None,
+    ) -> None:
         super().__init__()
         h = cfg.hidden_size
         self.head_dim = h // cfg.num_attention_heads
-        self.query_key_value = nn.Linear(h, 3 * h)
-        self.dense = nn.Linear(h, h)
+        if dims is not None:
+            dims.check_divisible("model.num_attention_heads", cfg.num_attention_heads)
+        self.query_key_value = ColumnParallelLinear(h, 3 * h, dims=dims)
+        self.dense = RowParallelLinear(h, h, dims=dims, input_is_parallel=True)
+        self.tensor_parallel = dims is not None and dims.tp > 1
+        self.rng = rng or ModelParallelRNG(enabled=False)
         self.attention_dropout = cfg.attention_dropout
         check_kernel_choice(cfg.kernels)
         self.kernels = cfg.kernels
@@ -38,37 +59,43 @@ class SelfAttention(nn.Module):
     def forward(
         self, hidden: Tensor, sep: Tensor, valid_len: Tensor, attention_mask: Tensor | None
     ) -> Tensor:
-        b, s, _ = hidden.shape  # [b, s, h]
-        qkv = self.query_key_value(hidden)  # [b, s, 3h]
-        qkv = qkv.view(b, s, -1, 3, self.head_dim)  # [b, s, heads, 3, d]
-        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # 3 x [b, heads, s, d]
-        context = glm_attention(
-            q,
-            k,
-            v,
-            sep,
-            valid_len,
-            dropout_p=self.attention_dropout,
-            training=self.training,
-            attention_mask=attention_mask,
-            kernels=self.kernels,
-        )  # [b, heads, s, d]
-        context = context.transpose(1, 2).reshape(b, s, -1)  # [b, s, h]
-        return self.dense(context)
+        qkv = self.query_key_value(hidden)  # [b, s, 3h/tp] (SP: gathered from [b, s/tp, h])
+        b, s, _ = qkv.shape
+        qkv = qkv.view(b, s, -1, 3, self.head_dim)  # [b, s, heads/tp, 3, d]
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # 3 x [b, heads/tp, s, d]
+        draws = self.training and self.attention_dropout > 0
+        with self.rng.region(self.tensor_parallel and draws, qkv.device):
+            context = glm_attention(
+                q,
+                k,
+                v,
+                sep,
+                valid_len,
+                dropout_p=self.attention_dropout,
+                training=self.training,
+                attention_mask=attention_mask,
+                kernels=self.kernels,
+            )  # [b, heads/tp, s, d]
+        context = context.transpose(1, 2).reshape(b, s, -1)  # [b, s, h/tp]
+        return self.dense(context)  # [b, s, h] (SP: [b, s/tp, h])
 
 
 class MLP(nn.Module):
     """``h -> ffn_hidden_size -> h`` with tanh-approximated GeLU (as in GLM / Megatron)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, dims: ParallelDims | None = None) -> None:
         super().__init__()
         assert cfg.ffn_hidden_size is not None  # ModelConfig.__post_init__ fills it
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
-        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
+        if dims is not None:
+            dims.check_divisible("model.ffn_hidden_size", cfg.ffn_hidden_size)
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, dims=dims)
+        self.dense_4h_to_h = RowParallelLinear(
+            cfg.ffn_hidden_size, cfg.hidden_size, dims=dims, input_is_parallel=True
+        )
 
     def forward(self, hidden: Tensor) -> Tensor:
-        inner = F.gelu(self.dense_h_to_4h(hidden), approximate="tanh")  # [b, s, ffn]
-        return self.dense_4h_to_h(inner)  # [b, s, h]
+        inner = F.gelu(self.dense_h_to_4h(hidden), approximate="tanh")  # [b, s, ffn/tp]
+        return self.dense_4h_to_h(inner)  # [b, s, h] (SP: [b, s/tp, h])
 
 
 class GLMBlock(nn.Module):
@@ -77,27 +104,36 @@ class GLMBlock(nn.Module):
     With ``activation_checkpointing`` the block's internals are recomputed in backward
     (``torch.utils.checkpoint``, non-reentrant). Checkpointing lives inside the block rather than
     in a driver loop so it also applies when the layers are wrapped in a PipelineModule. The
-    checkpoint saves and restores the CPU and CUDA RNG states, so recomputed dropout masks equal
-    the original ones and gradients are identical with and without it.
+    checkpoint saves and restores the CPU and CUDA RNG states and the TP-private dropout stream
+    (:func:`megatron_glm.parallel.random.checkpoint`), so recomputed dropout masks equal the
+    original ones and gradients are identical with and without it.
     """
 
     OUTPUT_PROJECTIONS: tuple[str, ...] = ("attention.dense", "mlp.dense_4h_to_h")
     """Submodules initialised with std / sqrt(2 * num_layers) (GPT-2 / Megatron scaling)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dims: ParallelDims | None = None,
+        rng: ModelParallelRNG | None = None,
+    ) -> None:
         super().__init__()
         h = cfg.hidden_size
-        self.input_layernorm = nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
-        self.attention = SelfAttention(cfg)
-        self.post_attention_layernorm = nn.LayerNorm(h, eps=cfg.layernorm_epsilon)
-        self.mlp = MLP(cfg)
+        self.rng = rng or ModelParallelRNG(enabled=False)
+        self.sequence_parallel = dims is not None and dims.sequence_parallel
+        self.input_layernorm = LayerNorm(h, eps=cfg.layernorm_epsilon, dims=dims)
+        self.attention = SelfAttention(cfg, dims=dims, rng=self.rng)
+        self.post_attention_layernorm = LayerNorm(h, eps=cfg.layernorm_epsilon, dims=dims)
+        self.mlp = MLP(cfg, dims=dims)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.activation_checkpointing = cfg.activation_checkpointing
 
     def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         hidden, *mask_args = inputs  # [b, s, h], then sep, valid_len[, attention_mask]
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            hidden = checkpoint(self._block, hidden, *mask_args, use_reentrant=False)
+            hidden = checkpoint(self._block, hidden, *mask_args, rng=self.rng)
         else:
             hidden = self._block(hidden, *mask_args)
         return (hidden, *mask_args)
@@ -109,18 +145,34 @@ class GLMBlock(nn.Module):
         valid_len: Tensor,
         attention_mask: Tensor | None = None,
     ) -> Tensor:
+        split = self.sequence_parallel and self.training and self.dropout.p > 0
         attn = self.attention(self.input_layernorm(hidden), sep, valid_len, attention_mask)
-        hidden = hidden + self.dropout(attn)  # [b, s, h]
+        with self.rng.region(split, hidden.device):
+            hidden = hidden + self.dropout(attn)  # [b, s, h] (SP: [b, s/tp, h])
         mlp = self.mlp(self.post_attention_layernorm(hidden))
-        return hidden + self.dropout(mlp)  # [b, s, h]
+        with self.rng.region(split, hidden.device):
+            return hidden + self.dropout(mlp)  # [b, s, h] (SP: [b, s/tp, h])
 
 
 class FinalLayerNorm(nn.Module):
-    """Last stage before the tied head: ``(hidden, *mask_args) -> LN(hidden)``."""
+    """Last stage before the tied head: ``(hidden, *mask_args) -> LN(hidden)``, ``[b, s, h]``.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Under sequence parallelism the LayerNorm runs on this rank's slice and the result is then
+    all-gathered, so the model's output is the full, replicated ``[b, s, h]`` on every TP rank
+    whatever the layout. Its gradient is then complete on every rank (the vocab-parallel head
+    all-reduces the gradient of its input, see ``glm_loss``), so the gather's backward keeps this
+    rank's slice without communication.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dims: ParallelDims | None = None) -> None:
         super().__init__()
-        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+        self.dims = dims
+        self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, dims=dims)
 
     def forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
-        return self.final_layernorm(inputs[0])  # [b, s, h]
+        hidden = self.final_layernorm(inputs[0])  # [b, s, h] (SP: [b, s/tp, h])
+        if self.dims is not None and self.dims.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(
+                hidden, self.dims.tp_group, grad_is_partial=False
+            )  # [b, s, h]
+        return hidden

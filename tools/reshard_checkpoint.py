@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Rewrite a checkpoint's model weights for another tensor-parallel size.
+
+    python tools/reshard_checkpoint.py --load checkpoints/run --tp 4 --save checkpoints/run_tp4
+
+Reads ``--load/<tag>/mp_rank_XX_model_states.pt`` (tag from ``latest`` unless ``--tag``),
+writes ``--save/<tag>/mp_rank_00..{tp-1}`` and ``--save/latest``. The model architecture comes
+from the config snapshot stored in the checkpoint, or from ``--config`` (a run YAML).
+
+Optimizer state is not converted: resume the resharded checkpoint with the optimizer restarted
+(see ``megatron_glm.parallel.reshard`` for why, and for the universal-checkpoint alternative).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from megatron_glm.config import ModelConfig, from_dict, load_config
+from megatron_glm.model import tensor_parallel_layout
+from megatron_glm.parallel.reshard import reshard_checkpoint, resolve_tag, saved_config
+
+
+def _model_config(load: str, tag: str, config: str | None) -> ModelConfig:
+    if config is not None:
+        return load_config(config).model
+    saved = saved_config(Path(load) / tag)
+    if saved is None or "model" not in saved:
+        raise ValueError(
+            f"{load}/{tag}: the checkpoint holds no config snapshot; pass --config RUN.yaml"
+        )
+    return from_dict(ModelConfig, saved["model"], prefix="model.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--load", required=True, help="checkpoint directory (holds 'latest')")
+    parser.add_argument("--tp", required=True, type=int, help="target tensor-parallel size")
+    parser.add_argument("--save", required=True, help="output checkpoint directory")
+    parser.add_argument("--tag", default=None, help="tag to convert (default: from 'latest')")
+    parser.add_argument("--config", default=None, help="run YAML, if the checkpoint has no config")
+    args = parser.parse_args(argv)
+    try:
+        tag = resolve_tag(args.load, args.tag)
+        layout = tensor_parallel_layout(_model_config(args.load, tag, args.config))
+        result = reshard_checkpoint(args.load, args.save, args.tp, layout, tag=tag)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"resharded {args.load}/{result.tag}: tp {result.source_tp} -> {result.target_tp}")
+    for path in result.files:
+        print(f"  wrote {path}")
+    if result.dropped:
+        print(f"  not carried over (optimizer restarts): {', '.join(result.dropped)}")
+
+
+if __name__ == "__main__":
+    main()
