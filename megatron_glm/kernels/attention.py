@@ -7,16 +7,18 @@ and ``valid_len`` (length before padding)::
 
     query i may attend key j  <=>  j < valid_len and (j < sep or j <= i)
 
-:func:`glm_attention` is the single entry point the model uses. Today it has one
-implementation, torch's ``scaled_dot_product_attention`` (SDPA) with a boolean mask built by
-:func:`glm_attention_mask`; a fused Triton kernel that takes ``(sep, valid_len)`` directly and
-skips fully masked blocks will sit behind the same function, chosen by :func:`attention_backend`.
-Keeping the ``(sep, valid_len)`` pair (rather than a materialised mask) in the signature is what
-lets that kernel drop the O(s^2) mask later without touching the model.
+:func:`glm_attention` is the single entry point the model uses. It has two implementations,
+chosen per call by :func:`attention_backend` from ``model.kernels`` and the device:
 
-The boolean mask is rebuilt inside every layer (``b * s * s`` bools, negligible next to the
-attention itself) instead of being threaded through the model, so pipeline stages exchange only
-the two ``[b]`` tensors.
+- the reference, torch's ``scaled_dot_product_attention`` (SDPA) with a boolean mask built by
+  :func:`glm_attention_mask` (rebuilt inside every layer: ``b * s * s`` bools, negligible next to
+  the attention itself, so pipeline stages exchange only the two ``[b]`` tensors);
+- the fused Triton kernel (:mod:`megatron_glm.kernels.flash_attention`), which takes
+  ``(sep, valid_len)`` directly, never builds the mask and skips fully masked blocks.
+
+The fused kernel has no attention dropout and no explicit-mask mode: such calls (dropout > 0 in
+training, an explicit ``attention_mask``, an unsupported head dim) run the reference even under
+``kernels: triton``, with a one-time warning naming the reason, so nothing changes silently.
 
 Fully masked query rows (only possible when ``valid_len == 0`` for the default mask, or with an
 arbitrary explicit mask) are defined to output zeros. SDPA's behaviour on such rows differs by
@@ -26,42 +28,46 @@ call and their outputs multiplied by 0 afterwards, which also keeps their gradie
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KernelBackend = Literal["torch", "triton"]
+from megatron_glm.kernels.dispatch import KernelBackend, log_once, resolve_backend, triton_installed
 
-TRITON_ATTENTION_AVAILABLE: bool = False
-"""Whether this build ships the fused Triton GLM attention kernel (not yet)."""
+TRITON_ATTENTION_AVAILABLE: bool = triton_installed()
+"""Whether the fused Triton GLM attention kernel can be used here (Triton is installed)."""
 
 
 def attention_backend(choice: str, device: torch.device) -> KernelBackend:
-    """Resolve a ``model.kernels`` choice (auto|triton|torch) to the implementation to run.
+    """Resolve a ``model.kernels`` choice (auto|triton|torch) to the attention implementation.
 
-    ``auto`` means Triton on CUDA when the kernel exists, torch otherwise; ``triton`` without the
-    kernel (or off CUDA) is a user error rather than a silent fallback, because the dispatcher must
-    never change numerics behind the user's back.
+    See :func:`megatron_glm.kernels.dispatch.resolve_backend`: ``auto`` is Triton on CUDA and torch
+    elsewhere; ``triton`` where it cannot run (CPU without ``TRITON_INTERPRET=1``, or no Triton) is
+    a user error rather than a silent fallback.
     """
-    if choice == "torch":
-        return "torch"
-    if choice == "auto":
-        return "triton" if TRITON_ATTENTION_AVAILABLE and device.type == "cuda" else "torch"
-    if choice == "triton":
-        if not TRITON_ATTENTION_AVAILABLE:
-            raise ValueError(
-                "config field 'model.kernels': 'triton' requested but this build has no Triton "
-                "GLM attention kernel yet; use 'auto' or 'torch'"
-            )
-        if device.type != "cuda":
-            raise ValueError(
-                f"config field 'model.kernels': 'triton' needs CUDA tensors, got {device.type}; "
-                "use 'auto' or 'torch'"
-            )
-        return "triton"
-    raise ValueError(f"config field 'model.kernels': {choice!r} is not one of auto, triton, torch")
+    return resolve_backend(choice, device, "attention")
+
+
+def _fused_unsupported_reason(
+    q: Tensor, dropout_p: float, attention_mask: Tensor | None
+) -> str | None:
+    """Why the fused kernel cannot compute this call (None when it can)."""
+    from megatron_glm.kernels.flash_attention import SUPPORTED_HEAD_DIMS
+
+    if dropout_p > 0.0:
+        return (
+            f"attention dropout {dropout_p} > 0 is not fused (set model.attention_dropout: 0 to "
+            "use the Triton kernel in training)"
+        )
+    if attention_mask is not None:
+        return "an explicit attention_mask was given (only the (sep, valid_len) mask is fused)"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} is not fp32, fp16 or bf16"
+    return None
 
 
 def _check_lengths(sep: Tensor, valid_len: Tensor) -> None:
@@ -153,21 +159,37 @@ def glm_attention(
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     b, _, s, _ = q.shape
-    backend = attention_backend(kernels, q.device)
-    assert backend == "torch", "only the torch backend exists"
     if attention_mask is not None:
-        mask = _explicit_mask(attention_mask, b, s)  # [b, 1|heads, s, s]
+        mask_arg: Tensor | None = _explicit_mask(attention_mask, b, s)  # [b, 1|heads, s, s]
     else:
         if sep is None or valid_len is None:
             raise ValueError("glm attention: pass (sep, valid_len) or an explicit attention_mask")
-        if sep.shape[0:1] != (b,):
+        _check_lengths(sep, valid_len)
+        if sep.shape[0] != b:
             raise ValueError(
                 f"glm attention: 'sep' has shape {tuple(sep.shape)}, expected [batch={b}]"
             )
-        mask = glm_attention_mask(sep, valid_len, s)  # [b, 1, s, s]
+        mask_arg = None
+    p = dropout_p if training else 0.0
+    if attention_backend(kernels, q.device) == "triton":
+        reason = _fused_unsupported_reason(q, p, mask_arg)
+        if reason is None:
+            from megatron_glm.kernels.flash_attention import flash_glm_attention
+
+            assert sep is not None and valid_len is not None
+            return flash_glm_attention(q, k, v, sep, valid_len)
+        log_once(logging.WARNING, f"kernels: attention falls back to torch SDPA: {reason}")
+    if mask_arg is None:
+        assert sep is not None and valid_len is not None
+        mask_arg = glm_attention_mask(sep, valid_len, s)  # [b, 1, s, s]
+    return _sdpa_with_mask(q, k, v, mask_arg, p)
+
+
+def _sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float) -> Tensor:
+    """The reference: SDPA with a boolean mask; fully masked rows give zeros (module docstring)."""
     has_key = mask.any(dim=-1, keepdim=True)  # [b, 1|heads, s, 1]
     safe_mask = mask | ~has_key  # a fully masked row attends everything, then is zeroed below
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=safe_mask, dropout_p=dropout_p if training else 0.0
+        q, k, v, attn_mask=safe_mask, dropout_p=dropout_p
     )  # [b, heads, s, d]
     return out * has_key.to(out.dtype)

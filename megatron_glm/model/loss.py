@@ -23,10 +23,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_glm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_glm.kernels import fused_cross_entropy
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.mappings import copy_to_tensor_parallel_region
 
@@ -54,22 +53,27 @@ def _head_weight(model_or_head_weight: nn.Module | Tensor) -> Tensor:
 
 
 def _cross_entropy(
-    selected: Tensor, weight: Tensor, targets: Tensor, dims: ParallelDims | None
-) -> Tensor:
-    """Per-row CE ``[n]`` of the tied head ``weight`` (``[vocab/tp, h]``) at ``selected`` rows."""
+    selected: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    dims: ParallelDims | None,
+    kernels: str,
+) -> tuple[Tensor, Tensor]:
+    """``(sum(weights * CE), CE detached [n])`` of the tied head ``weight`` ``[vocab/tp, h]``."""
     if dims is None or dims.tp == 1:
-        logits = F.linear(selected, weight).float()  # [n, vocab]
-        return F.cross_entropy(logits, targets, reduction="none")
-    group = dims.tp_group
-    local = F.linear(copy_to_tensor_parallel_region(selected, group), weight)  # [n, vocab/tp]
-    v_local = weight.shape[0]
-    return vocab_parallel_cross_entropy(
-        local,
-        targets,
-        group,
-        vocab_start=dims.tp_rank * v_local,
-        vocab_size=v_local * dims.tp,
-    )
+        out = fused_cross_entropy(selected, weight, targets, weights, kernels=kernels)
+    else:
+        out = fused_cross_entropy(
+            copy_to_tensor_parallel_region(selected, dims.tp_group),
+            weight,
+            targets,
+            weights,
+            kernels=kernels,
+            tp_group=dims.tp_group,
+            vocab_start=dims.tp_rank * weight.shape[0],
+        )
+    return out.sum_loss, out.per_row
 
 
 def glm_loss(
@@ -81,6 +85,7 @@ def glm_loss(
     num_objectives: int = 3,
     *,
     dims: ParallelDims | None = None,
+    kernels: str | None = None,
 ) -> LossOutput:
     """Cross entropy of the tied head at loss positions.
 
@@ -93,10 +98,15 @@ def glm_loss(
         objective: int64 ``[b]``, the row's objective (0 span, 1 sentence, 2 document).
         num_objectives: length of the per-objective outputs.
         dims: the parallel layout; taken from the model when a ``GLMModel`` is passed.
+        kernels: ``model.kernels``; taken from the model's config when a ``GLMModel`` is passed,
+            else ``auto``.
     """
     weight = _head_weight(model_or_head_weight)  # [vocab/tp, h]
     if dims is None and isinstance(model_or_head_weight, nn.Module):
         dims = getattr(model_or_head_weight, "dims", None)
+    if kernels is None:
+        cfg = getattr(model_or_head_weight, "cfg", None)
+        kernels = getattr(cfg, "kernels", "auto")
     if getattr(weight, "tensor_model_parallel", False) and (dims is None or dims.tp == 1):
         raise ValueError(
             "glm_loss: the head weight is a tensor-parallel shard; pass the model or dims=..."
@@ -114,9 +124,10 @@ def glm_loss(
     mask = loss_mask.reshape(-1).float()  # [b*s]
     rows = torch.nonzero(mask > 0).squeeze(1)  # [n]
     selected = hidden.reshape(b * s, h).index_select(0, rows)  # [n, h]
-    ce = _cross_entropy(selected, weight, targets.reshape(-1).index_select(0, rows), dims)  # [n]
     weights = mask.index_select(0, rows)  # [n]
-    weighted = ce * weights  # [n]
+    sum_loss, ce = _cross_entropy(
+        selected, weight, targets.reshape(-1).index_select(0, rows), weights, dims, kernels
+    )  # scalar, [n] detached
 
     row_objective = objective.view(b, 1).expand(b, s).reshape(-1).index_select(0, rows)  # [n]
     if row_objective.numel():
@@ -125,10 +136,10 @@ def glm_loss(
             raise ValueError(
                 f"glm_loss: objective ids must be in [0, {num_objectives}), got {low}..{high}"
             )
-    per_sum = torch.bincount(row_objective, weights=weighted.detach(), minlength=num_objectives)
+    per_sum = torch.bincount(row_objective, weights=ce * weights, minlength=num_objectives)
     per_count = torch.bincount(row_objective, weights=weights, minlength=num_objectives)
     return LossOutput(
-        sum_loss=weighted.sum(),
+        sum_loss=sum_loss,
         num_tokens=mask.sum(),
         per_objective_sum=per_sum.float(),
         per_objective_count=per_count.float(),

@@ -22,13 +22,23 @@ and output are ``[b, s/tp, h]``; the LayerNorms run on the slice.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_glm.config import ModelConfig
-from megatron_glm.kernels import check_kernel_choice, glm_attention
+from megatron_glm.kernels import (
+    DropoutAdd,
+    bias_gelu,
+    check_kernel_choice,
+    glm_attention,
+    layer_norm,
+)
 from megatron_glm.parallel.dims import ParallelDims
-from megatron_glm.parallel.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear
+from megatron_glm.parallel.layers import (
+    ColumnParallelLinear,
+    LayerNorm,
+    RowParallelLinear,
+    sequence_parallel_param,
+)
 from megatron_glm.parallel.mappings import gather_from_sequence_parallel_region
 from megatron_glm.parallel.random import ModelParallelRNG, checkpoint
 
@@ -92,9 +102,10 @@ class MLP(nn.Module):
         self.dense_4h_to_h = RowParallelLinear(
             cfg.ffn_hidden_size, cfg.hidden_size, dims=dims, input_is_parallel=True
         )
+        self.kernels = cfg.kernels
 
     def forward(self, hidden: Tensor) -> Tensor:
-        inner = F.gelu(self.dense_h_to_4h(hidden), approximate="tanh")  # [b, s, ffn/tp]
+        inner = bias_gelu(self.dense_h_to_4h(hidden), None, kernels=self.kernels)  # [b, s, ffn/tp]
         return self.dense_4h_to_h(inner)  # [b, s, h] (SP: [b, s/tp, h])
 
 
@@ -127,8 +138,9 @@ class GLMBlock(nn.Module):
         self.attention = SelfAttention(cfg, dims=dims, rng=self.rng)
         self.post_attention_layernorm = LayerNorm(h, eps=cfg.layernorm_epsilon, dims=dims)
         self.mlp = MLP(cfg, dims=dims)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = DropoutAdd(cfg.hidden_dropout, kernels=cfg.kernels)  # residual + drop(x)
         self.activation_checkpointing = cfg.activation_checkpointing
+        self.kernels = cfg.kernels
 
     def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         hidden, *mask_args = inputs  # [b, s, h], then sep, valid_len[, attention_mask]
@@ -146,12 +158,20 @@ class GLMBlock(nn.Module):
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         split = self.sequence_parallel and self.training and self.dropout.p > 0
-        attn = self.attention(self.input_layernorm(hidden), sep, valid_len, attention_mask)
+        normed = norm(self.input_layernorm, hidden, self.kernels)
+        attn = self.attention(normed, sep, valid_len, attention_mask)
         with self.rng.region(split, hidden.device):
-            hidden = hidden + self.dropout(attn)  # [b, s, h] (SP: [b, s/tp, h])
-        mlp = self.mlp(self.post_attention_layernorm(hidden))
+            hidden = self.dropout(attn, hidden)  # hidden + drop(attn): [b, s, h] (SP: s/tp)
+        mlp = self.mlp(norm(self.post_attention_layernorm, hidden, self.kernels))
         with self.rng.region(split, hidden.device):
-            return hidden + self.dropout(mlp)  # [b, s, h] (SP: [b, s/tp, h])
+            return self.dropout(mlp, hidden)  # hidden + drop(mlp): [b, s, h] (SP: s/tp)
+
+
+def norm(ln: LayerNorm, x: Tensor, kernels: str) -> Tensor:
+    """``ln(x)`` through the kernel dispatcher, keeping the SP gradient routing of its params."""
+    weight = sequence_parallel_param(ln.weight, ln)
+    bias = sequence_parallel_param(ln.bias, ln)
+    return layer_norm(x, weight, bias, ln.eps, kernels=kernels)
 
 
 class FinalLayerNorm(nn.Module):
@@ -168,9 +188,10 @@ class FinalLayerNorm(nn.Module):
         super().__init__()
         self.dims = dims
         self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, dims=dims)
+        self.kernels = cfg.kernels
 
     def forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
-        hidden = self.final_layernorm(inputs[0])  # [b, s, h] (SP: [b, s/tp, h])
+        hidden = norm(self.final_layernorm, inputs[0], self.kernels)  # [b, s, h] (SP: s/tp)
         if self.dims is not None and self.dims.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(
                 hidden, self.dims.tp_group, grad_is_partial=False

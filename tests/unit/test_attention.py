@@ -107,12 +107,14 @@ def test_dropout_only_in_training() -> None:
     assert torch.isfinite(train_out).all() and not torch.allclose(train_out, ref)
 
 
-def test_backend_dispatch_and_errors() -> None:
+def test_backend_dispatch_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert attention_backend("auto", torch.device("cpu")) == "torch"
     assert attention_backend("torch", torch.device("cpu")) == "torch"
     msg = (
-        "config field 'model.kernels': 'triton' requested but this build has no Triton GLM "
-        "attention kernel yet; use 'auto' or 'torch'"
+        "config field 'model.kernels': 'triton' requested but no CUDA device is available and "
+        "TRITON_INTERPRET=1 is not set (Triton kernels run on CUDA, or on CPU under Triton's "
+        "interpreter); use 'auto' or 'torch'"
     )
     with pytest.raises(ValueError) as exc:
         check_kernel_choice("triton")

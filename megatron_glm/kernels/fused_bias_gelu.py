@@ -1,0 +1,105 @@
+"""Bias add + tanh-approximated GeLU in one pass, forward and backward.
+
+``bias_gelu(x, bias) = gelu_tanh(x + bias)`` where the MLP's first linear is applied without its
+bias. Unfused, torch reads and writes the ``[tokens, 4h]`` activation twice (bias add, GeLU) and
+saves both for backward; here it is one read and one write, and backward recomputes ``x + bias``
+from the saved ``x`` (the bias gradient is a column sum of ``dx``, left to torch).
+
+GeLU uses ``0.5 * (1 + tanh(z)) = sigmoid(2z)``, so ``gelu_tanh(u) = u * sigmoid(2z)`` with
+``z = sqrt(2/pi) * (u + 0.044715 u^3)``; the derivative is
+``s + 2 u s (1 - s) z'(u)`` with ``s = sigmoid(2z)``. Arithmetic is fp32 whatever the input dtype,
+as in torch's CUDA kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_glm.kernels.dispatch import resolve_backend, triton_kernel
+
+try:
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton-less installs run the torch path only
+    tl = None
+
+BLOCK: int = 1024
+"""Elements per program."""
+
+SQRT_2_OVER_PI: float = 0.7978845608028654
+
+
+@triton_kernel
+def _bias_gelu_fwd_kernel(X, BIAS, Y, n_elements, n_cols, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_elements
+    u = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+    u += tl.load(BIAS + offs % n_cols, mask=ok, other=0.0).to(tl.float32)
+    z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+    y = u * tl.sigmoid(2.0 * z)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=ok)
+
+
+@triton_kernel
+def _bias_gelu_bwd_kernel(X, BIAS, DY, DX, n_elements, n_cols, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n_elements
+    u = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+    u += tl.load(BIAS + offs % n_cols, mask=ok, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
+    z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+    s = tl.sigmoid(2.0 * z)
+    dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * u * u)
+    grad = s + 2.0 * u * s * (1.0 - s) * dz
+    tl.store(DX + offs, (dy * grad).to(DX.dtype.element_ty), mask=ok)
+
+
+class _BiasGeLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bias: Tensor) -> Tensor:
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        n = x.numel()
+        _bias_gelu_fwd_kernel[(triton_grid(n),)](x, bias, y, n, bias.numel(), BLOCK=BLOCK)
+        ctx.save_for_backward(x, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, Tensor]:
+        x, bias = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        n = x.numel()
+        _bias_gelu_bwd_kernel[(triton_grid(n),)](x, bias, dy, dx, n, bias.numel(), BLOCK=BLOCK)
+        dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=torch.float32).to(bias.dtype)
+        return dx, dbias
+
+
+def triton_grid(n: int) -> int:
+    """Programs for ``n`` elements at :data:`BLOCK` per program."""
+    return max(1, -(-n // BLOCK))
+
+
+def bias_gelu_reference(x: Tensor, bias: Tensor) -> Tensor:
+    """The torch reference: ``F.gelu(x + bias, approximate="tanh")``."""
+    return F.gelu(x + bias, approximate="tanh")
+
+
+def bias_gelu(x: Tensor, bias: Tensor | None, *, kernels: str = "auto") -> Tensor:
+    """``gelu_tanh(x + bias)``; ``x`` is ``[..., n]``, ``bias`` ``[n]`` or None (no bias)."""
+    if bias is None:
+        bias = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+    if bias.shape != (x.shape[-1],):
+        raise ValueError(
+            f"bias_gelu: bias must be [{x.shape[-1]}] (the last dim of x {tuple(x.shape)}), "
+            f"got {tuple(bias.shape)}"
+        )
+    if resolve_backend(kernels, x.device, "bias_gelu") == "torch":
+        return bias_gelu_reference(x, bias)
+    out: Tensor = _BiasGeLU.apply(x, bias)
+    return out

@@ -1,0 +1,149 @@
+"""Fused elementwise kernels (TRITON_INTERPRET=1): bias+GeLU, bias+dropout+residual, LayerNorm.
+
+bf16 caveat: the interpreter (Triton 3.9) rounds fp32 -> bf16 toward zero, where the GPU (and
+torch) round to nearest even, so bf16 results may differ from torch by one bf16 ulp here; the bf16
+tolerances below allow that, the fp32 ones do not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_glm.kernels import (
+    FusedLayerNorm,
+    add_layer_norm,
+    bias_dropout_add,
+    bias_gelu,
+    layer_norm,
+)
+
+
+@pytest.fixture
+def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def randn(*shape: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def gelu_tanh_float64(u: torch.Tensor) -> torch.Tensor:
+    """The textbook formula, independent of both implementations."""
+    u = u.double()
+    return 0.5 * u * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (u + 0.044715 * u**3)))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # exp(-2z) -> inf: gelu -> 0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_gelu(dtype: torch.dtype, interpret: None) -> None:
+    x = randn(3, 5, 48, seed=0, dtype=dtype).mul(3).requires_grad_()  # 720 elements: 1 block
+    bias = randn(48, seed=1, dtype=dtype).requires_grad_()
+    y = bias_gelu(x, bias, kernels="triton")
+    x64, b64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    ref = gelu_tanh_float64(x64 + b64)
+    tol: dict[str, Any] = (
+        dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    )
+    torch.testing.assert_close(y.double(), ref, **tol)
+    grad = randn(3, 5, 48, seed=2, dtype=dtype)
+    gx, gb = torch.autograd.grad(y, (x, bias), grad)
+    rx, rb = torch.autograd.grad(ref, (x64, b64), grad.double())
+    torch.testing.assert_close(gx.double(), rx, **tol)
+    bias_tol: dict[str, Any] = (
+        dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=2e-2)
+    )
+    torch.testing.assert_close(gb.double(), rb, **bias_tol)
+    assert gx.dtype == dtype and gb.dtype == dtype
+    if dtype == torch.float32:  # the torch path is the same function
+        torch.testing.assert_close(bias_gelu(x, bias, kernels="torch"), y, atol=1e-6, rtol=1e-5)
+
+
+def test_bias_dropout_add(interpret: None) -> None:
+    n = 4096 + 100  # several blocks and a ragged one
+    x = randn(n // 4, 4, seed=3).requires_grad_()
+    bias = randn(4, seed=4).requires_grad_()
+    residual = randn(n // 4, 4, seed=5).requires_grad_()
+    # eval (and p = 0): exactly residual + x + bias, as the reference
+    for p, training in ((0.3, False), (0.0, True)):
+        out = bias_dropout_add(x, bias, residual, p, training, kernels="triton")
+        torch.testing.assert_close(out, residual + (x + bias), atol=0, rtol=0)
+
+    torch.manual_seed(11)
+    out = bias_dropout_add(x, bias, residual, 0.25, True, kernels="triton")
+    kept = out != residual  # x + bias is never exactly 0 here
+    frac = 1.0 - kept.float().mean().item()
+    assert abs(frac - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)  # 4 sigma of a binomial
+    scaled = residual + (x + bias) / 0.75
+    torch.testing.assert_close(out[kept], scaled[kept], atol=1e-6, rtol=1e-6)
+    grad = randn(n // 4, 4, seed=6)
+    gx, gb, gr = torch.autograd.grad(out, (x, bias, residual), grad)
+    want_gx = torch.where(kept, grad / 0.75, torch.zeros_like(grad))  # the same mask, regenerated
+    torch.testing.assert_close(gx, want_gx, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gb, want_gx.sum(0), atol=1e-5, rtol=1e-5)
+    assert torch.equal(gr, grad)
+
+    torch.manual_seed(11)  # the torch RNG state determines the mask (activation checkpointing)
+    assert torch.equal(bias_dropout_add(x, bias, residual, 0.25, True, kernels="triton"), out)
+    other = bias_dropout_add(x, bias, residual, 0.25, True, kernels="triton")
+    assert not torch.equal(other, out)
+    no_bias = bias_dropout_add(x, None, residual, 0.0, True, kernels="triton")
+    torch.testing.assert_close(no_bias, residual + x, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\), got 1.0"):
+        bias_dropout_add(x, bias, residual, 1.0, True, kernels="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norms(dtype: torch.dtype, interpret: None) -> None:
+    """hidden 48 (not a power of two), 14 rows over 4 backward programs (strided row loop)."""
+    x = randn(2, 7, 48, seed=7, dtype=dtype).mul(2).add(1).requires_grad_()
+    residual = randn(2, 7, 48, seed=8, dtype=dtype).requires_grad_()
+    w = randn(48, seed=9, dtype=dtype).requires_grad_()
+    b = randn(48, seed=10, dtype=dtype).requires_grad_()
+    g_sum, g_y = randn(2, 7, 48, seed=11, dtype=dtype), randn(2, 7, 48, seed=12, dtype=dtype)
+    leaves = (x, residual, w, b)
+    total, y = add_layer_norm(x, residual, w, b, 1e-5, kernels="triton")
+    got = torch.autograd.grad((total * g_sum).sum() + (y * g_y).sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rounding = ((x + residual).double() - (x.double() + residual.double())).detach()
+    ref_total = ref_leaves[0] + ref_leaves[1] + rounding  # the sum as stored in ``dtype``
+    ref_y = F.layer_norm(ref_total, (48,), ref_leaves[2], ref_leaves[3], 1e-5)
+    want = torch.autograd.grad(
+        (ref_total * g_sum.double()).sum() + (ref_y * g_y.double()).sum(), ref_leaves
+    )
+    tol: dict[str, Any] = (
+        dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
+    )
+    sum_tol: dict[str, Any] = dict(
+        atol=0.0, rtol=0.0 if dtype == torch.float32 else 2**-7
+    )  # <= 1 ulp
+    torch.testing.assert_close(total, x + residual, **sum_tol)
+    torch.testing.assert_close(y.double(), ref_y, **tol)
+    for name, g, r in zip(("x", "residual", "weight", "bias"), got, want, strict=True):
+        torch.testing.assert_close(g.double(), r, **tol, msg=f"d{name}")
+
+    y2 = layer_norm(x, w, b, 1e-5, kernels="triton")
+    got2 = torch.autograd.grad((y2 * g_y).sum(), (x, w, b))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref2 = F.layer_norm(x64, (48,), w64, b64, 1e-5)
+    want2 = torch.autograd.grad((ref2 * g_y.double()).sum(), (x64, w64, b64))
+    torch.testing.assert_close(y2.double(), ref2, **tol)
+    for name, g, r in zip(("x", "weight", "bias"), got2, want2, strict=True):
+        torch.testing.assert_close(g.double(), r, **tol, msg=f"layer_norm d{name}")
+
+
+def test_fused_layer_norm_module_is_a_drop_in(interpret: None) -> None:
+    plain = nn.LayerNorm(32, eps=1e-6)
+    fused = FusedLayerNorm(32, eps=1e-6, kernels="triton")
+    assert list(fused.state_dict()) == list(plain.state_dict()) and isinstance(fused, nn.LayerNorm)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5)
+        plain.bias.uniform_(-0.5, 0.5)
+    fused.load_state_dict(plain.state_dict())
+    x = randn(5, 32, seed=13)
+    torch.testing.assert_close(fused(x), plain(x), atol=2e-6, rtol=2e-6)
