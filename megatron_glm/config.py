@@ -255,7 +255,21 @@ class TrainConfig:
     eval_interval: int = 0
     """Validate every this many steps; 0 disables."""
     eval_iters: int = 10
-    """Micro-batches per validation."""
+    """Micro-batches per validation (per data-parallel rank)."""
+    exit_duration_mins: float = 0.0
+    """Save a checkpoint and exit 0 once the run has lasted this long (minutes); 0 disables."""
+    exit_interval: int = 0
+    """Save a checkpoint and exit 0 after a step divisible by this (planned stops); 0 disables."""
+    max_nonfinite_steps: int = 3
+    """Stop after this many consecutive steps with a non-finite loss (their updates are skipped)."""
+    initial_scale_power: int = 16
+    """fp16 only: the dynamic loss scale starts at 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """fp16 only: steps without overflow before the loss scale doubles."""
+    hysteresis: int = 2
+    """fp16 only: overflows tolerated before the loss scale halves."""
+    min_loss_scale: float = 1.0
+    """fp16 only: the dynamic loss scale never drops below this."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_iters"):
@@ -270,6 +284,13 @@ class TrainConfig:
         _require(not self.cpu_offload or self.zero_stage >= 1, "cpu_offload", "needs zero >= 1")
         _require(self.eval_interval >= 0, "eval_interval", "must be >= 0")
         _require(self.eval_iters > 0, "eval_iters", "must be > 0")
+        _require(self.exit_duration_mins >= 0, "exit_duration_mins", "must be >= 0 (0 disables)")
+        _require(self.exit_interval >= 0, "exit_interval", "must be >= 0 (0 disables)")
+        _require(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        _require(0 <= self.initial_scale_power <= 63, "initial_scale_power", "must be in [0, 63]")
+        _require(self.loss_scale_window >= 1, "loss_scale_window", "must be >= 1")
+        _require(self.hysteresis >= 1, "hysteresis", "must be >= 1")
+        _require(self.min_loss_scale > 0, "min_loss_scale", "must be > 0")
 
 
 @dataclass(kw_only=True)

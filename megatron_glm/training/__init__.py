@@ -1,0 +1,13 @@
+"""Training on DeepSpeed: one code path for a world of 1 to N processes.
+
+- ``preflight``: launch-time config checks, run before any process group exists.
+- ``distributed``: process group from the launcher's environment (deepspeed, torchrun, python).
+- ``engine``: DeepSpeed config dict, AdamW with weight-decay groups, the loss-computing module.
+- ``lr_schedule``: GLM's AnnealingLR (warmup, then cosine/linear decay to a floor).
+- ``loop``: global-batch loss normalisation, validation, logging, checkpoints, stops.
+- ``checkpoint``: atomic publication, client state, per-rank RNG, resume.
+- ``metrics``: tokens/s, TFLOP/s, MFU against a peak table, TensorBoard scalars.
+- ``signals``: SIGTERM/SIGUSR1 and deadline, agreed on by all ranks.
+- ``data_source``: the real batch source (tokenizer, packed splits, blank infilling, loaders).
+- ``session``: one run end to end (``megatron_glm.pretrain`` calls it).
+"""

@@ -1,0 +1,151 @@
+"""Process-group start-up from the launcher's environment (deepspeed, torchrun, plain python).
+
+All supported launchers describe the job with the same variables: ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (the ``deepspeed`` launcher and ``torchrun`` set
+them; SLURM/MPI launch scripts export them from ``SLURM_PROCID`` / ``OMPI_COMM_WORLD_RANK``). A
+process started with none of them is a world of one: it gets a loopback rendezvous on a free port,
+so ``python -m megatron_glm.pretrain`` runs DeepSpeed exactly like a multi-process job.
+
+:func:`read_dist_env` only reads; it is what configuration validation uses to learn the world
+size *before* any process group exists. :func:`init_distributed` then starts the group through
+``deepspeed.init_distributed`` (gloo on CPU via ``DS_ACCELERATOR=cpu``, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None
+    master_port: int | None
+
+
+def _int_env(environ: Mapping[str, str], key: str) -> int:
+    try:
+        return int(environ[key])
+    except ValueError:
+        raise ValueError(f"environment variable {key}={environ[key]!r} is not an integer") from None
+
+
+def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Parse the launcher variables (``os.environ`` by default) without starting anything.
+
+    No ``WORLD_SIZE`` means a single process. A multi-process world must name its rank and its
+    rendezvous (``MASTER_ADDR``/``MASTER_PORT``); a missing one is reported by name.
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env:
+        return DistEnv(
+            rank=0,
+            world_size=1,
+            local_rank=0,
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
+        )
+    world = _int_env(env, "WORLD_SIZE")
+    if world < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={world} must be >= 1")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env and world > 1]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with deepspeed, torchrun "
+            "or a launch/ script, which set RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"
+        )
+    rank = _int_env(env, "RANK") if "RANK" in env else 0
+    local_rank = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+    if not 0 <= rank < world:
+        raise ValueError(f"environment variable RANK={rank} must be in [0, WORLD_SIZE={world})")
+    return DistEnv(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        master_addr=env.get("MASTER_ADDR"),
+        master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
+    )
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now (for a world of one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory comm op on CPU.
+
+    On the CPU accelerator, DeepSpeed's comm backend compiles a C++ extension at start-up (a
+    minute on a 2-core machine, and it needs a compiler) that only ``inference_all_reduce`` uses;
+    training collectives go through ``torch.distributed``. Marking the op incompatible in
+    DeepSpeed's probe cache (which DeepSpeed keeps as one module-level dict precisely so that edits
+    persist) makes it fall back to plain gloo for everything.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(env: DistEnv, *, timeout_minutes: float = 30.0) -> torch.device:
+    """Start the default process group for ``env`` and return this rank's device.
+
+    A world of one without a rendezvous gets ``127.0.0.1`` and a free port. The variables are
+    written to ``os.environ`` because DeepSpeed reads ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` from
+    there itself (engine and launcher utilities), so both must agree.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        raise RuntimeError("init_distributed: a default process group already exists")
+    values = {
+        "RANK": str(env.rank),
+        "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank),
+        "MASTER_ADDR": env.master_addr or "127.0.0.1",
+        "MASTER_PORT": str(env.master_port if env.master_port is not None else free_port()),
+    }
+    os.environ.update(values)
+    _skip_deepspeed_shm_build()
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(env.local_rank)
+    deepspeed.init_distributed(
+        dist_backend=accel.communication_backend_name(),
+        auto_mpi_discovery=False,
+        timeout=timedelta(minutes=timeout_minutes),
+        verbose=False,
+    )
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(accel.device_name(env.local_rank))
+
+
+def destroy_distributed() -> None:
+    """Tear the default process group down (idempotent)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over the world (``sum`` or ``max``); a no-op without a group."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor

@@ -1,0 +1,197 @@
+"""DeepSpeed engine set-up: the config dict, AdamW with weight-decay groups, the loss module.
+
+One code path for every world size: the run config becomes a DeepSpeed config *dict* (no JSON
+file to keep in sync), the optimizer is a torch ``AdamW`` we build ourselves, and
+``deepspeed.initialize`` wraps both.
+
+Optimizer choice: torch's AdamW everywhere. On CPU this means DeepSpeed compiles no op (its
+FusedAdam/CPUAdam are C++/CUDA extensions built at first use). On CUDA torch's ``fused=True``
+AdamW is a single multi-tensor kernel, on par with DeepSpeed's FusedAdam and without a build
+step; with ZeRO CPU offload the optimizer runs on CPU partitions, where the ``foreach`` variant is
+used (DeepSpeedCPUAdam would be faster there but needs a compiler; ``zero_force_ds_cpu_optimizer``
+is switched off to allow the choice). The optimizer is :class:`SkippableAdamW` so the loop can
+skip an update whose loss was non-finite in every precision, not only under fp16 loss scaling.
+
+The loss lives inside the engine's module (:class:`GLMPretrainModule`): under ZeRO-3 the tied
+head weight is gathered by DeepSpeed's hooks only while the engine's forward runs, so computing
+``glm_loss`` outside ``engine(...)`` would see a partitioned (empty) weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from megatron_glm.config import OptimizerConfig, RunConfig
+from megatron_glm.model import GLMModel, LossOutput, glm_loss
+from megatron_glm.training.lr_schedule import AnnealingLR, build_scheduler
+
+STEPS_PER_PRINT = 2**31 - 1
+"""DeepSpeed's own progress print is disabled (the loop logs); it must still be an int."""
+
+
+def gradient_accumulation_steps(cfg: RunConfig, dp_size: int) -> int:
+    """``global_batch / (micro_batch * dp)``; preflight has already checked divisibility."""
+    per_step = cfg.train.micro_batch_size * dp_size
+    assert cfg.train.global_batch_size % per_step == 0, "validate_for_launch not called"
+    return cfg.train.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of a run (batch, accumulation, ZeRO, precision, clipping)."""
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp_size),
+        "gradient_clipping": cfg.optimizer.clip_grad,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"tag_validation": "FAIL"},
+    }
+    if t.precision == "fp16":
+        ds["fp16"].update(
+            {
+                "loss_scale": 0,  # 0 = dynamic
+                "initial_scale_power": t.initial_scale_power,
+                "loss_scale_window": t.loss_scale_window,
+                "hysteresis": t.hysteresis,
+                "min_loss_scale": t.min_loss_scale,
+            }
+        )
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: matrices decay; biases, LayerNorm and other 1-D tensors do not.
+
+    The rule is by tensor rank (``ndim < 2`` means bias or norm gain), which also covers
+    parameters added later without a name convention. Empty groups are dropped.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step()`` can be turned into a no-op.
+
+    DeepSpeed (and its ZeRO wrappers) call ``step()`` of this inner optimizer at the
+    accumulation boundary; when the loop has seen a non-finite loss it sets
+    :attr:`skip_next_step`, so parameters and moments stay untouched and the NaN gradients are
+    simply zeroed by the engine afterwards.
+    """
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.skip_next_step = False
+        self.last_step_skipped = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One AdamW update, or nothing if :attr:`skip_next_step` is set (then cleared)."""
+        self.last_step_skipped = self.skip_next_step
+        if self.skip_next_step:
+            self.skip_next_step = False
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, *, device: torch.device, cpu_offload: bool
+) -> SkippableAdamW:
+    """AdamW over :func:`param_groups`, fused on CUDA unless ZeRO offloads it to CPU."""
+    fused = device.type == "cuda" and not cpu_offload
+    return SkippableAdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        fused=fused or None,
+    )
+
+
+class GLMPretrainModule(nn.Module):
+    """The engine's module: GLM forward + ``glm_loss``, returning the loss sums.
+
+    It adopts the GLM's ``layers`` as its own child (the GLM object itself is kept outside the
+    module tree), so parameter names and checkpoints are exactly ``GLMModel``'s (``layers.0...``)
+    and a saved state dict loads into a plain :class:`GLMModel`.
+    """
+
+    def __init__(self, glm: GLMModel) -> None:
+        super().__init__()
+        self.layers = glm.layers
+        object.__setattr__(self, "glm", glm)
+
+    def forward(self, batch: dict[str, Tensor]) -> LossOutput:
+        """Sums of one micro-batch (see :class:`megatron_glm.model.LossOutput`)."""
+        glm: GLMModel = self.glm  # type: ignore[assignment]
+        hidden = glm(batch["tokens"], batch["position_ids"], batch["sep"], batch["valid_len"])
+        return glm_loss(glm, hidden, batch["targets"], batch["loss_mask"], batch["objective"])
+
+
+@dataclass
+class Engine:
+    """What the loop drives: DeepSpeed's engine, our optimizer and schedule, the layout."""
+
+    engine: Any
+    """``deepspeed.DeepSpeedEngine``."""
+    optimizer: SkippableAdamW
+    """The inner torch optimizer (DeepSpeed may wrap it in a ZeRO/fp16 optimizer)."""
+    scheduler: AnnealingLR
+    """Stepped by the loop after each applied update."""
+    module: GLMPretrainModule
+    """The engine's module (parameters possibly partitioned under ZeRO-3)."""
+    dp_rank: int
+    dp_size: int
+    grad_accum: int
+    device: torch.device
+
+
+def initialize(
+    glm: GLMModel, cfg: RunConfig, *, dp_rank: int, dp_size: int, device: torch.device
+) -> Engine:
+    """Wrap ``glm`` (float32, on ``device``) in a DeepSpeed engine for ``cfg``."""
+    import deepspeed
+
+    module = GLMPretrainModule(glm)
+    optimizer = build_optimizer(
+        module, cfg.optimizer, device=device, cpu_offload=cfg.train.cpu_offload
+    )
+    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.train_iters)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, dp_size),
+        dist_init_required=False,
+    )
+    return Engine(
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        module=module,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        grad_accum=gradient_accumulation_steps(cfg, dp_size),
+        device=device,
+    )

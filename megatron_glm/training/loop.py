@@ -1,0 +1,524 @@
+"""The training loop: global-batch loss normalisation, validation, logging, checkpoints, stops.
+
+Loss normalisation (DESIGN.md: ``loss = sum(CE * mask) / sum(mask)`` over the *global* batch).
+A step takes ``A = global / (micro * dp)`` micro-batches on each of ``D`` data-parallel ranks.
+All ``A`` micro-batches of the step are fetched first and the loss-token count ``N`` is summed
+locally and all-reduced over DP. Each micro-batch ``m`` then back-propagates
+
+    L_m = S_m * A * D / N          (S_m = sum(CE * mask) of micro-batch m)
+
+DeepSpeed divides every backward loss by ``A`` (``scale_wrt_gas``) and averages gradients over
+the ``D`` ranks, so the applied gradient is ``(1/D) sum_ranks (1/A) sum_m grad(L_m) =
+grad(sum_all S_m) / N``: exactly the gradient of the global-batch mean, independent of how rows
+are split across micro-batches and ranks (the ZeRO-0..3 x {1, 2} process tests check this).
+Micro-batches with many loss tokens weigh more, unlike averaging per-micro-batch means.
+
+Non-finite losses: the step's loss sum is all-reduced *before* the optimizer step; if it is not
+finite, every rank's :class:`SkippableAdamW` skips the update (in every precision; under fp16
+DeepSpeed's dynamic loss scaler skips overflowing steps on its own as well). After
+``train.max_nonfinite_steps`` consecutive such steps the run stops with
+:class:`NonFiniteLossError` naming the step, without writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from megatron_glm.config import RunConfig, to_dict
+from megatron_glm.training import checkpoint as ckpt
+from megatron_glm.training.distributed import all_reduce
+from megatron_glm.training.engine import Engine
+from megatron_glm.training.metrics import (
+    ScalarWriter,
+    StepStats,
+    device_peak_tflops,
+    format_log_line,
+    memory_mib,
+    perplexity,
+    step_scalars,
+    throughput,
+)
+from megatron_glm.training.signals import StopConditions
+
+OBJECTIVE_NAMES: tuple[str, ...] = ("span", "sentence", "document")
+"""Objective ids 0, 1, 2 of the batch contract's ``objective`` column."""
+
+Batch = dict[str, Tensor]
+
+
+class BatchSource(Protocol):
+    """This rank's micro-batches (batch contract dicts, on CPU)."""
+
+    def train_batches(self, consumed_samples: int) -> Iterator[Batch]:
+        """The training stream from a global position (rows consumed by all DP ranks)."""
+        ...
+
+    def valid_batches(self) -> Iterable[Batch] | None:
+        """The same validation micro-batches at every call (``eval_iters`` of them), or None."""
+        ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the message names the step."""
+
+
+@dataclass
+class StepOutput:
+    """Global (all-reduced) results of one optimizer step."""
+
+    loss_sum: float
+    num_tokens: float
+    objective_sum: list[float]
+    objective_count: list[float]
+    finite: bool
+    applied: bool
+    grad_norm: float | None
+    loss_scale: float
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.num_tokens
+
+
+@dataclass
+class EvalResult:
+    """Validation loss over ``eval_iters`` micro-batches per rank, all-reduced."""
+
+    loss: float
+    objective_loss: dict[str, float | None]
+
+    def line(self, iteration: int) -> str:
+        per = " | ".join(
+            f"{k} {v:.4f} ppl {perplexity(v):.2f}" if v is not None else f"{k} n/a"
+            for k, v in self.objective_loss.items()
+        )
+        return (
+            f"validation at step {iteration} | loss {self.loss:.4f} ppl "
+            f"{perplexity(self.loss):.2f} | {per}"
+        )
+
+    def scalars(self) -> dict[str, float]:
+        out = {"valid/loss": self.loss, "valid/ppl": perplexity(self.loss)}
+        for k, v in self.objective_loss.items():
+            if v is not None:
+                out[f"valid/loss_{k}"] = v
+                out[f"valid/ppl_{k}"] = perplexity(v)
+        return out
+
+
+@dataclass
+class TrainResult:
+    """What a run did (rank 0 holds the same numbers as every rank)."""
+
+    iteration: int
+    consumed_samples: int
+    exit_reason: str
+    """``completed``, ``SIGTERM``, ``SIGUSR1``, ``exit_duration_mins``, ...; errors raise."""
+    step_losses: dict[int, float] = field(default_factory=dict)
+    """Global-batch loss of every step run by this process (iteration -> loss)."""
+    valid_history: list[tuple[int, float]] = field(default_factory=list)
+    """(iteration, validation loss), including those from before a resume."""
+    checkpoint: str | None = None
+    """Tag of the last checkpoint written, if any."""
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _manual_grad_norm(eng: Engine) -> float:
+    """L2 norm of the (already DP-averaged) gradients; DeepSpeed skips it at ZeRO-0 fp32."""
+    norms = [p.grad.detach().float().norm() for p in eng.module.parameters() if p.grad is not None]
+    if not norms:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def _loss_scale(eng: Engine) -> float:
+    opt = eng.engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        value = getattr(opt, attr, None)
+        if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
+            return float(value)
+    return 1.0
+
+
+def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
+    """Forward/backward over the step's micro-batches and one (possibly skipped) update.
+
+    See the module docstring for the loss scaling that makes the update the global-batch mean.
+    """
+    if len(micro_batches) != eng.grad_accum:
+        raise ValueError(
+            f"train_step: got {len(micro_batches)} micro-batches, need {eng.grad_accum}"
+        )
+    ds = eng.engine
+    count = torch.zeros(1, dtype=torch.float64, device=eng.device)
+    for mb in micro_batches:
+        count += mb["loss_mask"].to(torch.float64).sum().to(eng.device)
+    all_reduce(count)
+    num_tokens = float(count.item())
+    if num_tokens <= 0:
+        raise RuntimeError("the global batch has no loss tokens (loss_mask is all zero)")
+    factor = eng.grad_accum * eng.dp_size / num_tokens
+    stats = torch.zeros(7, dtype=torch.float64, device=eng.device)  # [sum, obj sum x3, obj cnt x3]
+    manual_norm = ds.zero_optimization_stage() == 0 and not (
+        ds.fp16_enabled() or ds.bfloat16_enabled()
+    )
+    grad_norm: float | None = None
+    finite = True
+    for i, mb in enumerate(micro_batches):
+        out = ds(_to_device(mb, eng.device))
+        ds.backward(out.sum_loss * factor)
+        stats[0] += out.sum_loss.detach().to(torch.float64)
+        stats[1:4] += out.per_objective_sum.to(torch.float64)
+        stats[4:7] += out.per_objective_count.to(torch.float64)
+        if i == len(micro_batches) - 1:
+            all_reduce(stats)
+            finite = bool(torch.isfinite(stats[0]))
+            eng.optimizer.skip_next_step = not finite
+            if manual_norm and finite:
+                grad_norm = _manual_grad_norm(eng)
+        ds.step()
+    # DeepSpeed may skip the inner step itself (fp16 overflow) without consuming the flag.
+    eng.optimizer.skip_next_step = False
+    applied = finite and bool(ds.was_step_applied())
+    if not manual_norm and applied:
+        value = ds.get_global_grad_norm()
+        grad_norm = None if value is None else float(value)
+    values = stats.tolist()
+    return StepOutput(
+        loss_sum=values[0],
+        num_tokens=num_tokens,
+        objective_sum=values[1:4],
+        objective_count=values[4:7],
+        finite=finite,
+        applied=applied,
+        grad_norm=grad_norm,
+        loss_scale=_loss_scale(eng),
+    )
+
+
+@torch.no_grad()
+def evaluate(eng: Engine, batches: Iterable[Batch]) -> EvalResult:
+    """Validation loss (dropout off), all-reduced over DP; per objective too."""
+    ds = eng.engine
+    ds.eval()
+    stats = torch.zeros(8, dtype=torch.float64, device=eng.device)  # [sum, n, obj sum, obj cnt]
+    try:
+        for mb in batches:
+            out = ds(_to_device(mb, eng.device))
+            stats[0] += out.sum_loss.to(torch.float64)
+            stats[1] += out.num_tokens.to(torch.float64)
+            stats[2:5] += out.per_objective_sum.to(torch.float64)
+            stats[5:8] += out.per_objective_count.to(torch.float64)
+    finally:
+        ds.train()
+    all_reduce(stats)
+    v = stats.tolist()
+    if v[1] <= 0:
+        raise RuntimeError("validation batches have no loss tokens")
+    per = {
+        name: (v[2 + k] / v[5 + k] if v[5 + k] > 0 else None)
+        for k, name in enumerate(OBJECTIVE_NAMES)
+    }
+    return EvalResult(loss=v[0] / v[1], objective_loss=per)
+
+
+class _Window:
+    """Accumulates steps between two log lines."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.seconds = 0.0
+        self.loss_sum = 0.0
+        self.tokens = 0.0
+        self.obj_sum = [0.0, 0.0, 0.0]
+        self.obj_count = [0.0, 0.0, 0.0]
+        self.grad_norms: list[float] = []
+        self.skipped = 0
+        self.lr = math.nan
+
+    def add(self, out: StepOutput, seconds: float, lr: float) -> None:
+        self.steps += 1
+        self.lr = lr
+        self.seconds += seconds
+        if not out.applied:
+            self.skipped += 1
+        if out.finite:
+            self.loss_sum += out.loss_sum
+            self.tokens += out.num_tokens
+            for k in range(3):
+                self.obj_sum[k] += out.objective_sum[k]
+                self.obj_count[k] += out.objective_count[k]
+        if out.grad_norm is not None and math.isfinite(out.grad_norm):
+            self.grad_norms.append(out.grad_norm)
+
+
+@dataclass
+class _RunState:
+    """Counters of one ``Trainer.train`` call."""
+
+    iteration: int
+    consumed: int
+    history: list[tuple[int, float]]
+    last_saved: int | None
+    result: TrainResult
+    bad_steps: int = 0
+
+    @classmethod
+    def begin(cls, start: ckpt.ClientState | None, start_is_saved: bool) -> _RunState:
+        iteration = start.iteration if start else 0
+        consumed = start.consumed_samples if start else 0
+        history = list(start.valid_history) if start else []
+        return cls(
+            iteration=iteration,
+            consumed=consumed,
+            history=history,
+            last_saved=iteration if (start is not None and start_is_saved) else None,
+            result=TrainResult(iteration, consumed, "completed", valid_history=history),
+        )
+
+    def finish(self) -> TrainResult:
+        self.result.iteration = self.iteration
+        self.result.consumed_samples = self.consumed
+        return self.result
+
+
+class Trainer:
+    """Runs ``cfg`` on an initialised :class:`Engine` with a :class:`BatchSource`.
+
+    ``flops_per_token`` comes from the model (``megatron_glm.model.flops_per_token``).
+    Console output (rank 0 only) goes through ``log``; it defaults to ``print``.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        eng: Engine,
+        source: BatchSource,
+        *,
+        flops_per_token: float,
+        world_size: int,
+        rank: int,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.eng = eng
+        self.source = source
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.rank = rank
+        self._log_fn = log or (lambda msg: print(msg, flush=True))
+        self._bar: tqdm | None = None
+        self.peak = device_peak_tflops(cfg.train.precision)
+
+    def log(self, msg: str) -> None:
+        """Rank 0 prints; the tqdm bar, if any, is redrawn below the message."""
+        if self.rank != 0:
+            return
+        if self._bar is not None:
+            self._bar.clear()
+        self._log_fn(msg)
+        if self._bar is not None:
+            self._bar.refresh()
+
+    # ------------------------------------------------------------------ pieces
+
+    def _validate(self, iteration: int, writer: ScalarWriter) -> float | None:
+        batches = self.source.valid_batches()
+        if batches is None:
+            return None
+        result = evaluate(self.eng, batches)
+        self.log(result.line(iteration))
+        if self.rank == 0:
+            writer.write(result.scalars(), iteration)
+        return result.loss
+
+    def _log_window(
+        self, window: _Window, iteration: int, consumed: int, writer: ScalarWriter
+    ) -> None:
+        if window.steps == 0:
+            return
+        tokens = window.steps * self.cfg.train.global_batch_size * self.cfg.data.seq_length
+        speed = throughput(
+            tokens=tokens,
+            seconds=max(window.seconds, 1e-9),
+            flops_per_token=self.flops_per_token,
+            world_size=self.world_size,
+            peak=self.peak,
+        )
+        stats = StepStats(
+            iteration=iteration,
+            train_iters=self.cfg.train.train_iters,
+            consumed_samples=consumed,
+            loss=window.loss_sum / window.tokens if window.tokens > 0 else math.nan,
+            objective_loss={
+                name: (window.obj_sum[k] / window.obj_count[k] if window.obj_count[k] else None)
+                for k, name in enumerate(OBJECTIVE_NAMES)
+            },
+            lr=window.lr,
+            grad_norm=(
+                sum(window.grad_norms) / len(window.grad_norms) if window.grad_norms else None
+            ),
+            loss_scale=_loss_scale(self.eng),
+            speed=speed,
+            memory_mib=memory_mib(self.eng.device),
+            seconds_per_step=window.seconds / window.steps,
+            skipped_steps=window.skipped,
+        )
+        self.log(format_log_line(stats))
+        if self.rank == 0:
+            writer.write(step_scalars(stats), iteration)
+
+    def _save(self, run: _RunState) -> str:
+        assert self.cfg.checkpoint.save is not None
+        state = ckpt.ClientState(
+            iteration=run.iteration,
+            consumed_samples=run.consumed,
+            lr_scheduler=self.eng.scheduler.state_dict(),
+            config=to_dict(self.cfg),
+            valid_history=list(run.history),
+        )
+        t0 = time.perf_counter()
+        tag = ckpt.save(self.eng, self.cfg.checkpoint.save, state)
+        self.log(
+            f"saved checkpoint {self.cfg.checkpoint.save}/{tag} ({time.perf_counter() - t0:.1f} s)"
+        )
+        return tag
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(
+        self,
+        start: ckpt.ClientState | None = None,
+        *,
+        stop: StopConditions | None = None,
+        start_is_saved: bool = False,
+    ) -> TrainResult:
+        """Train from ``start`` (a loaded checkpoint) or from scratch until done or stopped.
+
+        ``start_is_saved``: ``start`` came from ``checkpoint.save`` itself, so that iteration
+        needs no new checkpoint if the run stops before its first step.
+        """
+        t = self.cfg.train
+        run = _RunState.begin(start, start_is_saved)
+        writer = ScalarWriter(self.cfg.logging.tensorboard_dir if self.rank == 0 else None)
+        show_bar = self.rank == 0 and self.cfg.logging.progress_bar and sys.stderr.isatty()
+        if show_bar:
+            self._bar = tqdm(
+                total=t.train_iters, initial=run.iteration, dynamic_ncols=True, file=sys.stderr
+            )
+        try:
+            if start is None and t.eval_interval > 0:
+                self._validate_into(run, writer)
+            # A run resumed at its end builds no stream: the data is sized for train_iters.
+            done = run.iteration >= t.train_iters
+            stream = iter(()) if done else self.source.train_batches(run.consumed)
+            window = _Window()
+            while run.iteration < t.train_iters:
+                self._one_step(run, stream, window)
+                self._report(run, window, writer)
+                reason = self._stop_reason(run, stop)
+                if self._save_due(run, reason):
+                    run.result.checkpoint = self._save(run)
+                    run.last_saved = run.iteration
+                if reason is not None:
+                    run.result.exit_reason = reason
+                    self.log(f"stopping after step {run.iteration}: {reason}")
+                    break
+            self._summarise(run.history)
+            return run.finish()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            writer.close()
+
+    def _one_step(self, run: _RunState, stream: Iterator[Batch], window: _Window) -> None:
+        """Fetch the step's micro-batches, train, advance counters and the LR schedule."""
+        t0 = time.perf_counter()
+        micro = [next(stream) for _ in range(self.eng.grad_accum)]
+        lr = float(self.eng.scheduler.get_last_lr()[0])  # the LR this step uses
+        out = train_step(self.eng, micro)
+        window.add(out, time.perf_counter() - t0, lr)
+        run.iteration += 1
+        run.consumed += self.cfg.train.global_batch_size
+        run.result.step_losses[run.iteration] = out.loss
+        if out.applied:
+            self.eng.scheduler.step()
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{out.loss:.4f}", refresh=False)
+        self._check_finite(run, out)
+
+    def _check_finite(self, run: _RunState, out: StepOutput) -> None:
+        """Count consecutive non-finite steps; raise after ``train.max_nonfinite_steps``."""
+        limit = self.cfg.train.max_nonfinite_steps
+        if out.finite:
+            run.bad_steps = 0
+            if not out.applied:
+                self.log(f"step {run.iteration}: fp16 overflow, update skipped (loss scaler)")
+            return
+        run.bad_steps += 1
+        self.log(f"step {run.iteration}: non-finite loss {out.loss}, update skipped")
+        if run.bad_steps >= limit:
+            raise NonFiniteLossError(
+                f"stopping at step {run.iteration}: {run.bad_steps} consecutive steps with a "
+                f"non-finite loss (train.max_nonfinite_steps={limit}); no checkpoint written, "
+                "the last good one is intact"
+            )
+
+    def _report(self, run: _RunState, window: _Window, writer: ScalarWriter) -> None:
+        """Log line every ``log_interval`` steps, validation every ``eval_interval`` (and at
+        the last step)."""
+        t, it = self.cfg.train, run.iteration
+        if it % self.cfg.logging.log_interval == 0 or it == t.train_iters:
+            self._log_window(window, it, run.consumed, writer)
+            window.reset()
+        if t.eval_interval > 0 and (it % t.eval_interval == 0 or it == t.train_iters):
+            self._validate_into(run, writer)
+
+    def _validate_into(self, run: _RunState, writer: ScalarWriter) -> None:
+        loss = self._validate(run.iteration, writer)
+        if loss is not None:
+            run.history.append((run.iteration, loss))
+
+    def _stop_reason(self, run: _RunState, stop: StopConditions | None) -> str | None:
+        """Signal/deadline (agreed by all ranks) or a planned ``exit_interval`` stop."""
+        reason = stop.should_stop(self.eng.device) if stop is not None else None
+        t = self.cfg.train
+        planned = t.exit_interval > 0 and run.iteration % t.exit_interval == 0
+        if reason is None and planned and run.iteration < t.train_iters:
+            reason = "exit_interval"
+        return reason
+
+    def _save_due(self, run: _RunState, reason: str | None) -> bool:
+        """Save on stops, at the end and every ``save_interval`` steps; never a state that was
+        just loaded or saved, and never after a non-finite step."""
+        c = self.cfg.checkpoint
+        if c.save is None or run.bad_steps > 0 or run.last_saved == run.iteration:
+            return False
+        periodic = c.save_interval > 0 and run.iteration % c.save_interval == 0
+        return reason is not None or run.iteration == self.cfg.train.train_iters or periodic
+
+    def _summarise(self, history: list[tuple[int, float]]) -> None:
+        if len(history) < 2:
+            return
+        (i0, first), (i1, last) = history[0], history[-1]
+        change = 100.0 * (last - first) / first if first else math.nan
+        self.log(
+            f"validation loss: {first:.4f} at step {i0} -> {last:.4f} at step {i1} ({change:+.1f}%)"
+        )

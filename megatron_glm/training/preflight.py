@@ -1,0 +1,109 @@
+"""Checks that need the world size or the filesystem, run before any process group starts.
+
+``RunConfig`` validates each field on load (ranges, heads dividing hidden, unknown keys). What it
+cannot know is the launch: the data-parallel size (world size / (tp * pp)) that the global batch
+must divide into, and whether the data and tokenizer files exist. Finding those out after
+``init_process_group`` would mean N ranks failing with N tracebacks (or hanging in a collective),
+so :func:`validate_for_launch` is the first thing ``pretrain.main`` calls, with ``WORLD_SIZE`` from
+the environment. Every error names the config field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_glm.config import RunConfig
+from megatron_glm.data.dataset import parse_split
+from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.model import resolve_vocab_size
+from megatron_glm.training.checkpoint import check_layout, resolve_load_dir
+
+
+def _field_error(name: str, rule: str) -> ValueError:
+    return ValueError(f"config field '{name}': {rule}")
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    """World size / (tp * pp), which must divide evenly."""
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    if world_size % model_parallel:
+        raise _field_error(
+            "parallel.tp",
+            f"tp * pp = {model_parallel} does not divide the world size {world_size}",
+        )
+    return world_size // model_parallel
+
+
+def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = True) -> None:
+    """Raise ValueError naming the field for every launch-time misconfiguration.
+
+    ``check_data=False`` skips the data/tokenizer files (runs fed by another batch source).
+    """
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+        raise _field_error(
+            "parallel.tp" if cfg.parallel.tp > 1 else "parallel.pp",
+            "tensor and pipeline parallelism are not available in this trainer yet; "
+            "use tp=1, pp=1 (data parallelism + ZeRO scale across GPUs)",
+        )
+    dp = data_parallel_size(cfg, world_size)
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise _field_error(
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not micro_batch_size ({t.micro_batch_size}) x "
+            f"gradient accumulation x data-parallel size ({dp}); use a multiple of "
+            f"{t.micro_batch_size * dp}",
+        )
+    if t.precision in ("fp16", "bf16") and t.zero_stage == 0 and t.cpu_offload:
+        raise _field_error("train.cpu_offload", "needs train.zero_stage >= 1")
+    if t.precision == "fp16" and not torch.cuda.is_available():
+        raise _field_error("train.precision", "fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    if t.cpu_offload and not torch.cuda.is_available():
+        raise _field_error("train.cpu_offload", "offloading to CPU needs a CUDA device")
+    load_dir = resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)  # checkpoint.load
+    if load_dir is not None:
+        check_layout(load_dir, dp_size=dp, zero_stage=t.zero_stage)
+    if check_data:
+        _check_data(cfg)
+
+
+def load_tokenizer(cfg: RunConfig) -> GLMTokenizer:
+    """The run's tokenizer, its vocabulary padded for the model (multiple of 128 x tp)."""
+    return GLMTokenizer(
+        cfg.data.tokenizer_model,
+        make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+        tp=cfg.parallel.tp,
+    )
+
+
+def _check_data(cfg: RunConfig) -> None:
+    d = cfg.data
+    if not d.data_path:
+        raise _field_error("data.data_path", "is empty; give the prefix of a preprocessed corpus")
+    for prefix in d.data_path:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise _field_error(
+                    "data.data_path",
+                    f"{prefix}{suffix} not found (preprocess the corpus with "
+                    "tools/preprocess_data.py; give the prefix without .bin/.idx)",
+                )
+    if not d.tokenizer_model:
+        raise _field_error("data.tokenizer_model", "is empty; give a SentencePiece .model path")
+    if not Path(d.tokenizer_model).is_file():
+        raise _field_error("data.tokenizer_model", f"{d.tokenizer_model} not found")
+    vocab = load_tokenizer(cfg).padded_vocab_size
+    resolve_vocab_size(cfg.model, vocab)  # names model.vocab_size if it disagrees
+    if cfg.train.eval_interval > 0:
+        weights = parse_split(d.split)
+        if len(weights) < 2 or weights[1] <= 0:
+            raise _field_error(
+                "data.split",
+                f"'{d.split}' gives the validation split no documents but "
+                f"train.eval_interval={cfg.train.eval_interval}; use e.g. 969,30,1 "
+                "or set train.eval_interval=0",
+            )

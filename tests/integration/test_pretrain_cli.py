@@ -1,0 +1,273 @@
+"""``python -m megatron_glm.pretrain``: config errors before any process group, dry runs of every
+shipped recipe, and a real ``deepspeed`` launcher run (2 CPU ranks, ZeRO-1) on a tiny corpus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import yaml
+
+from megatron_glm import pretrain
+from megatron_glm.data.preprocess import preprocess_data
+from megatron_glm.training.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(
+    tmp_path_factory: pytest.TempPathFactory, demo_corpus_path: Path, tiny_tokenizer_model: Path
+) -> tuple[str, str]:
+    """(data prefix, tokenizer .model): the 400-document test corpus, sentence-split."""
+    out = tmp_path_factory.mktemp("tiny_corpus")
+    summary = preprocess_data(
+        [demo_corpus_path],
+        out / "demo",
+        tiny_tokenizer_model,
+        split_sentences=True,
+        append_eod=True,
+        progress=False,
+    )
+    return summary.outputs["text"], str(tiny_tokenizer_model)
+
+
+def _run_yaml(tmp: Path, prefix: str, tok: str, **train: object) -> Path:
+    cfg = {
+        "model": yaml.safe_load((REPO / "configs" / "model" / "glm-tiny.yaml").read_text()),
+        "data": {"data_path": [prefix], "tokenizer_model": tok, "seq_length": 64},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 4, **train},
+    }
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _single_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def _no_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make reaching the training session (and its process group) a test failure."""
+    import megatron_glm.training.session as session
+
+    def fail(*args: object, **kwargs: object) -> None:
+        pytest.fail("config error not caught before the run started")
+
+    monkeypatch.setattr(session, "run_pretraining", fail)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (
+            ["model.num_attention_heads=3"],
+            1,
+            "config field 'model.hidden_size': must be divisible by num_attention_heads (3)",
+        ),
+        (
+            ["train.micro_batch_size=2", "train.global_batch_size=6"],
+            2,
+            "config field 'train.global_batch_size': 6 is not micro_batch_size (2) x gradient "
+            "accumulation x data-parallel size (2); use a multiple of 4",
+        ),
+        (
+            ["train.micro_batch=2"],
+            1,
+            "unknown config key 'train.micro_batch'; did you mean 'train.micro_batch_size'?",
+        ),
+        (
+            ["data.data_path=/nonexistent/corpus_text_sentence"],
+            1,
+            "config field 'data.data_path': /nonexistent/corpus_text_sentence.bin not found",
+        ),
+        (
+            ["data.tokenizer_model=/nonexistent/tok.model"],
+            1,
+            "config field 'data.tokenizer_model': /nonexistent/tok.model not found",
+        ),
+        (
+            ["model.vocab_size=30592"],
+            1,
+            "config field 'model.vocab_size' is 30592 but the tokenizer's padded vocab is 1536",
+        ),
+        (
+            ["checkpoint.load=/nonexistent/ckpt"],
+            1,
+            "config field 'checkpoint.load': /nonexistent/ckpt has no 'latest' file",
+        ),
+    ],
+)
+def test_config_errors_named_before_any_process_group(
+    tmp_path: Path,
+    tiny_corpus: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    overrides: list[str],
+    world: int,
+    message: str,
+) -> None:
+    run = _run_yaml(tmp_path, *tiny_corpus)
+    _single_process_env(monkeypatch)
+    if world > 1:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", "1")  # never contacted
+    _no_run(monkeypatch)
+    assert pretrain.main(["--config", str(run), *overrides]) == pretrain.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}"), err
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_loads_and_dry_runs(
+    recipe: Path,
+    tiny_corpus: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each configs/*.yaml resolves, validates for its own launch shape and prints its
+    DeepSpeed config; only the corpus and tokenizer are swapped for the test ones."""
+    _single_process_env(monkeypatch)
+    raw = yaml.safe_load(recipe.read_text())
+    micro = raw["train"]["micro_batch_size"]
+    dp = raw["train"]["global_batch_size"] // micro  # the largest DP size the recipe allows
+    monkeypatch.setenv("WORLD_SIZE", str(dp))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    prefix, tok = tiny_corpus
+    _no_run(monkeypatch)
+    args = [
+        "--config",
+        str(recipe),
+        "--dry-run",
+        f"data.data_path={prefix}",
+        f"data.tokenizer_model={tok}",
+        "model.vocab_size=0",
+    ]
+    assert pretrain.main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"# world size {dp}, data parallel {dp}" in out
+    assert '"gradient_accumulation_steps": 1' in out
+    assert f'"train_micro_batch_size_per_gpu": {micro}' in out
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_launcher_two_cpu_ranks(tmp_path: Path, tiny_corpus: tuple[str, str]) -> None:
+    """The real launcher: ``deepspeed --num_gpus 2 --module megatron_glm.pretrain`` on CPU.
+
+    On a machine without GPUs the launcher still needs ``--num_gpus`` (it sizes the local world
+    from it) and passes ``--local_rank`` to each process; ``DS_ACCELERATOR=cpu`` selects gloo.
+    """
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    assert deepspeed is not None, "the deepspeed launcher is not installed next to python"
+    run = _run_yaml(
+        tmp_path,
+        *tiny_corpus,
+        train_iters=6,
+        zero_stage=1,
+        eval_interval=3,
+        eval_iters=2,
+    )
+    save = tmp_path / "ckpt"
+    tb = tmp_path / "tb"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [
+        deepspeed,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "megatron_glm.pretrain",
+        "--config",
+        str(run),
+        f"checkpoint.save={save}",
+        "checkpoint.save_interval=3",
+        f"logging.tensorboard_dir={tb}",
+        "logging.log_interval=3",
+        "data.num_workers=1",
+    ]
+    proc = subprocess.run(
+        cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "world 2, dp 2, grad accumulation 1, ZeRO-1, fp32" in log
+    for needle in ("validation at step 0 |", "step 3/6 | samples 12 |", "step 6/6 | samples 24 |"):
+        assert needle in log, needle
+    assert "MFU n/a" in log
+    assert "validation loss: " in log and "at step 0 -> " in log
+    assert (save / "latest").read_text() == "global_step6"
+    assert (save / "global_step3").is_dir() and (save / "global_step6").is_dir()
+    assert list(tb.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    # Resuming this ZeRO-1 checkpoint with another data-parallel size is refused up front.
+    again = subprocess.run(
+        [sys.executable, "-m", "megatron_glm.pretrain", *cmd[cmd.index("--config") :]],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode == pretrain.EXIT_CONFIG_ERROR, again.stdout + again.stderr
+    assert again.stderr.startswith(
+        f"error: config field 'train.zero_stage': checkpoint {save}/global_step6 was written "
+        "with ZeRO-1 at data-parallel size 2, this run is ZeRO-1 at data-parallel size 1"
+    ), again.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_exits_zero(
+    tmp_path: Path, tiny_corpus: tuple[str, str]
+) -> None:
+    """Plain ``python -m megatron_glm.pretrain`` (a world of one) with a DataLoader worker; the
+    signal goes to the whole process group, workers included, as SLURM preemption does."""
+    run = _run_yaml(tmp_path, *tiny_corpus, train_iters=1000)
+    save = tmp_path / "ckpt"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run)]
+    cmd += [f"checkpoint.save={save}", "logging.log_interval=1", "data.num_workers=1"]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2/1000"):
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log[-4000:]
+    stopped = [ln for ln in log.splitlines() if ln.startswith("stopping after step ")]
+    assert len(stopped) == 1 and stopped[0].endswith(": SIGTERM"), log[-4000:]
+    step = int(stopped[0].split()[3].rstrip(":"))
+    assert 2 <= step < 1000
+    assert (save / "latest").read_text() == f"global_step{step}"
+    assert f"saved checkpoint {save}/global_step{step}" in log
