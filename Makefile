@@ -28,8 +28,27 @@ pytest: $(STAMP)
 
 test: lint pytest
 
-pretrain: $(STAMP)
-	$(BIN)/python -m megatron_glm.pretrain --config configs/demo.yaml
+# The demo pipeline: each step is a file target, so re-running reuses what exists and the
+# training run itself auto-resumes from the last checkpoint in checkpoints/demo.
+DEMO := data/demo
+DEMO_PORT ?= 29517
+
+$(DEMO)/corpus.jsonl: | $(STAMP)
+	mkdir -p $(DEMO)
+	$(BIN)/python tools/make_demo_corpus.py --output $@
+
+$(DEMO)/tok.model: $(DEMO)/corpus.jsonl
+	$(BIN)/python tools/train_tokenizer.py --input $< --model-prefix $(DEMO)/tok --vocab-size 8000
+
+$(DEMO)/demo_text_sentence.idx: $(DEMO)/tok.model
+	$(BIN)/python tools/preprocess_data.py --input $(DEMO)/corpus.jsonl --json-keys text \
+		--output-prefix $(DEMO)/demo --tokenizer-model $(DEMO)/tok.model \
+		--workers 2 --append-eod --split-sentences
+
+pretrain: $(STAMP) $(DEMO)/demo_text_sentence.idx
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus 2 --master_port $(DEMO_PORT) \
+		--module megatron_glm.pretrain --config configs/demo.yaml
+	$(BIN)/python tools/fill_blank.py --config configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,67 @@
+"""Greedy blank filling feeds the model the pretraining layout: part A, [sop], 2D positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from megatron_glm.generation.blank_fill import fill_blank
+
+
+@dataclass
+class FakeTokenizer:
+    """Ids: 0-9 words, 10 [MASK], 11 [sMASK], 12 [gMASK], 13 sop, 14 eop; vocab 15 (padded 16)."""
+
+    mask_id: int = 10
+    smask_id: int = 11
+    gmask_id: int = 12
+    sop_id: int = 13
+    eop_id: int = 14
+    vocab_size: int = 15
+
+    def encode(self, text: str) -> list[int]:
+        return [10 if w == "[MASK]" else int(w) for w in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+@dataclass
+class ScriptedModel:
+    """Emits a fixed script of ids (highest logit) and records every call's inputs."""
+
+    script: list[int]
+    calls: list[tuple[list[int], list[list[int]], int, int]] = field(default_factory=list)
+
+    def __call__(self, tokens, position_ids, sep, valid_len):  # type: ignore[no-untyped-def]
+        self.calls.append((tokens[0].tolist(), position_ids[0].tolist(), int(sep), int(valid_len)))
+        return torch.zeros(1, tokens.shape[1], 4)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(hidden.shape[0], 16)
+        out[:, 15] = 100.0  # a padding row must never be chosen
+        out[:, self.script[len(self.calls) - 1]] = 50.0
+        return out
+
+
+def test_layout_and_stop_at_eop() -> None:
+    model = ScriptedModel(script=[7, 8, 14, 9])
+    assert fill_blank(model, FakeTokenizer(), "1 2 [MASK] 3", max_new_tokens=10) == "7 8"
+    assert len(model.calls) == 3  # stopped at [eop]
+    tokens, positions, sep, valid = model.calls[-1]
+    assert tokens == [1, 2, 10, 3, 13, 7, 8]
+    assert positions == [[0, 1, 2, 3, 2, 2, 2], [0, 0, 0, 0, 1, 2, 3]]
+    assert (sep, valid) == (4, 7)
+
+
+def test_max_new_tokens_bounds_generation() -> None:
+    model = ScriptedModel(script=[5] * 10)
+    assert fill_blank(model, FakeTokenizer(), "[MASK] 1", max_new_tokens=3) == "5 5 5"
+
+
+@pytest.mark.parametrize("text", ["1 2 3", "[MASK] 1 [MASK]"])
+def test_needs_exactly_one_mask(text: str) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        fill_blank(ScriptedModel(script=[1]), FakeTokenizer(), text)
