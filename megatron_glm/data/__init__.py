@@ -1,1 +1,4 @@
-"""Data side: tokenizer, indexed datasets, packed windows, blank infilling. Imports no other subpackage."""
+"""Data side: tokenizer, indexed datasets, packed windows, blank infilling.
+
+Imports no other megatron_glm subpackage (only megatron_glm.config).
+"""
