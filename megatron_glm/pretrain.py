@@ -59,7 +59,8 @@ def describe_run(cfg: RunConfig, world_size: int) -> str:
     dp = data_parallel_size(cfg, world_size)
     lines = [
         yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
-        f"# world size {world_size}, data parallel {dp}",
+        f"# world size {world_size}, data parallel {dp}, tensor parallel {cfg.parallel.tp}, "
+        f"pipeline parallel {cfg.parallel.pp}",
         f"# parameters {num_parameters(cfg.model, vocab):,}, FLOPs/token "
         f"{flops_per_token(cfg.model, vocab, cfg.data.seq_length):,}",
         "# DeepSpeed config:",

@@ -4,8 +4,10 @@ Layout of ``save_dir``::
 
     global_step100/              one complete checkpoint (a DeepSpeed tag directory)
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed)
-        rng_rank00000.pt ...     per-rank python/numpy/torch(/CUDA) RNG states (ours)
-        layout.json              iteration, data-parallel size, ZeRO stage (checked on resume)
+        rng_rank00000.pt ...     per-rank python/numpy/torch(/CUDA) RNG states and the model's
+                                 TP-private dropout stream (ours)
+        layout.json              iteration, tp, pp, data-parallel size, ZeRO stage (checked on
+                                 resume)
     latest                       text: the tag of the newest complete checkpoint
 
 Publication protocol (a crash at any point leaves the previous checkpoint usable):
@@ -21,8 +23,13 @@ Publication protocol (a crash at any point leaves the previous checkpoint usable
 The client state (inside DeepSpeed's model-states file) holds the iteration, the consumed samples
 (the data position: rows are a pure function of (seed, epoch, sample index), so this *is* the
 whole data and objective-sampler state), the LR schedule, validation history and a config
-snapshot. The RNG files restore dropout exactly per rank, which together makes a resumed run
-reproduce the uninterrupted one bitwise (fp32, CPU).
+snapshot. The RNG files restore dropout exactly per rank (including the tensor-parallel
+stream of :class:`megatron_glm.parallel.random.ModelParallelRNG`), which together makes a resumed
+run reproduce the uninterrupted one bitwise (fp32, CPU).
+
+A checkpoint rewritten for another TP size by ``tools/reshard_checkpoint.py`` holds weights only
+(:func:`megatron_glm.parallel.reshard.reshard_info` marks it): it is loaded without optimizer
+state, and Adam's moments restart.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +47,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_glm.config import ModelConfig, from_dict
+from megatron_glm.model import tensor_parallel_layout
+from megatron_glm.parallel.reshard import load_shards, merge_shards, reshard_info
 from megatron_glm.training.engine import Engine
 
 CLIENT_STATE_VERSION = 1
 LATEST = "latest"
 LAYOUT = "layout.json"
+MODEL_PARALLEL_RNG = "model_parallel"
+"""Key of the model's TP dropout stream inside a per-rank RNG file."""
 
 
 def tag_for(iteration: int) -> str:
@@ -162,11 +175,17 @@ def save(engine: Engine, save_dir: str | os.PathLike[str], state: ClientState) -
     engine.engine.save_checkpoint(
         str(root), tag=tmp_tag, client_state=state.to_dict(), save_latest=False
     )
-    torch.save(rng_state(), root / tmp_tag / f"rng_rank{rank:05d}.pt")
+    rng = {**rng_state(), MODEL_PARALLEL_RNG: engine.model_rng.state_dict()}
+    torch.save(rng, root / tmp_tag / f"rng_rank{rank:05d}.pt")
     _barrier()
     if rank == 0:
-        layout = {"iteration": state.iteration, "dp_size": engine.dp_size}
-        layout["zero_stage"] = int(engine.engine.zero_optimization_stage())
+        layout = {
+            "iteration": state.iteration,
+            "tp": engine.dims.tp,
+            "pp": engine.dims.pp,
+            "dp_size": engine.dp_size,
+            "zero_stage": int(engine.engine.zero_optimization_stage()),
+        }
         (root / tmp_tag / LAYOUT).write_text(json.dumps(layout))
         final, old = root / tag, root / f"{tag}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -179,20 +198,31 @@ def save(engine: Engine, save_dir: str | os.PathLike[str], state: ClientState) -
     return tag
 
 
-def check_layout(load_dir: str, *, dp_size: int, zero_stage: int) -> None:
-    """Refuse, before any process starts, a ZeRO checkpoint of another data-parallel layout.
+def check_layout(load_dir: str, *, dp_size: int, zero_stage: int, tp: int = 1, pp: int = 1) -> None:
+    """Refuse, before any process starts, a checkpoint this layout cannot load.
 
-    DeepSpeed stores ZeRO-1/2/3 optimizer state as one partition per data-parallel rank and
-    cannot re-partition it on load; it would fail after start-up, on every rank. ZeRO-0
-    checkpoints hold the full state and load at any data-parallel size.
+    Model shards are per TP rank (and per pipeline stage): another tp or pp needs
+    ``tools/reshard_checkpoint.py`` first. DeepSpeed stores ZeRO-1/2/3 optimizer state as one
+    partition per data-parallel rank and cannot re-partition it on load; it would fail after
+    start-up, on every rank. ZeRO-0 checkpoints hold the full state and load at any
+    data-parallel size.
     """
     tag = read_latest(load_dir)
     if tag is None:
         return
     path = Path(load_dir) / tag / LAYOUT
     if not path.is_file():
-        return  # written by DeepSpeed directly or an older version: let DeepSpeed decide
+        return  # written by DeepSpeed directly, resharded or older: let DeepSpeed decide
     saved = json.loads(path.read_text())
+    s_tp, s_pp = int(saved.get("tp", 1)), int(saved.get("pp", 1))
+    if (s_tp, s_pp) != (tp, pp):
+        pp_flag = f" --pp {pp}" if max(pp, s_pp) > 1 else ""
+        raise ValueError(
+            f"config field 'parallel.tp': checkpoint {load_dir}/{tag} was written with tp {s_tp}, "
+            f"pp {s_pp}, this run is tp {tp}, pp {pp}; convert it first with "
+            f"python tools/reshard_checkpoint.py --load {load_dir} --tp {tp}{pp_flag} "
+            "--save NEW_DIR (optimizer state restarts)"
+        )
     s_dp, s_zero = int(saved["dp_size"]), int(saved["zero_stage"])
     partitioned = s_zero > 0 or zero_stage > 0
     if partitioned and (s_dp, s_zero) != (dp_size, zero_stage):
@@ -226,13 +256,18 @@ def load(engine: Engine, load_dir: str | os.PathLike[str]) -> ClientState:
     """Collective: restore model, optimizer, schedule and this rank's RNG from ``latest``.
 
     A checkpoint written by a different number of ranks has no RNG file for some ranks; those
-    keep their freshly seeded RNG (the resume is then not bitwise identical, and says so).
+    keep their freshly seeded RNG (the resume is then not bitwise identical, and says so). A
+    resharded checkpoint (weights only) is loaded with the optimizer restarted.
     """
     tag = read_latest(load_dir)
     if tag is None:
         raise ValueError(f"{load_dir}: no '{LATEST}' file, nothing to resume from")
+    resharded = reshard_info(Path(load_dir) / tag) is not None
     path, raw = engine.engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        str(load_dir),
+        tag=tag,
+        load_optimizer_states=not resharded,
+        load_lr_scheduler_states=False,
     )
     if path is None or raw is None:
         raise ValueError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
@@ -240,27 +275,50 @@ def load(engine: Engine, load_dir: str | os.PathLike[str]) -> ClientState:
     engine.scheduler.load_state_dict(client.lr_scheduler)
     rng_file = Path(load_dir) / tag / f"rng_rank{_rank():05d}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        saved = torch.load(rng_file, weights_only=False)
+        set_rng_state(saved)
+        if MODEL_PARALLEL_RNG in saved:
+            engine.model_rng.load_state_dict(saved[MODEL_PARALLEL_RNG])
     elif _rank() == 0:
         print(f"note: {rng_file} missing (different world size?); RNG streams not restored")
+    if resharded and _rank() == 0:
+        print(f"note: {load_dir}/{tag} was resharded: optimizer state restarts (weights only)")
     return client
 
 
 def load_model_state(
-    checkpoint_dir: str | os.PathLike[str], tag: str | None = None
+    checkpoint_dir: str | os.PathLike[str],
+    tag: str | None = None,
+    *,
+    layout: Mapping[str, int | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A ``GLMModel`` state dict from a checkpoint saved without ZeRO-3 (for tools/eval).
+    """The full (tp = 1) ``GLMModel`` state dict of a checkpoint saved without ZeRO-3.
 
-    ZeRO-3 checkpoints hold partitioned weights; consolidate them with DeepSpeed's
-    ``zero_to_fp32`` first.
+    A tensor-parallel checkpoint (``mp_rank_00..N-1``) is merged with ``layout`` (name -> split
+    dimension, :func:`megatron_glm.model.tensor_parallel_layout`), taken from the checkpoint's
+    config snapshot when not given. ZeRO-3 checkpoints hold partitioned weights; consolidate
+    them with DeepSpeed's ``zero_to_fp32`` first.
     """
     tag = tag or read_latest(checkpoint_dir)
     if tag is None:
         raise ValueError(f"{checkpoint_dir}: no '{LATEST}' file and no tag given")
-    path = Path(checkpoint_dir) / tag / "mp_rank_00_model_states.pt"
+    tag_dir = Path(checkpoint_dir) / tag
+    path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise ValueError(
             f"{path} not found (ZeRO-3 checkpoint? run DeepSpeed's zero_to_fp32.py on it first)"
         )
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    return dict(blob["module"])
+    blobs = load_shards(tag_dir)
+    if len(blobs) == 1:
+        return dict(blobs[0]["module"])
+    if layout is None:
+        layout = _saved_layout(blobs[0], tag_dir)
+    return merge_shards([b["module"] for b in blobs], layout)
+
+
+def _saved_layout(blob: Mapping[str, Any], where: Path) -> dict[str, int | None]:
+    """The TP layout of the model described by a checkpoint's config snapshot."""
+    config = blob.get("config")
+    if not isinstance(config, Mapping) or "model" not in config:
+        raise ValueError(f"{where}: no config snapshot to merge TP shards with; pass layout=...")
+    return tensor_parallel_layout(from_dict(ModelConfig, dict(config["model"]), prefix="model."))

@@ -144,8 +144,11 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce over the world (``sum`` or ``max``); a no-op without a group."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+def all_reduce(
+    tensor: torch.Tensor, op: str = "sum", group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """In-place all-reduce over ``group`` (default: the world); a no-op without a group."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        dist.all_reduce(tensor, op=reduce_op, group=group)
     return tensor

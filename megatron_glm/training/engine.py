@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from megatron_glm.config import OptimizerConfig, RunConfig
 from megatron_glm.model import GLMModel, LossOutput, glm_loss
+from megatron_glm.parallel.dims import ParallelDims
+from megatron_glm.parallel.random import ModelParallelRNG
 from megatron_glm.training.lr_schedule import AnnealingLR, build_scheduler
 
 STEPS_PER_PRINT = 2**31 - 1
@@ -162,6 +164,10 @@ class Engine:
     """Stepped by the loop after each applied update."""
     module: GLMPretrainModule
     """The engine's module (parameters possibly partitioned under ZeRO-3)."""
+    dims: ParallelDims
+    """The layout (DeepSpeed's ``mpu``); loss sums are reduced over ``dims.dp_group``."""
+    model_rng: ModelParallelRNG
+    """The model's TP-private dropout stream (checkpointed with the per-rank RNG states)."""
     dp_rank: int
     dp_size: int
     grad_accum: int
@@ -169,9 +175,14 @@ class Engine:
 
 
 def initialize(
-    glm: GLMModel, cfg: RunConfig, *, dp_rank: int, dp_size: int, device: torch.device
+    glm: GLMModel, cfg: RunConfig, *, dims: ParallelDims, device: torch.device
 ) -> Engine:
-    """Wrap ``glm`` (float32, on ``device``) in a DeepSpeed engine for ``cfg``."""
+    """Wrap ``glm`` (float32, on ``device``, built with ``dims``) in a DeepSpeed engine.
+
+    ``dims`` is DeepSpeed's ``mpu``: ZeRO partitions over ``dims.dp_group`` and the gradient
+    norm (clipping) is all-reduced over the model-parallel group, counting replicated
+    parameters once.
+    """
     import deepspeed
 
     module = GLMPretrainModule(glm)
@@ -182,7 +193,8 @@ def initialize(
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
-        config=deepspeed_config(cfg, dp_size),
+        config=deepspeed_config(cfg, dims.dp_size),
+        mpu=dims,
         dist_init_required=False,
     )
     return Engine(
@@ -190,8 +202,10 @@ def initialize(
         optimizer=optimizer,
         scheduler=scheduler,
         module=module,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        grad_accum=gradient_accumulation_steps(cfg, dp_size),
+        dims=dims,
+        model_rng=glm.rng,
+        dp_rank=dims.dp_rank,
+        dp_size=dims.dp_size,
+        grad_accum=gradient_accumulation_steps(cfg, dims.dp_size),
         device=device,
     )

@@ -13,6 +13,11 @@ grad(sum_all S_m) / N``: exactly the gradient of the global-batch mean, independ
 are split across micro-batches and ranks (the ZeRO-0..3 x {1, 2} process tests check this).
 Micro-batches with many loss tokens weigh more, unlike averaging per-micro-batch means.
 
+Tensor parallelism: the ``tp`` ranks of a TP group read the same rows and compute the same sums
+(``glm_loss`` is replicated over TP), so every count and statistic is reduced over
+``dims.dp_group`` only; over the world it would be counted ``tp`` times and the gradient would
+come out ``tp`` times too small.
+
 Non-finite losses: the step's loss sum is all-reduced *before* the optimizer step; if it is not
 finite, every rank's :class:`SkippableAdamW` skips the update (in every precision; under fp16
 DeepSpeed's dynamic loss scaler skips overflowing steps on its own as well). After
@@ -34,6 +39,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from megatron_glm.config import RunConfig, to_dict
+from megatron_glm.parallel.layers import grad_norm as model_grad_norm
 from megatron_glm.training import checkpoint as ckpt
 from megatron_glm.training.distributed import all_reduce
 from megatron_glm.training.engine import Engine
@@ -125,6 +131,8 @@ class TrainResult:
     """``completed``, ``SIGTERM``, ``SIGUSR1``, ``exit_duration_mins``, ...; errors raise."""
     step_losses: dict[int, float] = field(default_factory=dict)
     """Global-batch loss of every step run by this process (iteration -> loss)."""
+    step_grad_norms: dict[int, float | None] = field(default_factory=dict)
+    """Gradient norm of every step (None when the update was skipped)."""
     valid_history: list[tuple[int, float]] = field(default_factory=list)
     """(iteration, validation loss), including those from before a resume."""
     checkpoint: str | None = None
@@ -136,11 +144,10 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def _manual_grad_norm(eng: Engine) -> float:
-    """L2 norm of the (already DP-averaged) gradients; DeepSpeed skips it at ZeRO-0 fp32."""
-    norms = [p.grad.detach().float().norm() for p in eng.module.parameters() if p.grad is not None]
-    if not norms:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
+    """L2 norm of the whole model's (already DP-averaged) gradient; DeepSpeed reports none at
+    ZeRO-0 fp32. Under TP a rank holds shards: replicated tensors count once (TP rank 0) and the
+    squares are summed over the model-parallel group, as in DeepSpeed's own clipping norm."""
+    return float(model_grad_norm(eng.module.parameters(), eng.dims))
 
 
 def _loss_scale(eng: Engine) -> float:
@@ -165,7 +172,7 @@ def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
     count = torch.zeros(1, dtype=torch.float64, device=eng.device)
     for mb in micro_batches:
         count += mb["loss_mask"].to(torch.float64).sum().to(eng.device)
-    all_reduce(count)
+    all_reduce(count, group=eng.dims.dp_group)
     num_tokens = float(count.item())
     if num_tokens <= 0:
         raise RuntimeError("the global batch has no loss tokens (loss_mask is all zero)")
@@ -183,7 +190,7 @@ def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
         stats[1:4] += out.per_objective_sum.to(torch.float64)
         stats[4:7] += out.per_objective_count.to(torch.float64)
         if i == len(micro_batches) - 1:
-            all_reduce(stats)
+            all_reduce(stats, group=eng.dims.dp_group)
             finite = bool(torch.isfinite(stats[0]))
             eng.optimizer.skip_next_step = not finite
             if manual_norm and finite:
@@ -223,7 +230,7 @@ def evaluate(eng: Engine, batches: Iterable[Batch]) -> EvalResult:
             stats[5:8] += out.per_objective_count.to(torch.float64)
     finally:
         ds.train()
-    all_reduce(stats)
+    all_reduce(stats, group=eng.dims.dp_group)
     v = stats.tolist()
     if v[1] <= 0:
         raise RuntimeError("validation batches have no loss tokens")
@@ -457,6 +464,7 @@ class Trainer:
         run.iteration += 1
         run.consumed += self.cfg.train.global_batch_size
         run.result.step_losses[run.iteration] = out.loss
+        run.result.step_grad_norms[run.iteration] = out.grad_norm
         if out.applied:
             self.eng.scheduler.step()
         if self._bar is not None:

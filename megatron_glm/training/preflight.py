@@ -43,11 +43,28 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
     """
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
-    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+    if cfg.parallel.pp > 1:
         raise _field_error(
-            "parallel.tp" if cfg.parallel.tp > 1 else "parallel.pp",
-            "tensor and pipeline parallelism are not available in this trainer yet; "
-            "use tp=1, pp=1 (data parallelism + ZeRO scale across GPUs)",
+            "parallel.pp",
+            "pipeline parallelism is not available in this trainer yet; use pp=1",
+        )
+    if cfg.parallel.sequence_parallel and cfg.data.seq_length % cfg.parallel.tp:
+        raise _field_error(
+            "data.seq_length",
+            f"{cfg.data.seq_length} must be divisible by parallel.tp ({cfg.parallel.tp}) with "
+            "parallel.sequence_parallel",
+        )
+    if cfg.model.vocab_size % cfg.parallel.tp:
+        raise _field_error(
+            "model.vocab_size",
+            f"{cfg.model.vocab_size} must be divisible by parallel.tp ({cfg.parallel.tp}); "
+            "use 0 to take the tokenizer's (padded to make_vocab_size_divisible_by x tp)",
+        )
+    assert cfg.model.ffn_hidden_size is not None
+    if cfg.model.ffn_hidden_size % cfg.parallel.tp:
+        raise _field_error(
+            "model.ffn_hidden_size",
+            f"{cfg.model.ffn_hidden_size} must be divisible by parallel.tp ({cfg.parallel.tp})",
         )
     dp = data_parallel_size(cfg, world_size)
     t = cfg.train
@@ -66,7 +83,9 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
         raise _field_error("train.cpu_offload", "offloading to CPU needs a CUDA device")
     load_dir = resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)  # checkpoint.load
     if load_dir is not None:
-        check_layout(load_dir, dp_size=dp, zero_stage=t.zero_stage)
+        check_layout(
+            load_dir, dp_size=dp, zero_stage=t.zero_stage, tp=cfg.parallel.tp, pp=cfg.parallel.pp
+        )
     if check_data:
         _check_data(cfg)
 

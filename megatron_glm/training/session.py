@@ -22,11 +22,11 @@ import torch
 
 from megatron_glm.config import RunConfig
 from megatron_glm.model import build_model, flops_per_token, num_parameters
+from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.training import checkpoint as ckpt
 from megatron_glm.training.distributed import DistEnv, destroy_distributed, init_distributed
 from megatron_glm.training.engine import initialize
 from megatron_glm.training.loop import BatchSource, Trainer, TrainResult
-from megatron_glm.training.preflight import data_parallel_size
 from megatron_glm.training.signals import StopConditions
 
 SourceFactory = Callable[[int, int], tuple[BatchSource, int]]
@@ -68,13 +68,15 @@ def train_in_group(
         message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
         category=FutureWarning,
     )
-    dp_size = data_parallel_size(cfg, env.world_size)
-    dp_rank = env.rank  # tp = pp = 1 (preflight): every rank is its own DP rank
+    dims = ParallelDims.build(
+        tp=cfg.parallel.tp, pp=cfg.parallel.pp, sequence_parallel=cfg.parallel.sequence_parallel
+    )
+    dp_size, dp_rank = dims.dp_size, dims.dp_rank  # TP peers share a DP rank: same data, seed
     seed_everything(cfg.train.seed)
     source, vocab = make_source(dp_rank, dp_size)
-    glm = build_model(cfg.model, vocab_size=vocab, device=device, seed=cfg.train.seed)
+    glm = build_model(cfg.model, vocab_size=vocab, device=device, seed=cfg.train.seed, dims=dims)
     torch.manual_seed(cfg.train.seed + 1 + dp_rank)
-    eng = initialize(glm, cfg, dp_rank=dp_rank, dp_size=dp_size, device=device)
+    eng = initialize(glm, cfg, dims=dims, device=device)
     trainer = Trainer(
         cfg,
         eng,
@@ -84,6 +86,7 @@ def train_in_group(
         rank=env.rank,
         log=log,
     )
+    trainer.log(dims.describe())
     trainer.log(
         f"model {cfg.model.name}: {num_parameters(cfg.model, vocab) / 1e6:.2f}M parameters, "
         f"vocab {vocab}, seq {cfg.data.seq_length} | world {env.world_size}, dp {dp_size}, "

@@ -25,6 +25,10 @@ from typing import Any
 import pytest
 import torch
 
+from megatron_glm.config import load_config
+from megatron_glm.model import tensor_parallel_layout
+from megatron_glm.parallel.reshard import reshard_checkpoint
+
 VOCAB, SEQ = 256, 32
 TINY = [
     "model.num_layers=2",
@@ -139,6 +143,7 @@ def _worker(spec: dict[str, Any]) -> int:
                 results.append(
                     {
                         "losses": {str(k): v for k, v in res.step_losses.items()},
+                        "grad_norms": {str(k): v for k, v in res.step_grad_norms.items()},
                         "exit_reason": res.exit_reason,
                         "iteration": res.iteration,
                         "valid": res.valid_history,
@@ -375,6 +380,73 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path: Path, zero_stag
     assert stop["error"].startswith("stopping at step 5: 2 consecutive steps with a non-finite")
     assert (tmp_path / "stop" / "latest").read_text() == "global_step2"
     assert _entries(tmp_path / "stop") == ["global_step2", "latest"]
+
+
+TP = [
+    "train.micro_batch_size=1",
+    "train.global_batch_size=4",
+    "model.hidden_dropout=0.0",
+    "model.attention_dropout=0.0",
+]
+
+
+def test_tensor_parallel_training_equals_one_process_and_resumes_exactly(tmp_path: Path) -> None:
+    """dp=2 x tp=2 on 4 processes through the CLI's session and loop (issue 5).
+
+    One 4-process launch runs, in turn: (a) ZeRO-1, 20 steps, dropout off; (b) ZeRO-0 with
+    sequence parallelism, stopped after 4 steps (the loop's own TP-aware grad norm), whose
+    checkpoint is resharded to tp = 1 and resumed on one process; (c) ZeRO-1 + SP with
+    dropout 0.1, 6 straight steps; (d) the same stopped after 3 and (e) resumed. (a) and (b) must
+    equal one process training the same global batches, loss and gradient norm; (d)+(e) must
+    equal (c) bitwise (the TP-private dropout stream is checkpointed per rank).
+    """
+    resume = ["train.train_iters=6", "train.zero_stage=1", "parallel.sequence_parallel=true"]
+    resume += ["train.micro_batch_size=1", "train.global_batch_size=4"]
+    sp_stop = [
+        "train.train_iters=20",
+        "train.exit_interval=4",
+        f"checkpoint.save={tmp_path / 'sp'}",
+    ]
+    runs = [
+        [*TP, "parallel.tp=2", "train.train_iters=20", "train.zero_stage=1"],
+        [*TP, "parallel.tp=2", "parallel.sequence_parallel=true", *sp_stop],
+        [*resume, "parallel.tp=2", f"checkpoint.save={tmp_path / 'straight'}"],
+        [*resume, "parallel.tp=2", f"checkpoint.save={tmp_path / 'stop'}", "train.exit_interval=3"],
+        [*resume, "parallel.tp=2", f"checkpoint.save={tmp_path / 'stop'}"],
+    ]
+    four, log, codes = run_workers(4, runs, tmp_path)
+    assert codes == [0] * 4, log[-4000:]
+    assert "parallel layout: world 4 = tp 2 x pp 1 x dp 2 | rank 0 -> tp 0, pp 0, dp 0" in log
+    # (b)'s tp = 2 checkpoint resharded to tp = 1 resumes on one process (optimizer restarted).
+    layout = tensor_parallel_layout(load_config(None, TINY).model)
+    reshard_checkpoint(tmp_path / "sp", tmp_path / "sp_tp1", 1, layout)
+    ref_run = [*TP, "train.train_iters=20", "train.zero_stage=0"]
+    from_tp2 = [*ref_run, "train.exit_interval=5", f"checkpoint.load={tmp_path / 'sp_tp1'}"]
+    (one, resharded), log1, codes1 = run_workers(1, [ref_run, from_tp2], tmp_path)
+    assert codes1 == [0], log1[-4000:]
+    reference, ref_norms = _losses(one), one["grad_norms"]
+    assert f"{tmp_path / 'sp_tp1'}/global_step4 was resharded: optimizer state restarts" in log1
+    # Step 5's loss is computed before its update: it only sees the weights after step 4.
+    assert list(_losses(resharded)) == [5]
+    assert _losses(resharded)[5] == pytest.approx(reference[5], rel=1e-5)
+    assert reference[20] < reference[1] - 0.05  # it learns
+    for run, steps in ((four[0], 20), (four[1], 4)):
+        curve = _losses(run)
+        assert sorted(curve) == list(range(1, steps + 1))
+        worst = max(abs(curve[s] - reference[s]) / reference[s] for s in curve)
+        assert worst < 1e-4, (worst, curve, reference)
+        for step, norm in run["grad_norms"].items():  # DeepSpeed's (ZeRO-1) and ours (ZeRO-0)
+            assert norm == pytest.approx(ref_norms[step], rel=1e-4), (step, norm)
+    straight, stopped, resumed = (_losses(r) for r in four[2:])
+    assert four[3]["exit_reason"] == "exit_interval" and sorted(stopped) == [1, 2, 3]
+    assert sorted(resumed) == [4, 5, 6]
+    assert {**stopped, **resumed} == straight  # bitwise, dropout on
+    assert _entries(tmp_path / "stop" / "global_step3") == [
+        "layout.json",
+        *(f"mp_rank_0{t}_model_states.pt" for t in range(2)),
+        *(f"rng_rank0000{r}.pt" for r in range(4)),
+        *(f"zero_pp_rank_{d}_mp_rank_0{t}_optim_states.pt" for d in range(2) for t in range(2)),
+    ]
 
 
 if __name__ == "__main__":

@@ -113,8 +113,54 @@ def test_skippable_adamw_leaves_parameters_and_moments() -> None:
 
 
 def test_launch_checks_name_the_field() -> None:
-    with pytest.raises(ValueError, match=r"^config field 'parallel\.tp': tensor and pipeline"):
-        validate_for_launch(_cfg("parallel.tp=2"), 2, check_data=False)
+    validate_for_launch(_cfg("parallel.tp=2"), 2, check_data=False)  # tp 2 x dp 1
+    with pytest.raises(
+        ValueError, match=r"^config field 'parallel\.tp': tp \* pp = 2 does not divide the world"
+    ):
+        validate_for_launch(_cfg("parallel.tp=2"), 3, check_data=False)
+    with pytest.raises(
+        ValueError,
+        match=r"^config field 'model\.ffn_hidden_size': 90 must be divisible by parallel\.tp \(4\)",
+    ):
+        validate_for_launch(
+            _cfg(
+                "parallel.tp=4",
+                "model.num_attention_heads=4",
+                "model.hidden_size=64",
+                "model.ffn_hidden_size=90",
+            ),
+            4,
+            check_data=False,
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"^config field 'data\.seq_length': 30 must be divisible by parallel\.tp \(4\) "
+        r"with parallel\.sequence_parallel",
+    ):
+        validate_for_launch(
+            _cfg(
+                "parallel.tp=4",
+                "parallel.sequence_parallel=true",
+                "data.seq_length=30",
+                "model.num_attention_heads=4",
+                "model.hidden_size=64",
+            ),
+            4,
+            check_data=False,
+        )
+    with pytest.raises(
+        ValueError, match=r"^config field 'model\.vocab_size': 130 must be divisible by parallel"
+    ):
+        validate_for_launch(
+            _cfg(
+                "parallel.tp=4",
+                "model.vocab_size=130",
+                "model.num_attention_heads=4",
+                "model.hidden_size=64",
+            ),
+            4,
+            check_data=False,
+        )
     with pytest.raises(ValueError, match=r"^config field 'train\.global_batch_size': 8 is not"):
         validate_for_launch(
             _cfg("train.micro_batch_size=4", "train.global_batch_size=8"), 4, check_data=False
@@ -176,3 +222,21 @@ def test_zero_checkpoint_layout_must_match(tmp_path: Path) -> None:
         '{"iteration": 4, "dp_size": 2, "zero_stage": 0}'
     )
     check_layout(str(tmp_path), dp_size=4, zero_stage=0)  # full state: any DP size
+
+
+def test_checkpoint_of_another_tp_pp_layout_is_refused_with_the_reshard_command(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "global_step4").mkdir()
+    (tmp_path / "latest").write_text("global_step4")
+    (tmp_path / "global_step4" / "layout.json").write_text(
+        '{"iteration": 4, "tp": 2, "pp": 1, "dp_size": 2, "zero_stage": 0}'
+    )
+    check_layout(str(tmp_path), dp_size=1, zero_stage=0, tp=2)
+    with pytest.raises(ValueError) as err:
+        check_layout(str(tmp_path), dp_size=4, zero_stage=0, tp=1)
+    assert str(err.value) == (
+        f"config field 'parallel.tp': checkpoint {tmp_path}/global_step4 was written with tp 2, "
+        "pp 1, this run is tp 1, pp 1; convert it first with python tools/reshard_checkpoint.py "
+        f"--load {tmp_path} --tp 1 --save NEW_DIR (optimizer state restarts)"
+    )
