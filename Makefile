@@ -22,10 +22,12 @@ $(STAMP): requirements.txt setup.py
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy megatron_glm tools
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
 
+# ruff (lint + format) and mypy are blocking, like the tests.
 test: lint pytest
 
 # The demo pipeline: each step is a file target, so re-running reuses what exists and the
