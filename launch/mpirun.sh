@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mpirun (Open MPI): ranks from OMPI_COMM_WORLD_* variables; MASTER_ADDR must be the first host.
-# Usage: NP=16 MASTER_ADDR=node0 launch/mpirun.sh -H node0:8,node1:8 -- configs/glm-large.yaml
+# Usage: NP=16 MASTER_ADDR=node0 launch/mpirun.sh -H node0:8,node1:8 -- configs/pretrain_glm_large.yaml
 set -euo pipefail
 args=(); while [[ $# -gt 0 && $1 != "--" ]]; do args+=("$1"); shift; done; shift || true
 exec mpirun -np "${NP:?}" "${args[@]}" -x MASTER_ADDR="${MASTER_ADDR:?}" \

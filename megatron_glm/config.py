@@ -422,7 +422,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping; unknown keys name the closest valid key."""
     if not isinstance(raw, dict):
-        raise ValueError(f"config section '{prefix or cls.__name__}': expected a mapping")
+        raise ValueError(
+            f"config section '{prefix.rstrip('.') or cls.__name__}': expected a mapping"
+        )
     types_ = _field_types(cls)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
@@ -476,7 +478,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     for section, value in list(raw.items()):
         if isinstance(value, str) and section in {f.name for f in dataclasses.fields(RunConfig)}:
             sub = _find_section_file(value, section, path.parent)
-            raw[section] = yaml.safe_load(sub.read_text()) or {}
+            try:
+                raw[section] = yaml.safe_load(sub.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{sub}: invalid YAML: {exc}") from None
     return raw
 
 
@@ -492,7 +497,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override '{item}': value is not valid YAML: {exc}") from None
     return raw
 
 

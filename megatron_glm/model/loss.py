@@ -8,9 +8,12 @@ next to the memory and FLOPs of full-sequence logits.
 
 Tensor parallelism: the head is this rank's vocabulary slice of the tied embedding, so the
 selected hidden rows enter the TP region (:func:`copy_to_tensor_parallel_region`: backward
-all-reduces their gradient over TP), give ``[n, vocab/tp]`` logits, and
-:func:`~megatron_glm.parallel.cross_entropy.vocab_parallel_cross_entropy` turns them into the
-per-row loss with two ``[n]``-sized all-reduces; full logits never exist. The sums are identical
+all-reduces their gradient over TP), and
+:func:`~megatron_glm.kernels.cross_entropy.fused_cross_entropy` turns them into the per-row loss
+in row chunks of ``[chunk, vocab/tp]`` logits, all-reducing the row max and sum-exp over TP
+(Triton on CUDA, torch elsewhere); full logits never exist. The unchunked autograd version,
+:func:`~megatron_glm.parallel.cross_entropy.vocab_parallel_cross_entropy`, is the readable
+reference it is tested against. The sums are identical
 on every TP rank (reduce them over data parallelism only).
 
 Sums, not means, are returned: the training loop all-reduces ``sum_loss`` and ``num_tokens``

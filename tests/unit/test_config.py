@@ -111,3 +111,17 @@ def test_round_trip_through_dict() -> None:
     cfg = load_config(None, ["model.num_layers=3", "train.seed=7"])
     again = from_dict(RunConfig, to_dict(cfg))
     assert again == cfg
+
+
+def test_bad_override_value_and_section_file_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"override 'optimizer\.lr=\[1': value is not valid YAML"):
+        load_config(None, ["optimizer.lr=[1"])
+    (tmp_path / "model").mkdir()
+    bad = tmp_path / "model" / "broken.yaml"
+    bad.write_text("num_layers: [2\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("model: broken\n")
+    with pytest.raises(ValueError, match=f"{bad}: invalid YAML"):
+        load_config(run)
+    with pytest.raises(ValueError, match=r"config section 'model': expected a mapping"):
+        load_config(None, ["model=3"])
