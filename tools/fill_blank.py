@@ -65,16 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("no checkpoint: pass --load or set checkpoint.save")
         model = build_model(cfg.model, vocab_size=tok.padded_vocab_size, seed=cfg.train.seed)
         model.load_state_dict(load_model_state(load_dir))
+        model.eval()
+        text, original = args.text, None
+        if text is None:
+            ids = held_out_sentence(cfg, tok)
+            print(f"held-out sentence: {tok.decode(ids.tolist())!r}")
+            text, original = mask_middle(tok, ids)
+        fill = fill_blank(model, tok, text, max_new_tokens=args.max_new_tokens)
     except ValueError as exc:
         print(f"fill_blank: error: {exc}", file=sys.stderr)
         return 2
-    model.eval()
-    text, original = args.text, None
-    if text is None:
-        ids = held_out_sentence(cfg, tok)
-        print(f"held-out sentence: {tok.decode(ids.tolist())!r}")
-        text, original = mask_middle(tok, ids)
-    fill = fill_blank(model, tok, text, max_new_tokens=args.max_new_tokens)
     print(f"input:  {text!r}")
     if original is not None:
         print(f"blank:  {original!r}")

@@ -1,0 +1,90 @@
+"""The demo's fill tool end to end, and the data benchmarks at tiny sizes (so they cannot rot)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_glm.config import load_config
+from megatron_glm.data.indexed import IndexedDatasetBuilder
+from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.model import build_model
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+import fill_blank  # noqa: E402
+
+
+def _corpus(prefix: Path, tok: GLMTokenizer) -> None:
+    """30 one-sentence documents; with split 1,1,1 the last 10 are the held-out test split."""
+    with IndexedDatasetBuilder(str(prefix), dtype=np.uint16) as builder:
+        for i in range(30):
+            ids = tok.encode(f"Document {i} says that the quick brown fox jumps over the dog.")
+            builder.add_document([[*ids, tok.eos_id]])
+
+
+@pytest.fixture()
+def run_files(
+    tmp_path: Path, tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer
+) -> list[str]:
+    """A config + checkpoint in DeepSpeed's layout (tag dir, mp_rank_00 file, ``latest``)."""
+    _corpus(tmp_path / "corpus", tiny_tokenizer)
+    overrides = [
+        f"data.data_path=[{tmp_path / 'corpus'}]",
+        f"data.tokenizer_model={tiny_tokenizer_model}",
+        "data.split=1,1,1",
+        f"checkpoint.save={tmp_path / 'ckpt'}",
+        "model.num_layers=1",
+        "model.hidden_size=32",
+    ]
+    cfg = load_config(None, overrides)
+    model = build_model(cfg.model, vocab_size=tiny_tokenizer.padded_vocab_size, seed=1)
+    (tmp_path / "ckpt" / "global_step1").mkdir(parents=True)
+    blob = {"module": model.state_dict()}
+    torch.save(blob, tmp_path / "ckpt" / "global_step1" / "mp_rank_00_model_states.pt")
+    (tmp_path / "ckpt" / "latest").write_text("global_step1")
+    (tmp_path / "run.yaml").write_text("{}\n")
+    return ["--config", str(tmp_path / "run.yaml"), *overrides]
+
+
+def test_fill_blank_tool_masks_a_held_out_sentence(
+    run_files: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert fill_blank.main([*run_files, "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("held-out sentence: 'Document 20 says")  # first test-split document
+    assert out[1].startswith("input:") and "[MASK]" in out[1]
+    assert out[2].startswith("blank:") and out[3].startswith("fill:")
+
+
+def test_fill_blank_tool_names_bad_input(
+    run_files: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert fill_blank.main([*run_files, "--text", "no blank here"]) == 2
+    assert "exactly one [MASK]" in capsys.readouterr().err
+    assert fill_blank.main([*run_files, "--load", str(tmp_path / "nowhere")]) == 2
+    assert "no 'latest' file" in capsys.readouterr().err
+
+
+def test_bench_collator_smoke() -> None:
+    cmd = [sys.executable, "tools/bench/bench_collator.py", "--rows", "8", "--ref-rows", "4"]
+    cmd += ["--repeats", "1", "--batch-sizes", "4"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    table = out[out.index("blank infilling rows/s") :].splitlines()
+    assert len(table) == 2 + 8  # title, header, 2 lengths x 4 tasks
+
+
+def test_bench_preprocess_smoke(demo_corpus_path: Path, tiny_tokenizer_model: Path) -> None:
+    cmd = [sys.executable, "tools/bench/bench_preprocess.py", "--input", str(demo_corpus_path)]
+    cmd += ["--tokenizer-model", str(tiny_tokenizer_model), "--min-mb", "0.5"]
+    cmd += ["--repeats", "1", "--stages", "0", "--workers", "1", "2"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1] in {"1", "2"}]
+    assert [r[0] for r in rows[-2:]] == ["1", "2"]
+    assert all(float(r[3]) > 0 for r in rows[-2:])  # the ratio column
