@@ -184,11 +184,19 @@ class ParallelConfig:
     """Pipeline-parallel size."""
     sequence_parallel: bool = False
     """Split LayerNorm/dropout regions along the sequence across TP ranks."""
+    partition_method: str = "parameters"
+    """How PipelineModule assigns layers to stages: parameters | uniform | type:REGEX."""
 
     def __post_init__(self) -> None:
         _require(self.tp >= 1, "tp", "must be >= 1")
         _require(self.pp >= 1, "pp", "must be >= 1")
         _require(not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs tp > 1")
+        method = self.partition_method
+        _require(
+            method in ("parameters", "uniform") or method.startswith("type:"),
+            "partition_method",
+            "one of parameters, uniform, type:REGEX",
+        )
 
 
 @dataclass(kw_only=True)

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Rewrite a checkpoint's model weights for another tensor-parallel size.
+"""Rewrite a checkpoint's model weights for another tensor/pipeline-parallel layout.
 
     python tools/reshard_checkpoint.py --load checkpoints/run --tp 4 --save checkpoints/run_tp4
+    python tools/reshard_checkpoint.py --load checkpoints/run --tp 2 --pp 4 --save ckpt/tp2_pp4
 
-Reads ``--load/<tag>/mp_rank_XX_model_states.pt`` (tag from ``latest`` unless ``--tag``),
-writes ``--save/<tag>/mp_rank_00..{tp-1}`` and ``--save/latest``. The model architecture comes
-from the config snapshot stored in the checkpoint, or from ``--config`` (a run YAML).
+Reads ``--load/<tag>`` (tag from ``latest`` unless ``--tag``) in any layout: unpipelined
+(``mp_rank_XX_model_states.pt`` per TP rank) or DeepSpeed pipeline files
+(``layer_II-model_TT-model_states.pt``); writes ``--save/<tag>`` for ``--tp`` x ``--pp`` and
+``--save/latest``. The model architecture comes from the config snapshot stored in the
+checkpoint, or from ``--config`` (a run YAML).
 
 Optimizer state is not converted: resume the resharded checkpoint with the optimizer restarted
 (see ``megatron_glm.parallel.reshard`` for why, and for the universal-checkpoint alternative).
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="checkpoint directory (holds 'latest')")
     parser.add_argument("--tp", required=True, type=int, help="target tensor-parallel size")
+    parser.add_argument("--pp", default=1, type=int, help="target pipeline-parallel size")
     parser.add_argument("--save", required=True, help="output checkpoint directory")
     parser.add_argument("--tag", default=None, help="tag to convert (default: from 'latest')")
     parser.add_argument("--config", default=None, help="run YAML, if the checkpoint has no config")
@@ -43,10 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tag = resolve_tag(args.load, args.tag)
         layout = tensor_parallel_layout(_model_config(args.load, tag, args.config))
-        result = reshard_checkpoint(args.load, args.save, args.tp, layout, tag=tag)
+        result = reshard_checkpoint(args.load, args.save, args.tp, layout, pp=args.pp, tag=tag)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    print(f"resharded {args.load}/{result.tag}: tp {result.source_tp} -> {result.target_tp}")
+    if max(result.source_pp, result.target_pp) == 1:
+        change = f"tp {result.source_tp} -> {result.target_tp}"
+    else:
+        change = (
+            f"(tp {result.source_tp}, pp {result.source_pp}) -> "
+            f"(tp {result.target_tp}, pp {result.target_pp})"
+        )
+    print(f"resharded {args.load}/{result.tag}: {change}")
     for path in result.files:
         print(f"  wrote {path}")
     if result.dropped:

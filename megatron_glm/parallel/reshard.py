@@ -1,4 +1,4 @@
-"""Rewrite a DeepSpeed checkpoint's model weights for another tensor-parallel size.
+"""Rewrite a DeepSpeed checkpoint's model weights for another (tensor, pipeline) layout.
 
 A checkpoint tag directory holds one ``mp_rank_XX_model_states.pt`` per model-parallel rank
 (DeepSpeed's naming; with ``pp == 1`` XX is the TP rank), each with the rank's shard of the
@@ -9,6 +9,13 @@ rank. So: merge (concatenate split tensors, check replicated ones agree), split 
 count, write ``mp_rank_00 .. mp_rank_{N-1}`` plus ``latest``. The layout (name -> partition dim)
 comes from the model definition (:func:`megatron_glm.parallel.layers.partition_dims` of a
 meta-device model), never from name patterns.
+
+Pipeline checkpoints (DeepSpeed's PipelineEngine, ``pp > 1``) store weights per layer instead:
+``layer_II-model_TT-model_states.pt`` holds TP rank TT's shard of layer II's ``state_dict``, and
+the ``pp * tp`` files ``mp_rank_XX`` hold the client state with ``"module": None``. Layer II is
+``layers.II`` of the unpipelined model and the files do not depend on how the layers are split
+over the stages, so converting between any two (tp, pp) layouts is the same merge and split
+with a renaming (:func:`read_full_state`, :func:`write_checkpoint`).
 
 Optimizer state is *not* carried over. DeepSpeed keeps it either inside the model-states file
 (no ZeRO: one entry per local tensor, shaped like the old shards) or in
@@ -37,6 +44,8 @@ import torch
 from torch import Tensor
 
 _MODEL_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+_LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 RESHARD_KEY = "tp_reshard"
 """Key of the marker a resharded model-states file carries (DeepSpeed passes it through as
 client state)."""
@@ -50,9 +59,12 @@ class ReshardResult:
     source_tp: int
     target_tp: int
     files: list[Path]
-    """The model-states files written, in TP-rank order."""
+    """The files written: unpipelined, ``mp_rank_XX`` in TP-rank order; pipelined, the layer
+    files (by TP rank, then layer) and then the ``mp_rank_XX`` client-state files."""
     dropped: list[str]
     """Files of the source tag not carried over (optimizer and RNG state)."""
+    source_pp: int = 1
+    target_pp: int = 1
 
 
 def model_state_files(tag_dir: str | os.PathLike[str]) -> list[Path]:
@@ -148,50 +160,164 @@ def _local_param_shapes(
     return [{name: shard[name].shape for name in group if name in shard} for group in groups]
 
 
+def _layer_files(tag_dir: Path) -> dict[int, dict[int, Path]]:
+    """Pipeline checkpoint: layer index -> TP rank -> ``layer_II-model_TT-model_states.pt``."""
+    found: dict[int, dict[int, Path]] = {}
+    for path in tag_dir.iterdir():
+        match = _LAYER_FILE.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match.group(1)), {})[int(match.group(2))] = path
+    return found
+
+
+def checkpoint_layout(tag_dir: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(tp, pp)`` of a checkpoint tag directory, read off its file names.
+
+    Unpipelined: one ``mp_rank_XX`` per TP rank. Pipelined (DeepSpeed's PipelineEngine): one
+    ``layer_II-model_TT`` file per layer and TP rank, and one ``mp_rank_XX`` (client state, no
+    weights) per model-parallel rank ``pp_rank * tp + tp_rank``.
+    """
+    tag_dir = Path(tag_dir)
+    num_mp = len(model_state_files(tag_dir))
+    layers = _layer_files(tag_dir)
+    if not layers:
+        return num_mp, 1
+    tp = len(next(iter(layers.values())))
+    for index, ranks in sorted(layers.items()):
+        if sorted(ranks) != list(range(tp)):
+            raise ValueError(
+                f"{tag_dir}: layer {index} has files for TP ranks {sorted(ranks)}, "
+                f"expected 0..{tp - 1}"
+            )
+    if num_mp % tp:
+        raise ValueError(f"{tag_dir}: {num_mp} mp_rank files for tp {tp} (not pp x tp)")
+    return tp, num_mp // tp
+
+
+def read_full_state(
+    tag_dir: str | os.PathLike[str], layout: Mapping[str, int | None]
+) -> dict[str, Tensor]:
+    """The full (tp = 1, pp = 1) ``GLMModel`` state dict of any (tp, pp) checkpoint tag.
+
+    Pipeline layer files hold their layer's own ``state_dict``; layer ``i`` of the pipeline is
+    ``layers.i`` of the model (the tied output head is not saved: it is the embedding).
+    """
+    tag_dir = Path(tag_dir)
+    layers = _layer_files(tag_dir)
+    if not layers:
+        return merge_shards([b["module"] for b in load_shards(tag_dir)], layout)
+    tp, _ = checkpoint_layout(tag_dir)
+    shards: list[dict[str, Tensor]] = [{} for _ in range(tp)]
+    for index, ranks in sorted(layers.items()):
+        for rank, path in ranks.items():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            shards[rank].update({f"layers.{index}.{k}": v for k, v in state.items()})
+    return merge_shards(shards, layout)
+
+
+def _client_blob(base: Mapping[str, Any], marker: dict[str, Any], mp_world_size: int) -> dict:
+    """A model-states blob's non-weight entries for the new layout (optimizer dropped)."""
+    blob = dict(base)
+    blob["mp_world_size"] = mp_world_size
+    blob["optimizer"] = None
+    blob[RESHARD_KEY] = marker
+    return blob
+
+
+def write_checkpoint(
+    full: Mapping[str, Tensor],
+    layout: Mapping[str, int | None],
+    dst: Path,
+    *,
+    tp: int,
+    pp: int,
+    base: Mapping[str, Any],
+    marker: dict[str, Any],
+) -> list[Path]:
+    """Write ``full`` as a (tp, pp) checkpoint tag in ``dst``; returns the files in write order.
+
+    pp = 1: ``mp_rank_TT`` with the TP shard under ``"module"`` (GLMModel names). pp > 1:
+    DeepSpeed's pipeline layout, ``layer_II-model_TT`` per layer and TP rank (names inside the
+    layer) plus ``mp_rank_XX`` for every model-parallel rank with ``"module": None``. Layer
+    files do not depend on how layers are partitioned over the stages, so any partition loads.
+    """
+    written: list[Path] = []
+    shards = split_state(full, layout, tp)
+    if pp == 1:
+        for rank, shard in enumerate(shards):
+            blob = _client_blob(base, marker, tp)
+            blob["module"] = shard
+            shapes = base.get("param_shapes")
+            if isinstance(shapes, list) and marker.get("from_pp", 1) == 1:
+                blob["param_shapes"] = _local_param_shapes(shapes, shard)
+            else:
+                blob.pop("param_shapes", None)  # pipeline names: not this layout's
+            written.append(dst / f"mp_rank_{rank:02d}_model_states.pt")
+            torch.save(blob, written[-1])
+        return written
+    for rank, shard in enumerate(shards):
+        by_layer: dict[int, dict[str, Tensor]] = {}
+        for name, tensor in shard.items():
+            match = _LAYER_KEY.fullmatch(name)
+            if match is None:
+                raise ValueError(f"'{name}' is not a layers.<i>.<name> tensor of the GLM")
+            by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
+        for index, state in sorted(by_layer.items()):
+            written.append(dst / f"layer_{index:02d}-model_{rank:02d}-model_states.pt")
+            torch.save(state, written[-1])
+    for mp_rank in range(pp * tp):
+        blob = _client_blob(base, marker, pp * tp)
+        blob["module"] = None
+        blob.pop("param_shapes", None)
+        written.append(dst / f"mp_rank_{mp_rank:02d}_model_states.pt")
+        torch.save(blob, written[-1])
+    return written
+
+
 def reshard_checkpoint(
     load_dir: str | os.PathLike[str],
     save_dir: str | os.PathLike[str],
     tp: int,
     layout: Mapping[str, int | None],
     *,
+    pp: int = 1,
     tag: str | None = None,
 ) -> ReshardResult:
-    """Write ``save_dir/<tag>/mp_rank_XX_model_states.pt`` for ``tp`` ranks and ``latest``.
+    """Rewrite the checkpoint ``load_dir/<tag>`` for (``tp``, ``pp``) in ``save_dir`` + ``latest``.
 
+    Any source layout (unpipelined or DeepSpeed pipeline files, any TP size) is read back to the
+    full model (:func:`read_full_state`) and written for the target (:func:`write_checkpoint`).
     Every non-weight entry of the model-states file (client state: iteration, consumed samples,
-    LR schedule, config) is copied from ``mp_rank_00``; ``mp_world_size`` becomes ``tp``.
+    LR schedule, config) is copied from the source's ``mp_rank_00``.
     """
     if tp < 1:
         raise ValueError(f"--tp must be >= 1, got {tp}")
+    if pp < 1:
+        raise ValueError(f"--pp must be >= 1, got {pp}")
     tag = resolve_tag(load_dir, tag)
     src = Path(load_dir) / tag
-    blobs = load_shards(src)
-    if any(b.get("mp_world_size", len(blobs)) != len(blobs) for b in blobs):
+    src_tp, src_pp = checkpoint_layout(src)
+    base = _peek(src)  # mp_rank_00's client state; its weights are read by read_full_state
+    if base.get("mp_world_size", src_tp * src_pp) != src_tp * src_pp:
         raise ValueError(
-            f"{src}: mp_world_size in the files differs from their count {len(blobs)} "
-            "(pipeline-parallel checkpoints are not supported by this tool)"
+            f"{src}: mp_world_size {base.get('mp_world_size')} in mp_rank_00 differs from the "
+            f"layout of the files (tp {src_tp} x pp {src_pp})"
         )
-    full = merge_shards([b["module"] for b in blobs], layout)
+    full = read_full_state(src, layout)
     dst = Path(save_dir) / tag
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"{dst} already exists and is not empty; choose another --save")
     dst.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for rank, shard in enumerate(split_state(full, layout, tp)):
-        blob = dict(blobs[0])
-        blob["module"] = shard
-        blob["mp_world_size"] = tp
-        blob["optimizer"] = None
-        if isinstance(blob.get("param_shapes"), list):
-            blob["param_shapes"] = _local_param_shapes(blob["param_shapes"], shard)
-        blob[RESHARD_KEY] = {"from_tp": len(blobs), "to_tp": tp, "optimizer_state": "dropped"}
-        path = dst / f"mp_rank_{rank:02d}_model_states.pt"
-        torch.save(blob, path)
-        written.append(path)
+    marker: dict[str, Any] = {"from_tp": src_tp, "to_tp": tp, "optimizer_state": "dropped"}
+    if max(src_pp, pp) > 1:
+        marker.update(from_pp=src_pp, to_pp=pp)
+    written = write_checkpoint(full, layout, dst, tp=tp, pp=pp, base=base, marker=marker)
     (Path(save_dir) / "latest").write_text(tag)
-    kept = {p.name for p in model_state_files(src)}
-    dropped = sorted(p.name for p in src.iterdir() if p.name not in kept)
-    return ReshardResult(tag, len(blobs), tp, written, dropped)
+    weights = set(model_state_files(src)) | {
+        p for r in _layer_files(src).values() for p in r.values()
+    }
+    dropped = sorted(p.name for p in src.iterdir() if p not in weights)
+    return ReshardResult(tag, src_tp, tp, written, dropped, source_pp=src_pp, target_pp=pp)
 
 
 def _peek(tag_dir: str | os.PathLike[str]) -> dict[str, Any]:

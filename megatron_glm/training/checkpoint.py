@@ -3,7 +3,8 @@
 Layout of ``save_dir``::
 
     global_step100/              one complete checkpoint (a DeepSpeed tag directory)
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed)
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed; with
+                                 pipeline parallelism also layer_II-model_TT-model_states.pt)
         rng_rank00000.pt ...     per-rank python/numpy/torch(/CUDA) RNG states and the model's
                                  TP-private dropout stream (ours)
         layout.json              iteration, tp, pp, data-parallel size, ZeRO stage (checked on
@@ -49,7 +50,12 @@ import torch.distributed as dist
 
 from megatron_glm.config import ModelConfig, from_dict
 from megatron_glm.model import tensor_parallel_layout
-from megatron_glm.parallel.reshard import load_shards, merge_shards, reshard_info
+from megatron_glm.parallel.reshard import (
+    checkpoint_layout,
+    load_shards,
+    read_full_state,
+    reshard_info,
+)
 from megatron_glm.training.engine import Engine
 
 CLIENT_STATE_VERSION = 1
@@ -279,10 +285,13 @@ def load(engine: Engine, load_dir: str | os.PathLike[str]) -> ClientState:
         set_rng_state(saved)
         if MODEL_PARALLEL_RNG in saved:
             engine.model_rng.load_state_dict(saved[MODEL_PARALLEL_RNG])
-    elif _rank() == 0:
+    elif _rank() == 0 and not resharded:
         print(f"note: {rng_file} missing (different world size?); RNG streams not restored")
     if resharded and _rank() == 0:
-        print(f"note: {load_dir}/{tag} was resharded: optimizer state restarts (weights only)")
+        print(
+            f"note: {load_dir}/{tag} was resharded: optimizer state restarts (weights only), "
+            "RNG streams are freshly seeded"
+        )
     return client
 
 
@@ -294,9 +303,10 @@ def load_model_state(
 ) -> dict[str, torch.Tensor]:
     """The full (tp = 1) ``GLMModel`` state dict of a checkpoint saved without ZeRO-3.
 
-    A tensor-parallel checkpoint (``mp_rank_00..N-1``) is merged with ``layout`` (name -> split
-    dimension, :func:`megatron_glm.model.tensor_parallel_layout`), taken from the checkpoint's
-    config snapshot when not given. ZeRO-3 checkpoints hold partitioned weights; consolidate
+    A tensor- or pipeline-parallel checkpoint (``mp_rank_00..N-1``, or DeepSpeed's per-layer
+    pipeline files) is merged with ``layout`` (name -> split dimension,
+    :func:`megatron_glm.model.tensor_parallel_layout`), taken from the checkpoint's config
+    snapshot when not given. ZeRO-3 checkpoints hold partitioned weights; consolidate
     them with DeepSpeed's ``zero_to_fp32`` first.
     """
     tag = tag or read_latest(checkpoint_dir)
@@ -308,12 +318,12 @@ def load_model_state(
         raise ValueError(
             f"{path} not found (ZeRO-3 checkpoint? run DeepSpeed's zero_to_fp32.py on it first)"
         )
-    blobs = load_shards(tag_dir)
-    if len(blobs) == 1:
-        return dict(blobs[0]["module"])
+    tp, pp = checkpoint_layout(tag_dir)
+    if tp * pp == 1:
+        return dict(load_shards(tag_dir)[0]["module"])
     if layout is None:
-        layout = _saved_layout(blobs[0], tag_dir)
-    return merge_shards([b["module"] for b in blobs], layout)
+        layout = _saved_layout(torch.load(path, map_location="cpu", weights_only=False), tag_dir)
+    return read_full_state(tag_dir, layout)
 
 
 def _saved_layout(blob: Mapping[str, Any], where: Path) -> dict[str, int | None]:

@@ -42,6 +42,19 @@ def gradient_accumulation_steps(cfg: RunConfig, dp_size: int) -> int:
     return cfg.train.global_batch_size // per_step
 
 
+def clips_itself(cfg: RunConfig) -> bool:
+    """Pipeline + ZeRO-0 + fp32: gradient clipping is ours, not DeepSpeed's.
+
+    DeepSpeed's fp32 ``clip_grad_norm_`` (ZeRO-0) counts a non-tensor-parallel gradient only on
+    model-parallel rank 0, and with a pipeline that rank is the first *stage* of the ``pp x tp``
+    group: the other stages' gradients would be left out of the norm and the clip factor would
+    be wrong. The pipeline's optimizer-step hook then clips with the correct norm instead
+    (``training.pipeline.StepHook``). ZeRO-1 and the fp16/bf16 optimizers count correctly.
+    """
+    t = cfg.train
+    return cfg.parallel.pp > 1 and t.zero_stage == 0 and t.precision == "fp32"
+
+
 def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict of a run (batch, accumulation, ZeRO, precision, clipping)."""
     t = cfg.train
@@ -52,7 +65,7 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, dp_size),
-        "gradient_clipping": cfg.optimizer.clip_grad,
+        "gradient_clipping": 0.0 if clips_itself(cfg) else cfg.optimizer.clip_grad,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -62,6 +75,12 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "FAIL"},
     }
+    if cfg.parallel.pp > 1:
+        # DeepSpeed's pipeline sends a TP-replicated activation as 1/tp slices and all-gathers
+        # it on the receiving stage; under sequence parallelism each TP rank's activation is a
+        # different sequence slice, not a replica, so that must be off.
+        partitioned = not cfg.parallel.sequence_parallel
+        ds["pipeline"] = {"pipe_partitioned": partitioned, "grad_partitioned": partitioned}
     if t.precision == "fp16":
         ds["fp16"].update(
             {
@@ -162,8 +181,9 @@ class Engine:
     """The inner torch optimizer (DeepSpeed may wrap it in a ZeRO/fp16 optimizer)."""
     scheduler: AnnealingLR
     """Stepped by the loop after each applied update."""
-    module: GLMPretrainModule
-    """The engine's module (parameters possibly partitioned under ZeRO-3)."""
+    module: nn.Module
+    """The engine's module: :class:`GLMPretrainModule` (parameters possibly partitioned under
+    ZeRO-3), or this stage's ``PipelineModule`` when ``pipeline`` is set."""
     dims: ParallelDims
     """The layout (DeepSpeed's ``mpu``); loss sums are reduced over ``dims.dp_group``."""
     model_rng: ModelParallelRNG
@@ -172,6 +192,20 @@ class Engine:
     dp_size: int
     grad_accum: int
     device: torch.device
+    pipeline: PipelineParts | None = None
+    """Set when ``dims.pp > 1``: the loss object and optimizer-step hook of the pipeline."""
+
+
+@dataclass
+class PipelineParts:
+    """What the loop needs beyond DeepSpeed's ``PipelineEngine`` (see ``training.pipeline``)."""
+
+    loss: Any
+    """``training.pipeline.PipelineLoss``: DeepSpeed's ``loss_fn``; the loop sets its scale."""
+    hook: Any
+    """``training.pipeline.StepHook``: the step's global loss statistics and grad norm."""
+    parts: list[int]
+    """Stage boundaries over the layer indices: stage s runs ``[parts[s], parts[s + 1])``."""
 
 
 def initialize(
@@ -208,4 +242,59 @@ def initialize(
         dp_size=dims.dp_size,
         grad_accum=gradient_accumulation_steps(cfg, dims.dp_size),
         device=device,
+    )
+
+
+def initialize_pipeline(
+    cfg: RunConfig, *, vocab_size: int, dims: ParallelDims, device: torch.device
+) -> Engine:
+    """Build this stage of the GLM (``dims.pp > 1``) and wrap it in DeepSpeed's PipelineEngine.
+
+    DeepSpeed derives its ``mpu`` (a ``PipelineParallelGrid``) from the PipelineModule's
+    topology, which is ``dims.topology()``: the same ranks in the same groups as ``dims``.
+    """
+    import deepspeed
+
+    from megatron_glm.training.pipeline import (
+        StepHook,
+        build_pipeline,
+        install_step_hook,
+    )
+
+    pipe, rng = build_pipeline(
+        cfg.model,
+        vocab_size=vocab_size,
+        dims=dims,
+        device=device,
+        seed=cfg.train.seed,
+        partition_method=cfg.parallel.partition_method,
+    )
+    optimizer = build_optimizer(
+        pipe, cfg.optimizer, device=device, cpu_offload=cfg.train.cpu_offload
+    )
+    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.train_iters)
+    engine, _, _, _ = deepspeed.initialize(
+        model=pipe,
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, dims.dp_size),
+        dist_init_required=False,
+    )
+    manual_norm = engine.zero_optimization_stage() == 0 and not (
+        engine.fp16_enabled() or engine.bfloat16_enabled()
+    )
+    clip = cfg.optimizer.clip_grad if clips_itself(cfg) else 0.0
+    hook = StepHook(pipe.loss_fn, optimizer, manual_norm=manual_norm, clip_grad=clip)
+    install_step_hook(engine, hook)
+    return Engine(
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        module=pipe,
+        dims=dims,
+        model_rng=rng,
+        dp_rank=dims.dp_rank,
+        dp_size=dims.dp_size,
+        grad_accum=gradient_accumulation_steps(cfg, dims.dp_size),
+        device=device,
+        pipeline=PipelineParts(loss=pipe.loss_fn, hook=hook, parts=[int(x) for x in pipe.parts]),
     )

@@ -46,6 +46,7 @@ from megatron_glm.training.engine import Engine
 from megatron_glm.training.metrics import (
     ScalarWriter,
     StepStats,
+    bubble_fraction,
     device_peak_tflops,
     format_log_line,
     memory_mib,
@@ -137,6 +138,8 @@ class TrainResult:
     """(iteration, validation loss), including those from before a resume."""
     checkpoint: str | None = None
     """Tag of the last checkpoint written, if any."""
+    tied_weights_max_diff: float | None = None
+    """Pipeline runs: max |embedding - output head| over the tied copies at the end."""
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -159,16 +162,12 @@ def _loss_scale(eng: Engine) -> float:
     return 1.0
 
 
-def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
-    """Forward/backward over the step's micro-batches and one (possibly skipped) update.
-
-    See the module docstring for the loss scaling that makes the update the global-batch mean.
-    """
+def _global_token_count(eng: Engine, micro_batches: list[Batch]) -> float:
+    """``N``: loss tokens of the step over all micro-batches and DP ranks (known up front)."""
     if len(micro_batches) != eng.grad_accum:
         raise ValueError(
             f"train_step: got {len(micro_batches)} micro-batches, need {eng.grad_accum}"
         )
-    ds = eng.engine
     count = torch.zeros(1, dtype=torch.float64, device=eng.device)
     for mb in micro_batches:
         count += mb["loss_mask"].to(torch.float64).sum().to(eng.device)
@@ -176,6 +175,18 @@ def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
     num_tokens = float(count.item())
     if num_tokens <= 0:
         raise RuntimeError("the global batch has no loss tokens (loss_mask is all zero)")
+    return num_tokens
+
+
+def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
+    """Forward/backward over the step's micro-batches and one (possibly skipped) update.
+
+    See the module docstring for the loss scaling that makes the update the global-batch mean.
+    """
+    if eng.pipeline is not None:
+        return pipeline_train_step(eng, micro_batches)
+    ds = eng.engine
+    num_tokens = _global_token_count(eng, micro_batches)
     factor = eng.grad_accum * eng.dp_size / num_tokens
     stats = torch.zeros(7, dtype=torch.float64, device=eng.device)  # [sum, obj sum x3, obj cnt x3]
     manual_norm = ds.zero_optimization_stage() == 0 and not (
@@ -215,9 +226,67 @@ def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
     )
 
 
+def pipeline_train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
+    """One step through DeepSpeed's 1F1B schedule (``PipelineEngine.train_batch``).
+
+    Every stage holds the step's micro-batches (the first stage feeds the inputs, the last the
+    labels); ``N`` is counted from them before the schedule runs, so the last stage scales each
+    micro-batch's loss sum by ``A * D / N`` exactly as :func:`train_step` does. The statistics,
+    the skip decision and (ZeRO-0 fp32) the grad norm come from the optimizer-step hook.
+    """
+    from megatron_glm.training.pipeline import micro_batch_iterator
+
+    assert eng.pipeline is not None
+    ds, hook = eng.engine, eng.pipeline.hook
+    num_tokens = _global_token_count(eng, micro_batches)
+    eng.pipeline.loss.begin(eng.grad_accum * eng.dp_size / num_tokens, eng.device)
+    hook.stats = None
+    ds.train_batch(data_iter=micro_batch_iterator(micro_batches, eng.device))
+    eng.optimizer.skip_next_step = False
+    assert hook.stats is not None, "the pipeline ran no optimizer step"
+    values = hook.stats.tolist()  # [sum, tokens, obj sum x3, obj tokens x3]
+    finite = math.isfinite(values[0])
+    applied = finite and bool(ds.was_step_applied())
+    grad_norm = hook.grad_norm
+    if not hook.manual_norm and applied:
+        value = ds.get_global_grad_norm()
+        grad_norm = None if value is None else float(value)
+    return StepOutput(
+        loss_sum=values[0],
+        num_tokens=num_tokens,
+        objective_sum=values[2:5],
+        objective_count=values[5:8],
+        finite=finite,
+        applied=applied,
+        grad_norm=grad_norm,
+        loss_scale=_loss_scale(eng),
+    )
+
+
+@torch.no_grad()
+def _pipeline_eval_stats(eng: Engine, batches: Iterable[Batch]) -> Tensor:
+    """Validation sums through DeepSpeed's inference schedule, on every rank."""
+    from megatron_glm.training.pipeline import micro_batch_iterator
+
+    assert eng.pipeline is not None
+    ds, loss = eng.engine, eng.pipeline.loss
+    micro = list(batches)
+    loss.begin(1.0, eng.device)
+    ds.eval_batch(
+        micro_batch_iterator(micro, eng.device),
+        compute_loss=True,
+        reduce_output=None,
+        bcast_loss=False,
+        num_micro_batches=len(micro),
+    )
+    return loss.reduce(ds.is_last_stage())
+
+
 @torch.no_grad()
 def evaluate(eng: Engine, batches: Iterable[Batch]) -> EvalResult:
     """Validation loss (dropout off), all-reduced over DP; per objective too."""
+    if eng.pipeline is not None:
+        return _eval_result(_pipeline_eval_stats(eng, batches).tolist())
     ds = eng.engine
     ds.eval()
     stats = torch.zeros(8, dtype=torch.float64, device=eng.device)  # [sum, n, obj sum, obj cnt]
@@ -231,7 +300,11 @@ def evaluate(eng: Engine, batches: Iterable[Batch]) -> EvalResult:
     finally:
         ds.train()
     all_reduce(stats, group=eng.dims.dp_group)
-    v = stats.tolist()
+    return _eval_result(stats.tolist())
+
+
+def _eval_result(v: list[float]) -> EvalResult:
+    """``[sum, tokens, obj sum x3, obj tokens x3]`` (global) -> losses."""
     if v[1] <= 0:
         raise RuntimeError("validation batches have no loss tokens")
     per = {
@@ -385,10 +458,20 @@ class Trainer:
             memory_mib=memory_mib(self.eng.device),
             seconds_per_step=window.seconds / window.steps,
             skipped_steps=window.skipped,
+            layout=self._layout(),
+            pipeline_bubble=self._bubble(),
         )
         self.log(format_log_line(stats))
         if self.rank == 0:
             writer.write(step_scalars(stats), iteration)
+
+    def _layout(self) -> str | None:
+        d = self.eng.dims
+        return None if d.tp * d.pp == 1 else f"tp {d.tp} pp {d.pp} dp {d.dp_size}"
+
+    def _bubble(self) -> float | None:
+        d = self.eng.dims
+        return None if d.pp == 1 else bubble_fraction(d.pp, self.eng.grad_accum)
 
     def _save(self, run: _RunState) -> str:
         assert self.cfg.checkpoint.save is not None
@@ -447,6 +530,7 @@ class Trainer:
                     self.log(f"stopping after step {run.iteration}: {reason}")
                     break
             self._summarise(run.history)
+            self._check_tied_weights(run)
             return run.finish()
         finally:
             if self._bar is not None:
@@ -521,6 +605,17 @@ class Trainer:
             return False
         periodic = c.save_interval > 0 and run.iteration % c.save_interval == 0
         return reason is not None or run.iteration == self.cfg.train.train_iters or periodic
+
+    def _check_tied_weights(self, run: _RunState) -> None:
+        """Pipeline: the embedding (first stage) and head (last stage) copies must be equal."""
+        if self.eng.pipeline is None:
+            return
+        from megatron_glm.training.pipeline import tied_weights_max_diff
+
+        diff = torch.tensor([tied_weights_max_diff(self.eng.module)], device=self.eng.device)
+        all_reduce(diff, op="max")
+        run.result.tied_weights_max_diff = float(diff.item())
+        self.log(f"tied embedding / output head copies: max |difference| {diff.item():.3g}")
 
     def _summarise(self, history: list[tuple[int, float]]) -> None:
         if len(history) < 2:

@@ -64,6 +64,18 @@ def device_peak_tflops(precision: str) -> float | None:
     return peak_tflops(name, matmul_dtype(precision, torch.backends.cuda.matmul.allow_tf32))
 
 
+def bubble_fraction(pp: int, micro_batches: int) -> float:
+    """Idle fraction of a pipeline step under 1F1B (or GPipe): ``(pp - 1) / (m + pp - 1)``.
+
+    Each of the ``pp`` stages is busy for ``m`` micro-batch slots out of ``m + pp - 1``: the
+    first micro-batch needs ``pp - 1`` slots to reach the last stage, and the last one as many
+    to drain back.
+    """
+    if pp < 1 or micro_batches < 1:
+        raise ValueError(f"bubble_fraction: pp ({pp}) and micro_batches ({micro_batches}) >= 1")
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
 @dataclass(frozen=True)
 class Throughput:
     """Speed over a measured window of training steps."""
@@ -128,6 +140,10 @@ class StepStats:
     seconds_per_step: float
     skipped_steps: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    layout: str | None = None
+    """``tp T pp P dp D`` when the run uses model parallelism (None: pure data parallelism)."""
+    pipeline_bubble: float | None = None
+    """1F1B idle fraction ``(pp - 1) / (micro-batches + pp - 1)`` when ``pp > 1``."""
 
 
 def _fmt_opt(value: float | None, spec: str) -> str:
@@ -151,6 +167,9 @@ def format_log_line(s: StepStats) -> str:
         f"mem {s.memory_mib:,.0f} MiB",
         f"{s.seconds_per_step:.3f} s/step",
     ]
+    if s.layout is not None:
+        bubble = "" if s.pipeline_bubble is None else f", bubble {100 * s.pipeline_bubble:.1f}%"
+        parts.append(f"{s.layout}{bubble}")
     if s.skipped_steps:
         parts.append(f"skipped {s.skipped_steps}")
     return " | ".join(parts)
@@ -176,6 +195,8 @@ def step_scalars(s: StepStats) -> dict[str, float]:
         out["train/grad_norm"] = s.grad_norm
     if s.speed.mfu is not None:
         out["perf/mfu"] = s.speed.mfu
+    if s.pipeline_bubble is not None:
+        out["perf/pipeline_bubble"] = s.pipeline_bubble
     out.update(s.extra)
     return out
 

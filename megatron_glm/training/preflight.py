@@ -43,10 +43,14 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
     """
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
-    if cfg.parallel.pp > 1:
+    if cfg.parallel.pp > 1 and cfg.train.zero_stage > 1:
         raise _field_error(
-            "parallel.pp",
-            "pipeline parallelism is not available in this trainer yet; use pp=1",
+            "train.zero_stage",
+            f"ZeRO-{cfg.train.zero_stage} cannot be combined with parallel.pp="
+            f"{cfg.parallel.pp}: DeepSpeed's pipeline engine accumulates each stage's gradients "
+            "over the micro-batches of a step, which ZeRO-2 (sharded gradients) and ZeRO-3 "
+            "(sharded parameters) do not allow, and DeepSpeed refuses it; use train.zero_stage=1 "
+            "(sharded optimizer state) with pipeline parallelism, or parallel.pp=1 with ZeRO-2/3",
         )
     if cfg.parallel.sequence_parallel and cfg.data.seq_length % cfg.parallel.tp:
         raise _field_error(

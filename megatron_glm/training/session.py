@@ -6,13 +6,17 @@ Order matters for exact resume and for clean failure:
 2. python/numpy/torch are seeded with ``train.seed`` on every rank; the model's weights come
    from per-parameter generators (``megatron_glm.model``) and do not consume these RNGs;
 3. after the model is built, torch's RNG is re-seeded per data-parallel rank
-   (``seed + 1 + dp_rank``) so ranks draw different dropout masks;
+   (``seed + 1 + dp_rank``) so ranks draw different dropout masks (TP peers share it; the
+   model's own TP stream differs per TP rank and pipeline stage). With ``parallel.pp > 1`` each
+   rank builds only its stage's layers, inside DeepSpeed's PipelineModule
+   (``training.pipeline``);
 4. a checkpoint, if any, is loaded last: it overwrites weights, optimizer, schedule and every
    RNG, so a resumed run continues exactly where the saved one was.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import warnings
 from collections.abc import Callable
@@ -25,8 +29,9 @@ from megatron_glm.model import build_model, flops_per_token, num_parameters
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.training import checkpoint as ckpt
 from megatron_glm.training.distributed import DistEnv, destroy_distributed, init_distributed
-from megatron_glm.training.engine import initialize
+from megatron_glm.training.engine import initialize, initialize_pipeline
 from megatron_glm.training.loop import BatchSource, Trainer, TrainResult
+from megatron_glm.training.metrics import bubble_fraction
 from megatron_glm.training.signals import StopConditions
 
 SourceFactory = Callable[[int, int], tuple[BatchSource, int]]
@@ -68,15 +73,30 @@ def train_in_group(
         message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
         category=FutureWarning,
     )
+    # DeepSpeed's pipeline sends an activation by broadcasting it from the sending stage (an
+    # in-place collective on a tensor in the autograd graph); torch warns when backward passes
+    # that node. A broadcast leaves its source unchanged, so the identity gradient torch uses is
+    # the right one (the pipeline equality tests check every step's loss against one process).
+    warnings.filterwarnings(
+        "ignore",
+        message=r"c10d::broadcast_: an autograd kernel was not registered",
+        category=UserWarning,
+    )
     dims = ParallelDims.build(
         tp=cfg.parallel.tp, pp=cfg.parallel.pp, sequence_parallel=cfg.parallel.sequence_parallel
     )
     dp_size, dp_rank = dims.dp_size, dims.dp_rank  # TP peers share a DP rank: same data, seed
     seed_everything(cfg.train.seed)
     source, vocab = make_source(dp_rank, dp_size)
-    glm = build_model(cfg.model, vocab_size=vocab, device=device, seed=cfg.train.seed, dims=dims)
-    torch.manual_seed(cfg.train.seed + 1 + dp_rank)
-    eng = initialize(glm, cfg, dims=dims, device=device)
+    if dims.pp > 1:  # this stage's layers only, inside DeepSpeed's PipelineModule
+        torch.manual_seed(cfg.train.seed + 1 + dp_rank)  # model init draws no global RNG
+        eng = initialize_pipeline(cfg, vocab_size=vocab, dims=dims, device=device)
+    else:
+        glm = build_model(
+            cfg.model, vocab_size=vocab, device=device, seed=cfg.train.seed, dims=dims
+        )
+        torch.manual_seed(cfg.train.seed + 1 + dp_rank)
+        eng = initialize(glm, cfg, dims=dims, device=device)
     trainer = Trainer(
         cfg,
         eng,
@@ -93,6 +113,13 @@ def train_in_group(
         f"grad accumulation {eng.grad_accum}, ZeRO-{cfg.train.zero_stage}, "
         f"{cfg.train.precision} | device {device}"
     )
+    if eng.pipeline is not None:
+        parts = eng.pipeline.parts
+        split = " ".join(f"[{a}, {b})" for a, b in itertools.pairwise(parts))
+        trainer.log(
+            f"pipeline: {dims.pp} stages, {eng.grad_accum} micro-batches per step (1F1B, bubble "
+            f"{100 * bubble_fraction(dims.pp, eng.grad_accum):.1f}%), layers per stage {split}"
+        )
     load_dir = ckpt.resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)
     start = None
     if load_dir is not None:

@@ -1,7 +1,11 @@
-"""Launch test: ``torchrun --nproc-per-node 4 -m megatron_glm.pretrain ... parallel.tp=2``.
+"""Launch test: ``torchrun --nproc-per-node 8 -m megatron_glm.pretrain ... parallel.tp=2
+parallel.pp=2`` against ``python -m megatron_glm.pretrain`` on one process.
 
 The real CLI on real data (the conftest's demo corpus and tokenizer, preprocessed here) with
-glm-tiny's shape: 4 processes = tp 2 x dp 2, ZeRO-1, a few steps. Rank 0 logs the layout.
+glm-tiny's shape: 8 processes = tp 2 x pp 2 x dp 2, ZeRO-1, dropout off, 10 steps. Rank 0 logs
+the 3D layout and the pipeline bubble; the per-step losses (read from both runs' TensorBoard
+scalars, float32) equal the single process's, which trains the same global batches: the data
+pipeline shards rows by data-parallel rank only, so both read the same rows per step.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -20,43 +25,15 @@ from megatron_glm.data.preprocess import preprocess_data
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = 10
 
 
-def test_torchrun_pretrain_with_tp2_logs_layout_and_trains(
-    tmp_path: Path, demo_corpus_path: Path, tiny_tokenizer_model: Path
-) -> None:
-    prefix = tmp_path / "data" / "corpus"
-    preprocess_data([demo_corpus_path], prefix, tiny_tokenizer_model, progress=False)
-    data_prefix = str(next((tmp_path / "data").glob("*.bin"))).removesuffix(".bin")
-    model = yaml.safe_load((ROOT / "configs" / "model" / "glm-tiny.yaml").read_text())
-    run = {
-        "model": {**model, "max_position_embeddings": 64},
-        "data": {
-            "data_path": [data_prefix],
-            "tokenizer_model": str(tiny_tokenizer_model),
-            "seq_length": 64,
-            "num_workers": 0,
-        },
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 3, "zero_stage": 1},
-        "logging": {"log_interval": 1, "progress_bar": False},
-    }
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(run))
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun is not None
+def _run(cmd: list[str], timeout: float) -> str:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the single-process run must not inherit a launcher's variables
     proc = subprocess.Popen(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc-per-node",
-            "4",
-            "-m",
-            "megatron_glm.pretrain",
-            "--config",
-            str(config),
-            "parallel.tp=2",
-        ],
+        cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -65,12 +42,70 @@ def test_torchrun_pretrain_with_tp2_logs_layout_and_trains(
         start_new_session=True,  # one process group: a timeout kills the workers too
     )
     try:
-        out, _ = proc.communicate(timeout=300)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{out[-4000:]}")
+        pytest.fail(f"{cmd[0]} timed out:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-4000:]
-    assert "parallel layout: world 4 = tp 2 x pp 1 x dp 2 | rank 0 -> tp 0, pp 0, dp 0" in out
+    return out
+
+
+def _losses(tb_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+def test_torchrun_3d_pretrain_logs_layout_and_equals_one_process(
+    tmp_path: Path, demo_corpus_path: Path, tiny_tokenizer_model: Path
+) -> None:
+    prefix = tmp_path / "data" / "corpus"
+    preprocess_data([demo_corpus_path], prefix, tiny_tokenizer_model, progress=False)
+    data_prefix = str(next((tmp_path / "data").glob("*.bin"))).removesuffix(".bin")
+    model = yaml.safe_load((ROOT / "configs" / "model" / "glm-tiny.yaml").read_text())
+    run: dict[str, Any] = {
+        "model": {
+            **model,
+            "max_position_embeddings": 64,
+            "hidden_dropout": 0.0,
+            "attention_dropout": 0.0,
+        },
+        "data": {
+            "data_path": [data_prefix],
+            "tokenizer_model": str(tiny_tokenizer_model),
+            "seq_length": 64,
+            "num_workers": 0,
+        },
+        "optimizer": {"lr": 0.003, "warmup_iters": 2},
+        "train": {
+            "micro_batch_size": 1,
+            "global_batch_size": 4,
+            "train_iters": STEPS,
+            "zero_stage": 1,
+        },
+        "logging": {"log_interval": 1, "progress_bar": False},
+    }
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    cli = ["-m", "megatron_glm.pretrain", "--config", str(config)]
+    layout = ["parallel.tp=2", "parallel.pp=2", f"logging.tensorboard_dir={tmp_path / 'tb8'}"]
+    out = _run([torchrun, "--standalone", "--nproc-per-node", "8", *cli, *layout], timeout=420)
+    assert "parallel layout: world 8 = tp 2 x pp 2 x dp 2 | rank 0 -> tp 0, pp 0, dp 0" in out
     steps = [line for line in out.splitlines() if line.startswith("step ")]
-    assert [s.split(" |")[0] for s in steps] == ["step 1/3", "step 2/3", "step 3/3"], out[-3000:]
+    assert [s.split(" |")[0] for s in steps] == [f"step {i}/{STEPS}" for i in range(1, 11)]
+    assert all(s.endswith("| tp 2 pp 2 dp 2, bubble 33.3%") for s in steps), steps[-1]
+    assert "tied embedding / output head copies: max |difference| 0" in out
+    single = _run(
+        [sys.executable, *cli, f"logging.tensorboard_dir={tmp_path / 'tb1'}"], timeout=240
+    )
+    assert "parallel layout: world 1 = tp 1 x pp 1 x dp 1" in single
+    got, want = _losses(tmp_path / "tb8"), _losses(tmp_path / "tb1")
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    worst = max(abs(got[s] - want[s]) / want[s] for s in want)
+    assert worst < 1e-4, (worst, got, want)
+    print(f"8-process (tp 2, pp 2, dp 2) vs 1 process: max relative loss difference {worst:.2e}")

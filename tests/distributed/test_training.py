@@ -27,7 +27,7 @@ import torch
 
 from megatron_glm.config import load_config
 from megatron_glm.model import tensor_parallel_layout
-from megatron_glm.parallel.reshard import reshard_checkpoint
+from megatron_glm.parallel.reshard import reshard_checkpoint, reshard_info
 
 VOCAB, SEQ = 256, 32
 TINY = [
@@ -117,13 +117,17 @@ def _worker(spec: dict[str, Any]) -> int:
 
     env = read_dist_env()
     configs = [load_config(None, TINY + o) for o in spec["runs"]]
-    for cfg in configs:
-        validate_for_launch(cfg, env.world_size, check_data=False)
+    reshards = spec.get("reshard", {})  # run index -> [[src, dst, tp, pp], ...] after that run
+    for index, cfg in enumerate(configs):
+        if not any(int(k) < index for k in reshards):  # later ones may load a reshard's output
+            validate_for_launch(cfg, env.world_size, check_data=False)
     device = init_distributed(env)
     results: list[dict[str, Any]] = []
     code = 0
     try:
         for index, cfg in enumerate(configs):
+            if any(int(k) < index for k in reshards):
+                validate_for_launch(cfg, env.world_size, check_data=False)
             poison = spec.get("poison", [None] * len(configs))[index]
 
             def make(
@@ -147,16 +151,33 @@ def _worker(spec: dict[str, Any]) -> int:
                         "exit_reason": res.exit_reason,
                         "iteration": res.iteration,
                         "valid": res.valid_history,
+                        "tied_diff": res.tied_weights_max_diff,
                     }
                 )
             except NonFiniteLossError as exc:
                 results.append({"error": str(exc)})
                 code = 3
+            _reshard(reshards.get(str(index), []), cfg, env.rank)
     finally:
         destroy_distributed()
     if env.rank == 0:
         Path(spec["out"]).write_text(json.dumps(results))
     return code
+
+
+def _reshard(jobs: list[list[Any]], cfg: Any, rank: int) -> None:
+    """Rank 0 rewrites checkpoints for other (tp, pp) layouts; everyone waits."""
+    import torch.distributed as dist
+
+    from megatron_glm.model import tensor_parallel_layout
+    from megatron_glm.parallel.reshard import reshard_checkpoint
+
+    if not jobs:
+        return
+    if rank == 0:
+        for src, dst, tp, pp in jobs:
+            reshard_checkpoint(src, dst, tp, tensor_parallel_layout(cfg.model), pp=pp)
+    dist.barrier()
 
 
 # ----------------------------------------------------------------------------- launching
@@ -210,7 +231,8 @@ def run_workers(
     nprocs: int, runs: list[list[str]], tmp: Path, **spec: Any
 ) -> tuple[list[dict[str, Any]], str, list[int]]:
     out = tmp / f"result_{time.monotonic_ns()}.json"
-    codes, log = _wait(_launch(nprocs, {"runs": runs, "out": str(out), **spec}, tmp))
+    procs = _launch(nprocs, {"runs": runs, "out": str(out), **spec}, tmp)
+    codes, log = _wait(procs, timeout=60.0 + 40.0 * len(runs))
     assert out.is_file(), f"no results (exit codes {codes}); rank 0 output:\n{log[-4000:]}"
     return json.loads(out.read_text()), log, codes
 
@@ -382,70 +404,199 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path: Path, zero_stag
     assert _entries(tmp_path / "stop") == ["global_step2", "latest"]
 
 
+# ----------------------------------------------------------------------------- model parallelism
+
 TP = [
     "train.micro_batch_size=1",
     "train.global_batch_size=4",
     "model.hidden_dropout=0.0",
     "model.attention_dropout=0.0",
 ]
+PP = [*TP, "model.num_layers=4", "train.train_iters=12"]
+"""Pipeline runs: 4 layers (pp = 4 gets one block per stage at most), a 12-step schedule."""
 
 
-def test_tensor_parallel_training_equals_one_process_and_resumes_exactly(tmp_path: Path) -> None:
-    """dp=2 x tp=2 on 4 processes through the CLI's session and loop (issue 5).
+@pytest.fixture(scope="module")
+def model_parallel(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every tensor- and pipeline-parallel run of this file, in two launches (start-up is most
+    of the cost on 2 cores): one world of 4 processes running the layouts in turn, then one
+    process training the references (same global batches) and resuming resharded checkpoints.
 
-    One 4-process launch runs, in turn: (a) ZeRO-1, 20 steps, dropout off; (b) ZeRO-0 with
-    sequence parallelism, stopped after 4 steps (the loop's own TP-aware grad norm), whose
-    checkpoint is resharded to tp = 1 and resumed on one process; (c) ZeRO-1 + SP with
-    dropout 0.1, 6 straight steps; (d) the same stopped after 3 and (e) resumed. (a) and (b) must
-    equal one process training the same global batches, loss and gradient norm; (d)+(e) must
-    equal (c) bitwise (the TP-private dropout stream is checkpointed per rank).
+    Returns ``{name: result}`` plus ``"dir"``, ``"log4"`` and ``"log1"``.
     """
-    resume = ["train.train_iters=6", "train.zero_stage=1", "parallel.sequence_parallel=true"]
-    resume += ["train.micro_batch_size=1", "train.global_batch_size=4"]
-    sp_stop = [
-        "train.train_iters=20",
-        "train.exit_interval=4",
-        f"checkpoint.save={tmp_path / 'sp'}",
+    tmp = tmp_path_factory.mktemp("model_parallel")
+    tp_resume = [*TP[:2], "parallel.tp=2", "parallel.sequence_parallel=true"]
+    tp_resume += ["train.train_iters=6", "train.zero_stage=1"]  # dropout 0.1
+    pp_resume = [*TP[:2], "model.num_layers=4", "parallel.pp=2", "train.zero_stage=1"]
+    pp_resume += ["train.train_iters=6", "train.eval_interval=3"]  # dropout 0.1, dp 2
+    sp_stop = ["train.train_iters=20", "train.exit_interval=4", f"checkpoint.save={tmp / 'sp'}"]
+    save_3d = ["train.exit_interval=10", f"checkpoint.save={tmp / 'tp2_pp2'}"]
+    pp4_opts = ["train.exit_interval=10", "model.activation_checkpointing=true"]
+
+    def step11(load: str) -> list[str]:
+        return ["train.exit_interval=11", f"checkpoint.load={tmp / load}"]
+
+    four = {
+        # tp 2 x dp 2 (issue 5)
+        "tp2_zero1": [*TP, "parallel.tp=2", "train.train_iters=20", "train.zero_stage=1"],
+        "tp2_sp_zero0": [*TP, "parallel.tp=2", "parallel.sequence_parallel=true", *sp_stop],
+        "tp_straight": [*tp_resume, f"checkpoint.save={tmp / 'tp_straight'}"],
+        "tp_stop": [*tp_resume, f"checkpoint.save={tmp / 'tp_stop'}", "train.exit_interval=3"],
+        "tp_resume": [*tp_resume, f"checkpoint.save={tmp / 'tp_stop'}"],
+        # pipelines (issue 7): 10 steps each, the 3D one saves for the reshard chain
+        "pp4_zero0": [*PP, "parallel.pp=4", "train.zero_stage=0", *pp4_opts],
+        "tp2_pp2_zero1": [*PP, "parallel.tp=2", "parallel.pp=2", "train.zero_stage=1", *save_3d],
+        # (tp 2, pp 2) -> (1, 1) -> (1, 4) -> (2, 1), then step 11 in two of the new layouts
+        "pp4_from_1x4": [*PP, "parallel.pp=4", *step11("r1x4")],
+        "tp2_from_2x1": [*PP, "parallel.tp=2", "train.zero_stage=1", *step11("r2x1")],
+        "pp_straight": [*pp_resume, f"checkpoint.save={tmp / 'pp_straight'}"],
+        "pp_stop": [*pp_resume, f"checkpoint.save={tmp / 'pp_stop'}", "train.exit_interval=3"],
+        "pp_resume": [*pp_resume, f"checkpoint.save={tmp / 'pp_stop'}"],
+    }
+    chain = [
+        [str(tmp / "tp2_pp2"), str(tmp / "r1x1"), 1, 1],
+        [str(tmp / "r1x1"), str(tmp / "r1x4"), 1, 4],
+        [str(tmp / "r1x4"), str(tmp / "r2x1"), 2, 1],
     ]
-    runs = [
-        [*TP, "parallel.tp=2", "train.train_iters=20", "train.zero_stage=1"],
-        [*TP, "parallel.tp=2", "parallel.sequence_parallel=true", *sp_stop],
-        [*resume, "parallel.tp=2", f"checkpoint.save={tmp_path / 'straight'}"],
-        [*resume, "parallel.tp=2", f"checkpoint.save={tmp_path / 'stop'}", "train.exit_interval=3"],
-        [*resume, "parallel.tp=2", f"checkpoint.save={tmp_path / 'stop'}"],
-    ]
-    four, log, codes = run_workers(4, runs, tmp_path)
-    assert codes == [0] * 4, log[-4000:]
-    assert "parallel layout: world 4 = tp 2 x pp 1 x dp 2 | rank 0 -> tp 0, pp 0, dp 0" in log
-    # (b)'s tp = 2 checkpoint resharded to tp = 1 resumes on one process (optimizer restarted).
-    layout = tensor_parallel_layout(load_config(None, TINY).model)
-    reshard_checkpoint(tmp_path / "sp", tmp_path / "sp_tp1", 1, layout)
-    ref_run = [*TP, "train.train_iters=20", "train.zero_stage=0"]
-    from_tp2 = [*ref_run, "train.exit_interval=5", f"checkpoint.load={tmp_path / 'sp_tp1'}"]
-    (one, resharded), log1, codes1 = run_workers(1, [ref_run, from_tp2], tmp_path)
+    names = list(four)
+    reshard = {str(names.index("tp2_pp2_zero1")): chain}
+    results4, log4, codes = run_workers(4, list(four.values()), tmp, reshard=reshard)
+    assert codes == [0] * 4, log4[-4000:]
+    reshard_checkpoint(tmp / "sp", tmp / "sp_tp1", 1, tensor_parallel_layout(tiny_model()))
+    ref2 = [*TP, "train.train_iters=20", "train.zero_stage=0"]
+    ref4 = [*PP, "train.zero_stage=0", "train.eval_interval=12"]
+    one = {
+        "ref2": ref2,
+        "from_sp_tp1": [*ref2, "train.exit_interval=5", f"checkpoint.load={tmp / 'sp_tp1'}"],
+        "ref4": ref4,
+        "from_1x1": [*PP, *step11("r1x1")],
+    }
+    results1, log1, codes1 = run_workers(1, list(one.values()), tmp)
     assert codes1 == [0], log1[-4000:]
-    reference, ref_norms = _losses(one), one["grad_norms"]
-    assert f"{tmp_path / 'sp_tp1'}/global_step4 was resharded: optimizer state restarts" in log1
-    # Step 5's loss is computed before its update: it only sees the weights after step 4.
-    assert list(_losses(resharded)) == [5]
-    assert _losses(resharded)[5] == pytest.approx(reference[5], rel=1e-5)
+    out: dict[str, Any] = dict(zip([*four, *one], [*results4, *results1], strict=True))
+    return {**out, "dir": tmp, "log4": log4, "log1": log1}
+
+
+def tiny_model() -> Any:
+    return load_config(None, TINY).model
+
+
+def _max_rel(curve: dict[int, float], reference: dict[int, float]) -> float:
+    return max(abs(curve[s] - reference[s]) / abs(reference[s]) for s in curve)
+
+
+def test_tensor_parallel_training_equals_one_process(model_parallel: dict[str, Any]) -> None:
+    """dp 2 x tp 2 through the CLI's session and loop (issue 5): ZeRO-1 for 20 steps, and ZeRO-0
+    with sequence parallelism (the loop's own TP-aware grad norm) for 4, equal one process
+    training the same global batches, loss and gradient norm."""
+    r = model_parallel
+    assert "parallel layout: world 4 = tp 2 x pp 1 x dp 2 | rank 0 -> tp 0, pp 0, dp 0" in r["log4"]
+    reference, ref_norms = _losses(r["ref2"]), r["ref2"]["grad_norms"]
     assert reference[20] < reference[1] - 0.05  # it learns
-    for run, steps in ((four[0], 20), (four[1], 4)):
-        curve = _losses(run)
+    for name, steps in (("tp2_zero1", 20), ("tp2_sp_zero0", 4)):
+        curve = _losses(r[name])
         assert sorted(curve) == list(range(1, steps + 1))
-        worst = max(abs(curve[s] - reference[s]) / reference[s] for s in curve)
-        assert worst < 1e-4, (worst, curve, reference)
-        for step, norm in run["grad_norms"].items():  # DeepSpeed's (ZeRO-1) and ours (ZeRO-0)
-            assert norm == pytest.approx(ref_norms[step], rel=1e-4), (step, norm)
-    straight, stopped, resumed = (_losses(r) for r in four[2:])
-    assert four[3]["exit_reason"] == "exit_interval" and sorted(stopped) == [1, 2, 3]
+        assert _max_rel(curve, reference) < 1e-4, (name, curve, reference)
+        for step, norm in r[name]["grad_norms"].items():  # DeepSpeed's (ZeRO-1), ours (ZeRO-0)
+            assert norm == pytest.approx(ref_norms[step], rel=1e-4), (name, step, norm)
+
+
+def test_tensor_parallel_resume_is_bitwise_and_reshards_to_tp1(
+    model_parallel: dict[str, Any],
+) -> None:
+    """tp 2 + SP, dropout 0.1: 3 steps + stop + resume 3 equals 6 straight, bitwise (the
+    TP-private dropout stream is checkpointed per rank). The tp 2 checkpoint of step 4,
+    resharded to tp 1, resumes on one process (optimizer restarted) with step 5's loss."""
+    r, tmp = model_parallel, model_parallel["dir"]
+    straight, stopped, resumed = (_losses(r[k]) for k in ("tp_straight", "tp_stop", "tp_resume"))
+    assert r["tp_stop"]["exit_reason"] == "exit_interval" and sorted(stopped) == [1, 2, 3]
     assert sorted(resumed) == [4, 5, 6]
-    assert {**stopped, **resumed} == straight  # bitwise, dropout on
-    assert _entries(tmp_path / "stop" / "global_step3") == [
+    assert {**stopped, **resumed} == straight
+    assert _entries(tmp / "tp_stop" / "global_step3") == [
         "layout.json",
         *(f"mp_rank_0{t}_model_states.pt" for t in range(2)),
         *(f"rng_rank0000{r}.pt" for r in range(4)),
         *(f"zero_pp_rank_{d}_mp_rank_0{t}_optim_states.pt" for d in range(2) for t in range(2)),
+    ]
+    assert f"{tmp / 'sp_tp1'}/global_step4 was resharded: optimizer state restarts" in r["log1"]
+    # Step 5's loss is computed before its update: it only sees the weights after step 4.
+    assert list(_losses(r["from_sp_tp1"])) == [5]
+    assert _losses(r["from_sp_tp1"])[5] == pytest.approx(_losses(r["ref2"])[5], rel=1e-5)
+
+
+def test_pipeline_layouts_equal_one_process(model_parallel: dict[str, Any]) -> None:
+    """pp 4 (ZeRO-0: our clipping and norm; activation checkpointing in every block) and
+    tp 2 x pp 2 (ZeRO-1) for 10 steps, dropout off, fp32: every step's loss and grad norm equal
+    one process training the same global batches, and the tied copies stay equal."""
+    r = model_parallel
+    reference, ref_norms = _losses(r["ref4"]), r["ref4"]["grad_norms"]
+    assert reference[10] < reference[1] - 0.01  # it learns (deterministic rows and seeds)
+    for name in ("pp4_zero0", "tp2_pp2_zero1"):
+        curve = _losses(r[name])
+        assert sorted(curve) == list(range(1, 11)), name
+        assert _max_rel(curve, reference) < 1e-4, (name, curve, reference)
+        for step, norm in r[name]["grad_norms"].items():
+            assert norm == pytest.approx(ref_norms[step], rel=1e-4), (name, step, norm)
+        assert r[name]["tied_diff"] == 0.0  # embedding (first stage) == head (last stage)
+    log = r["log4"]
+    assert "parallel layout: world 4 = tp 1 x pp 4 x dp 1 | rank 0 -> tp 0, pp 0, dp 0" in log
+    assert "parallel layout: world 4 = tp 2 x pp 2 x dp 1 | rank 0 -> tp 0, pp 0, dp 0" in log
+    # 4 micro-batches per step: bubble (pp - 1) / (m + pp - 1)
+    assert "| tp 1 pp 4 dp 1, bubble 42.9%" in log and "| tp 2 pp 2 dp 1, bubble 20.0%" in log
+    assert "tied embedding / output head copies: max |difference| 0" in log
+
+
+def test_pipeline_resume_is_bitwise_with_validation_per_objective(
+    model_parallel: dict[str, Any],
+) -> None:
+    """pp 2 x dp 2, ZeRO-1, dropout 0.1, validation every 3 steps through the pipeline: 3 steps +
+    stop + resume 3 equals 6 straight bitwise, validations included; the step-0 validation (init
+    weights, dropout off) equals one process's."""
+    r, tmp = model_parallel, model_parallel["dir"]
+    straight, stopped, resumed = (_losses(r[k]) for k in ("pp_straight", "pp_stop", "pp_resume"))
+    assert sorted(stopped) == [1, 2, 3] and sorted(resumed) == [4, 5, 6]
+    assert {**stopped, **resumed} == straight
+    assert r["pp_resume"]["valid"] == r["pp_straight"]["valid"]
+    assert [i for i, _ in r["pp_straight"]["valid"]] == [0, 3, 6]
+    assert r["pp_straight"]["valid"][0][1] == pytest.approx(r["ref4"]["valid"][0][1], rel=1e-6)
+    assert _entries(tmp / "pp_stop" / "global_step3") == [
+        *(f"layer_0{i}-model_00-model_states.pt" for i in range(6)),
+        "layout.json",
+        "mp_rank_00_model_states.pt",
+        "mp_rank_01_model_states.pt",
+        *(f"rng_rank0000{r}.pt" for r in range(4)),
+        *(f"zero_pp_rank_{d}_mp_rank_0{m}_optim_states.pt" for d in range(2) for m in range(2)),
+    ]
+    log = r["log4"]
+    assert "| tp 1 pp 2 dp 2, bubble 33.3%" in log  # 2 micro-batches per step
+    line = next(x for x in log.splitlines() if x.startswith("validation at step 3 |"))
+    assert all(f"{k} " in line and f"{k} n/a" not in line for k in ("span", "sentence", "document"))
+
+
+def test_reshard_chain_keeps_the_model(model_parallel: dict[str, Any]) -> None:
+    """(tp 2, pp 2) after 10 steps -> (1, 1) -> (1, 4) -> (2, 1): step 11 run from the (1, 1),
+    (1, 4) and (2, 1) checkpoints (1 process, pp 4, tp 2 x dp 2) has the loss of one process
+    that trained 11 steps straight; the files are the layouts asked for."""
+    r, tmp = model_parallel, model_parallel["dir"]
+    reference = _losses(r["ref4"])[11]
+    for name in ("from_1x1", "pp4_from_1x4", "tp2_from_2x1"):
+        assert list(_losses(r[name])) == [11], name
+        assert _losses(r[name])[11] == pytest.approx(reference, rel=1e-5), name
+    r14 = tmp / "r1x4" / "global_step10"
+    assert _entries(r14) == [
+        *(f"layer_0{i}-model_00-model_states.pt" for i in range(6)),
+        *(f"mp_rank_0{m}_model_states.pt" for m in range(4)),
+    ]
+    assert reshard_info(r14) == {
+        "from_tp": 1,
+        "to_tp": 1,
+        "optimizer_state": "dropped",
+        "from_pp": 1,
+        "to_pp": 4,
+    }
+    assert _entries(tmp / "r2x1" / "global_step10") == [
+        "mp_rank_00_model_states.pt",
+        "mp_rank_01_model_states.pt",
     ]
 
 

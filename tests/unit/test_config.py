@@ -125,3 +125,10 @@ def test_bad_override_value_and_section_file_are_named(tmp_path: Path) -> None:
         load_config(run)
     with pytest.raises(ValueError, match=r"config section 'model': expected a mapping"):
         load_config(None, ["model=3"])
+
+
+def test_partition_method_validated() -> None:
+    cfg = load_config(None, ["parallel.partition_method=type:GLMBlock"])
+    assert cfg.parallel.partition_method == "type:GLMBlock"
+    with pytest.raises(ValueError, match=r"config field 'parallel\.partition_method': one of"):
+        load_config(None, ["parallel.partition_method=balanced"])

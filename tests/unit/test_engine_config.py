@@ -1,9 +1,11 @@
 """Engine set-up without starting DeepSpeed: config dict, weight-decay groups, skippable AdamW,
-launch checks, stop conditions and the checkpoint `latest` pointer."""
+launch checks, stop conditions, the checkpoint `latest` pointer, and the pipeline's launch
+refusals, DeepSpeed settings, bubble fraction and checkpoint file layout."""
 
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import time
 from pathlib import Path
@@ -24,6 +26,13 @@ from megatron_glm.training.engine import (
     SkippableAdamW,
     deepspeed_config,
     param_groups,
+)
+from megatron_glm.training.metrics import (
+    StepStats,
+    Throughput,
+    bubble_fraction,
+    format_log_line,
+    step_scalars,
 )
 from megatron_glm.training.preflight import validate_for_launch
 from megatron_glm.training.signals import StopConditions
@@ -240,3 +249,137 @@ def test_checkpoint_of_another_tp_pp_layout_is_refused_with_the_reshard_command(
         "pp 1, this run is tp 1, pp 1; convert it first with python tools/reshard_checkpoint.py "
         f"--load {tmp_path} --tp 1 --save NEW_DIR (optimizer state restarts)"
     )
+
+
+# ----------------------------------------------------------------------------- pipeline parallelism
+
+
+def test_pipeline_refusals_name_the_field_and_the_alternative() -> None:
+    validate_for_launch(_cfg("parallel.pp=2", "train.zero_stage=1"), 2, check_data=False)
+    for stage in (2, 3):
+        with pytest.raises(ValueError) as err:
+            validate_for_launch(
+                _cfg("parallel.pp=2", f"train.zero_stage={stage}"), 2, check_data=False
+            )
+        assert str(err.value) == (
+            f"config field 'train.zero_stage': ZeRO-{stage} cannot be combined with "
+            "parallel.pp=2: DeepSpeed's pipeline engine accumulates each stage's gradients over "
+            "the micro-batches of a step, which ZeRO-2 (sharded gradients) and ZeRO-3 (sharded "
+            "parameters) do not allow, and DeepSpeed refuses it; use train.zero_stage=1 (sharded "
+            "optimizer state) with pipeline parallelism, or parallel.pp=1 with ZeRO-2/3"
+        )
+    # Layouts that do not divide: layers vs stages and heads vs tp (config), world size (launch).
+    with pytest.raises(
+        ValueError, match=r"^config field 'model\.num_layers': must be divisible by parallel\.pp"
+    ):
+        _cfg("parallel.pp=3", "model.num_layers=4")
+    with pytest.raises(
+        ValueError,
+        match=r"^config field 'model\.num_attention_heads': must be divisible by parallel\.tp",
+    ):
+        _cfg("parallel.tp=4", "model.num_attention_heads=2")
+    with pytest.raises(
+        ValueError,
+        match=r"^config field 'parallel\.tp': tp \* pp = 4 does not divide the world size 6$",
+    ):
+        validate_for_launch(_cfg("parallel.tp=2", "parallel.pp=2"), 6, check_data=False)
+
+
+def test_deepspeed_config_of_a_pipeline() -> None:
+    pp = _cfg("parallel.pp=2", "train.zero_stage=0", "optimizer.clip_grad=0.5")
+    ds = deepspeed_config(pp, dp_size=1)
+    assert ds["pipeline"] == {"pipe_partitioned": True, "grad_partitioned": True}
+    assert ds["gradient_clipping"] == 0.0  # ZeRO-0 fp32 + PP: the step hook clips (engine)
+    sp = _cfg(
+        "parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "train.zero_stage=1"
+    )
+    ds = deepspeed_config(sp, dp_size=1)
+    assert ds["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
+    assert ds["gradient_clipping"] == 1.0  # ZeRO-1: DeepSpeed clips
+    assert "pipeline" not in deepspeed_config(_cfg(), dp_size=1)
+
+
+def test_bubble_fraction_and_log_line() -> None:
+    assert bubble_fraction(1, 8) == 0.0
+    assert bubble_fraction(4, 4) == pytest.approx(3 / 7)
+    with pytest.raises(
+        ValueError, match=r"^bubble_fraction: pp \(0\) and micro_batches \(4\) >= 1$"
+    ):
+        bubble_fraction(0, 4)
+    speed = Throughput(tokens_per_s=1000.0, tflops_per_device=0.5, mfu=None)
+    stats = StepStats(
+        iteration=3,
+        train_iters=10,
+        consumed_samples=12,
+        loss=5.0,
+        objective_loss={"span": 5.0},
+        lr=1e-3,
+        grad_norm=1.0,
+        loss_scale=1.0,
+        speed=speed,
+        memory_mib=10.0,
+        seconds_per_step=0.1,
+        layout="tp 2 pp 4 dp 1",
+        pipeline_bubble=bubble_fraction(4, 4),
+    )
+    assert format_log_line(stats).endswith(" | 0.100 s/step | tp 2 pp 4 dp 1, bubble 42.9%")
+    assert step_scalars(stats)["perf/pipeline_bubble"] == pytest.approx(3 / 7)
+
+
+def _pipeline_checkpoint(root: Path, full: dict[str, torch.Tensor], layout: dict, pp: int) -> Path:
+    """A (tp 2, pp) checkpoint written the way DeepSpeed's PipelineEngine names its files."""
+    from megatron_glm.parallel.reshard import write_checkpoint
+
+    tag = root / "global_step5"
+    tag.mkdir(parents=True)
+    (root / "latest").write_text("global_step5")
+    base = {"iteration": 5, "config": {"model": {"num_layers": 2}}, "optimizer": {"x": 1}}
+    write_checkpoint(full, layout, tag, tp=2, pp=pp, base=base, marker={})
+    for name in ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank00000.pt"):
+        (tag / name).write_bytes(b"")
+    return tag
+
+
+def test_pipeline_checkpoint_files_reshard_and_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DeepSpeed's pipeline layout (per-layer files), (tp 2, pp 2) -> (1, 1) -> (1, 4) -> (2, 1),
+    and ``load_model_state`` of each: the same full state dict, bitwise."""
+    from megatron_glm.model import tensor_parallel_layout
+    from megatron_glm.parallel.reshard import checkpoint_layout, reshard_checkpoint
+    from megatron_glm.training.checkpoint import load_model_state
+
+    cfg = _cfg().model
+    full = build_model(cfg, vocab_size=128, seed=3).state_dict()
+    layout = tensor_parallel_layout(cfg)
+    src = _pipeline_checkpoint(tmp_path / "tp2pp2", full, layout, pp=2)
+    names = sorted(p.name for p in src.iterdir())
+    assert names[:8] == [f"layer_0{i}-model_0{t}-model_states.pt" for i in range(4) for t in (0, 1)]
+    assert names[8:12] == [f"mp_rank_0{m}_model_states.pt" for m in range(4)]
+    assert checkpoint_layout(src) == (2, 2)
+    blob = torch.load(src / "mp_rank_03_model_states.pt", weights_only=False)
+    assert blob["module"] is None and blob["mp_world_size"] == 4 and blob["iteration"] == 5
+    block = torch.load(src / "layer_01-model_01-model_states.pt", weights_only=False)
+    assert set(block) == {k.removeprefix("layers.1.") for k in full if k.startswith("layers.1.")}
+    chain = [("tp2pp2", "r11", 1, 1), ("r11", "r14", 1, 4), ("r14", "r21", 2, 1)]
+    for source, target, tp, pp in chain:
+        result = reshard_checkpoint(tmp_path / source, tmp_path / target, tp, layout, pp=pp)
+        assert (result.source_pp, result.target_tp, result.target_pp) == (
+            checkpoint_layout(tmp_path / source / "global_step5")[1],
+            tp,
+            pp,
+        )
+        assert checkpoint_layout(tmp_path / target / "global_step5") == (tp, pp)
+        state = load_model_state(tmp_path / target, layout=layout)
+        assert state.keys() == full.keys()
+        assert all(torch.equal(state[k], v) for k, v in full.items()), target
+    tool = runpy.run_path(str(Path(__file__).parents[2] / "tools" / "reshard_checkpoint.py"))
+    args = ["--load", str(tmp_path / "r14"), "--save", str(tmp_path / "cli")]
+    tool["main"]([*args, "--tp", "2", "--pp", "2"])
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"resharded {tmp_path / 'r14'}/global_step5: (tp 1, pp 4) -> (tp 2, pp 2)"
+    )
+    assert sorted(p.name for p in (tmp_path / "cli" / "global_step5").iterdir()) == names[:12]
+    first = reshard_checkpoint(tmp_path / "tp2pp2", tmp_path / "again", 1, layout, pp=1)
+    assert first.dropped == ["rng_rank00000.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert torch.load(first.files[0], weights_only=False)["optimizer"] is None
