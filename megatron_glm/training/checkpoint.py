@@ -236,8 +236,9 @@ def check_layout(load_dir: str, *, dp_size: int, zero_stage: int, tp: int = 1, p
             f"config field 'train.zero_stage': checkpoint {load_dir}/{tag} was written with "
             f"ZeRO-{s_zero} at data-parallel size {s_dp}, this run is ZeRO-{zero_stage} at "
             f"data-parallel size {dp_size}; DeepSpeed cannot re-partition ZeRO optimizer state. "
-            "Resume with the same layout, or convert the checkpoint with DeepSpeed's "
-            "ds_to_universal.py first"
+            "Resume with the same layout, or rewrite its weights with python "
+            f"tools/reshard_checkpoint.py --load {load_dir} --tp {tp} --save NEW_DIR and set "
+            "checkpoint.load=NEW_DIR (optimizer state restarts)"
         )
 
 

@@ -16,9 +16,10 @@ is the same function; GLM's linear decay is not clamped at ``T`` (it would go ne
 is.
 
 The scheduler is a plain object with the torch LR-scheduler surface DeepSpeed uses (``step()``,
-``get_lr()``, ``get_last_lr()``, ``state_dict()``, ``load_state_dict()``): DeepSpeed steps it after
-every applied optimizer step (not after fp16-overflow-skipped ones) and stores its state in the
-checkpoint. Its whole state is the step count, so a resumed run recomputes the identical LR.
+``get_lr()``, ``get_last_lr()``, ``state_dict()``, ``load_state_dict()``). The training loop
+steps it after every applied optimizer step (not after skipped ones) and stores its state in the
+checkpoint's client state. Its whole state is the step count, so a resumed run recomputes the
+identical LR.
 """
 
 from __future__ import annotations
