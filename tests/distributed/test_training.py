@@ -446,6 +446,7 @@ def model_parallel(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         # pipelines (issue 7): 10 steps each, the 3D one saves for the reshard chain
         "pp4_zero0": [*PP, "parallel.pp=4", "train.zero_stage=0", *pp4_opts],
         "tp2_pp2_zero1": [*PP, "parallel.tp=2", "parallel.pp=2", "train.zero_stage=1", *save_3d],
+        "pp2_dp2_zero1": [*PP, "parallel.pp=2", "train.zero_stage=1", "train.exit_interval=10"],
         # (tp 2, pp 2) -> (1, 1) -> (1, 4) -> (2, 1), then step 11 in two of the new layouts
         "pp4_from_1x4": [*PP, "parallel.pp=4", *step11("r1x4")],
         "tp2_from_2x1": [*PP, "parallel.tp=2", "train.zero_stage=1", *step11("r2x1")],
@@ -525,13 +526,14 @@ def test_tensor_parallel_resume_is_bitwise_and_reshards_to_tp1(
 
 
 def test_pipeline_layouts_equal_one_process(model_parallel: dict[str, Any]) -> None:
-    """pp 4 (ZeRO-0: our clipping and norm; activation checkpointing in every block) and
-    tp 2 x pp 2 (ZeRO-1) for 10 steps, dropout off, fp32: every step's loss and grad norm equal
-    one process training the same global batches, and the tied copies stay equal."""
+    """pp 4 (ZeRO-0: our clipping and norm; activation checkpointing in every block),
+    tp 2 x pp 2 and pp 2 x dp 2 (ZeRO-1) for 10 steps, dropout off, fp32: every step's loss and
+    grad norm equal one process training the same global batches, and the tied copies stay
+    equal."""
     r = model_parallel
     reference, ref_norms = _losses(r["ref4"]), r["ref4"]["grad_norms"]
     assert reference[10] < reference[1] - 0.01  # it learns (deterministic rows and seeds)
-    for name in ("pp4_zero0", "tp2_pp2_zero1"):
+    for name in ("pp4_zero0", "tp2_pp2_zero1", "pp2_dp2_zero1"):
         curve = _losses(r[name])
         assert sorted(curve) == list(range(1, 11)), name
         assert _max_rel(curve, reference) < 1e-4, (name, curve, reference)
@@ -541,6 +543,7 @@ def test_pipeline_layouts_equal_one_process(model_parallel: dict[str, Any]) -> N
     log = r["log4"]
     assert "parallel layout: world 4 = tp 1 x pp 4 x dp 1 | rank 0 -> tp 0, pp 0, dp 0" in log
     assert "parallel layout: world 4 = tp 2 x pp 2 x dp 1 | rank 0 -> tp 0, pp 0, dp 0" in log
+    assert "parallel layout: world 4 = tp 1 x pp 2 x dp 2 | rank 0 -> tp 0, pp 0, dp 0" in log
     # 4 micro-batches per step: bubble (pp - 1) / (m + pp - 1)
     assert "| tp 1 pp 4 dp 1, bubble 42.9%" in log and "| tp 2 pp 2 dp 1, bubble 20.0%" in log
     assert "tied embedding / output head copies: max |difference| 0" in log
