@@ -245,6 +245,11 @@ def initialize(
     )
 
 
+def uses_manual_grad_norm(ds: Any) -> bool:
+    """True where the gradient norm is ours to compute: DeepSpeed reports none at ZeRO-0 fp32."""
+    return ds.zero_optimization_stage() == 0 and not (ds.fp16_enabled() or ds.bfloat16_enabled())
+
+
 def initialize_pipeline(
     cfg: RunConfig, *, vocab_size: int, dims: ParallelDims, device: torch.device
 ) -> Engine:
@@ -279,9 +284,7 @@ def initialize_pipeline(
         config=deepspeed_config(cfg, dims.dp_size),
         dist_init_required=False,
     )
-    manual_norm = engine.zero_optimization_stage() == 0 and not (
-        engine.fp16_enabled() or engine.bfloat16_enabled()
-    )
+    manual_norm = uses_manual_grad_norm(engine)
     clip = cfg.optimizer.clip_grad if clips_itself(cfg) else 0.0
     hook = StepHook(pipe.loss_fn, optimizer, manual_norm=manual_norm, clip_grad=clip)
     install_step_hook(engine, hook)

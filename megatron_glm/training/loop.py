@@ -42,7 +42,7 @@ from megatron_glm.config import RunConfig, to_dict
 from megatron_glm.parallel.layers import grad_norm as model_grad_norm
 from megatron_glm.training import checkpoint as ckpt
 from megatron_glm.training.distributed import all_reduce
-from megatron_glm.training.engine import Engine
+from megatron_glm.training.engine import Engine, uses_manual_grad_norm
 from megatron_glm.training.metrics import (
     ScalarWriter,
     StepStats,
@@ -189,9 +189,7 @@ def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
     num_tokens = _global_token_count(eng, micro_batches)
     factor = eng.grad_accum * eng.dp_size / num_tokens
     stats = torch.zeros(7, dtype=torch.float64, device=eng.device)  # [sum, obj sum x3, obj cnt x3]
-    manual_norm = ds.zero_optimization_stage() == 0 and not (
-        ds.fp16_enabled() or ds.bfloat16_enabled()
-    )
+    manual_norm = uses_manual_grad_norm(ds)
     grad_norm: float | None = None
     finite = True
     for i, mb in enumerate(micro_batches):
@@ -209,16 +207,33 @@ def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
         ds.step()
     # DeepSpeed may skip the inner step itself (fp16 overflow) without consuming the flag.
     eng.optimizer.skip_next_step = False
+    values = stats.tolist()
+    return _step_output(
+        eng, values[0], values[1:4], values[4:7], num_tokens, manual_norm, grad_norm
+    )
+
+
+def _step_output(
+    eng: Engine,
+    loss_sum: float,
+    objective_sum: list[float],
+    objective_count: list[float],
+    num_tokens: float,
+    manual_norm: bool,
+    grad_norm: float | None,
+) -> StepOutput:
+    """The step's record, with DeepSpeed's grad norm where it computed one (non-manual norm)."""
+    ds = eng.engine
+    finite = math.isfinite(loss_sum)
     applied = finite and bool(ds.was_step_applied())
     if not manual_norm and applied:
         value = ds.get_global_grad_norm()
         grad_norm = None if value is None else float(value)
-    values = stats.tolist()
     return StepOutput(
-        loss_sum=values[0],
+        loss_sum=loss_sum,
         num_tokens=num_tokens,
-        objective_sum=values[1:4],
-        objective_count=values[4:7],
+        objective_sum=objective_sum,
+        objective_count=objective_count,
         finite=finite,
         applied=applied,
         grad_norm=grad_norm,
@@ -245,21 +260,8 @@ def pipeline_train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
     eng.optimizer.skip_next_step = False
     assert hook.stats is not None, "the pipeline ran no optimizer step"
     values = hook.stats.tolist()  # [sum, tokens, obj sum x3, obj tokens x3]
-    finite = math.isfinite(values[0])
-    applied = finite and bool(ds.was_step_applied())
-    grad_norm = hook.grad_norm
-    if not hook.manual_norm and applied:
-        value = ds.get_global_grad_norm()
-        grad_norm = None if value is None else float(value)
-    return StepOutput(
-        loss_sum=values[0],
-        num_tokens=num_tokens,
-        objective_sum=values[2:5],
-        objective_count=values[5:8],
-        finite=finite,
-        applied=applied,
-        grad_norm=grad_norm,
-        loss_scale=_loss_scale(eng),
+    return _step_output(
+        eng, values[0], values[2:5], values[5:8], num_tokens, hook.manual_norm, hook.grad_norm
     )
 
 
