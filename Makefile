@@ -13,7 +13,7 @@ venv: $(STAMP)
 
 # One install step for everything: torch is pinned in requirements.txt to the CPU build on local
 # disk, and the project is installed with --no-deps so nothing it declares can upgrade torch.
-$(STAMP): requirements.txt setup.py
+$(STAMP): requirements.txt setup.py megatron_glm/data/_native.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .

@@ -2,15 +2,27 @@
 
 Dependencies are listed in requirements.txt with their pins (torch is pinned to the CPU build on
 local disk so nothing upgrades it); ``install_requires`` only states the ranges the library needs.
+
+One small C extension, ``megatron_glm.data._native`` (hot loops of the preprocessor), is built
+with the install (in place for ``-e``); it is optional: without a compiler the install goes on
+and the preprocessor uses its pure-Python fallbacks, same output, slower.
 """
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="megatron_glm",
     version="0.1.0",
     description="GLM pretraining and finetuning on DeepSpeed with Megatron-style parallelism",
     packages=find_packages(include=["megatron_glm", "megatron_glm.*"]),
+    ext_modules=[
+        Extension(
+            "megatron_glm.data._native",
+            ["megatron_glm/data/_native.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        )
+    ],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -19,6 +31,7 @@ setup(
         "sentencepiece>=0.2",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "orjson>=3.9",
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

@@ -21,7 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
     parser.add_argument(
-        "--workers", type=int, default=1, help="SentencePiece encode threads (default 1)"
+        "--workers",
+        type=int,
+        default=1,
+        help="encoder processes, besides the one that parses (default 1)",
     )
     parser.add_argument(
         "--append-eod", action="store_true", help="end every document with the eos token"

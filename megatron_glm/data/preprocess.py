@@ -24,28 +24,28 @@ With several keys a line is used only if every key is good, so all output datase
 documents in the same order (document ``i`` of ``_title_`` belongs to document ``i`` of
 ``_text_``); the first failing key decides the reason.
 
-Pipeline and why. The work per chunk of ~1 MiB of lines is: read, UTF-8 decode + JSON + checks,
-sentence split, SentencePiece encode, flatten ids into a numpy array, write.
+Pipeline and why. The work per chunk of ~1 MiB of lines is: read, JSON parse + checks, sentence
+split, SentencePiece encode, flatten ids into a numpy array, write.
 ``tools/bench/bench_preprocess.py --stages`` prints each stage's CPU time against
-SentencePiece's own encode: encode dominates; the vectorised splitter costs about a fifth of
-it, flattening about an eighth, parsing under a tenth. SentencePiece's batch
-``encode(list, num_threads=N)`` releases the GIL and runs a C++ thread pool. So:
+SentencePiece's own encode: encode dominates; the splitter costs about a sixth of it, flattening
+the id lists about a tenth, parsing (orjson) a few percent. So:
 
-* the **main thread** reads, parses and splits chunk ``i+1`` (vectorised splitter, see
-  :mod:`megatron_glm.data.sentence_split`), and flattens and writes chunk ``i-1``;
-* **one encoder thread** runs ``encode_batch(texts, num_threads=workers)`` on chunk ``i``;
-* at most ``MAX_IN_FLIGHT`` chunks are submitted and not yet written, results are consumed in
-  submission order: output is the same bytes for any ``workers`` (chunking depends only on the
-  input), and memory is a few chunks plus the builder's fixed buffers, whatever the corpus size.
+* the **main process** reads, parses and splits chunk ``i + k`` and writes chunk ``i``;
+* **``workers`` encoder processes** each encode a whole chunk with one SentencePiece thread and
+  flatten its ids into ``(tokens, lengths)`` arrays, which come back in a few pickled buffers;
+* at most ``MAX_IN_FLIGHT_PER_WORKER * workers`` chunks are submitted and not yet written;
+  results are consumed in submission order, so the output is the same bytes for any
+  ``workers`` (chunking depends only on the input) and memory is a few chunks plus the
+  builder's fixed buffers, whatever the corpus size.
 
-``workers`` is therefore the number of SentencePiece threads; parsing runs beside them in the
-main thread. The alternative, Megatron's ``multiprocessing`` pool of ``workers`` processes each
-parsing and encoding whole chunks, pays for pickling lines and id lists between processes and
-for a per-process model, and cannot overlap parsing with encoding at ``workers=1``; the bench's
-``--with-pool`` column measured it slower at 1 and 2 workers on the 2-core development machine.
-Its advantage, parsing on many cores, matters once SentencePiece threads outrun the single
-parsing thread (it does the other stages at several times the encoder's per-thread speed, so
-beyond several workers); there, shard the input and merge with ``tools/merge_datasets.py``.
+Why processes, not SentencePiece's own threads (``encode(list, num_threads=N)``, which releases
+the GIL for the C++ segmentation): building the id lists and flattening them are Python work that
+holds the GIL, so with threads they serialize against the parsing thread, and the three threads
+then contend for two cores; the previous, threaded design of this module measured 0.5-0.7 of the
+SentencePiece limit at 2 workers on the 2-core development machine. Processes each hold their own
+GIL and keep every core busy; the cost is pickling each chunk's sentences out and two arrays
+back, a few percent of the encode. Unlike Megatron-LM's pool, parsing stays in the main process:
+it overlaps the encoders even at ``workers=1``, and only the compact ids travel back.
 """
 
 from __future__ import annotations
@@ -53,23 +53,34 @@ from __future__ import annotations
 import gc
 import glob
 import gzip
+import importlib
 import itertools
 import json
+import multiprocessing
 import os
+import resource
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any
 
 import numpy as np
+import orjson
 
 from megatron_glm.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
 from megatron_glm.data.sentence_split import split_sentences_batch
 from megatron_glm.data.tokenizer import GLMTokenizer
+
+_native: ModuleType | None
+try:  # built by setup.py where a C compiler exists; see _flatten
+    _native = importlib.import_module("megatron_glm.data._native")
+except ImportError:
+    _native = None
 
 __all__ = [
     "BAD_LINE_REASONS",
@@ -91,11 +102,17 @@ BAD_LINE_REASONS: dict[str, str] = {
 }
 """Reason code -> words used in reports and errors."""
 
-DEFAULT_CHUNK_BYTES = 1 << 20
-"""Input bytes per chunk: big enough to amortise per-call costs (SentencePiece's thread pool is
-created per call), small enough that a few chunks in flight cost a few MB."""
-MAX_IN_FLIGHT = 2
-"""Chunks submitted to the encoder and not yet written: one encoding, one queued behind it."""
+DEFAULT_CHUNK_BYTES = 1 << 18
+"""Input bytes per chunk: big enough to amortise per-chunk costs (a SentencePiece call, two
+pickled messages), small enough that the Python objects of a chunk (an int per token) fit the
+allocator's reused arenas instead of being mapped and unmapped each time (at 1 MiB the encoder
+processes took ~5x the page faults and ~2x the system time), and that the last chunk, encoded
+alone while the other encoders idle, is short."""
+MAX_IN_FLIGHT_PER_WORKER = 2
+"""Chunks submitted per encoder process and not yet written: one encoding, one queued behind it
+(so a worker never waits for the main process to parse its next chunk)."""
+_NATIVE_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32))
+"""Token dtypes ``_native.flatten_ids`` writes (those :func:`best_fitting_dtype` picks)."""
 REPORTED_LOCATIONS = 5
 """``file:line`` locations kept per bad-line reason for the report."""
 
@@ -122,6 +139,13 @@ class BadLines:
         if len(self.locations[reason]) < REPORTED_LOCATIONS:
             self.locations[reason].append(where)
 
+    def merge(self, other: BadLines) -> None:
+        """Add the bad lines of a later part of the input (an encoder process's chunk)."""
+        for reason, n in other.counts.items():
+            self.counts[reason] += n
+            room = REPORTED_LOCATIONS - len(self.locations[reason])
+            self.locations[reason] += other.locations[reason][:room]
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -140,7 +164,7 @@ class PreprocessSummary:
     tokens: int = 0
     input_bytes: int = 0  # uncompressed bytes of all lines, bad ones included
     seconds: float = 0.0
-    cpu_seconds: float = 0.0  # CPU time of all threads of the process during the run
+    cpu_seconds: float = 0.0  # CPU time of this process and its encoder processes during the run
     bad: BadLines = field(default_factory=BadLines)
 
     @property
@@ -193,17 +217,28 @@ def output_prefix_for(output_prefix: str | os.PathLike[str], key: str, split: bo
 
 @dataclass
 class _Chunk:
-    """Consecutive raw lines of one file."""
+    """Whole consecutive lines of one file, as the raw bytes read (newlines included)."""
 
     path: str
     first_lineno: int
-    lines: list[bytes]
-    nbytes: int
+    data: bytes
     disk_pos: int  # bytes of the (possibly compressed) input files consumed so far
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def lines(self) -> list[bytes]:
+        """The lines, without their ``\n`` (a final line may lack one). Split here, in C, by
+        the process that parses them: the reading process only finds the last newline."""
+        lines = self.data.split(b"\n")
+        if not lines[-1]:
+            lines.pop()
+        return lines
 
 
 def _open_lines(path: Path) -> tuple[IO[bytes], IO[bytes]]:
-    """(line source, raw file whose position measures progress on disk)."""
+    """(byte source, raw file whose position measures progress on disk)."""
     raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
     if path.name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw  # type: ignore[return-value]
@@ -211,23 +246,26 @@ def _open_lines(path: Path) -> tuple[IO[bytes], IO[bytes]]:
 
 
 def _iter_chunks(paths: Sequence[Path], chunk_bytes: int) -> Iterator[_Chunk]:
-    """Chunks of about ``chunk_bytes`` (never spanning files); ``disk_pos`` counts all files."""
+    """Chunks of whole lines, about ``chunk_bytes`` each (more for a longer line), never
+    spanning files; ``disk_pos`` counts all files. Read in blocks, cut after the last newline:
+    no per-line Python work here, and a line of any length is read in linear time."""
     done = 0
     for path in paths:
         src, raw = _open_lines(path)
         with raw, src:
             lineno = 1
-            lines: list[bytes] = []
-            nbytes = 0
-            for line in src:
-                lines.append(line)
-                nbytes += len(line)
-                if nbytes >= chunk_bytes:
-                    yield _Chunk(str(path), lineno, lines, nbytes, done + raw.tell())
-                    lineno += len(lines)
-                    lines, nbytes = [], 0
-            if lines:
-                yield _Chunk(str(path), lineno, lines, nbytes, done + raw.tell())
+            parts: list[bytes] = []  # a started line, until a block holds its newline
+            while block := src.read(chunk_bytes):
+                cut = block.rfind(b"\n") + 1
+                if not cut:
+                    parts.append(block)
+                    continue
+                data = b"".join([*parts, block[:cut]])
+                parts = [block[cut:]]
+                yield _Chunk(str(path), lineno, data, done + raw.tell())
+                lineno += data.count(b"\n")
+            if rest := b"".join(parts):
+                yield _Chunk(str(path), lineno, rest, done + raw.tell())
         done += path.stat().st_size
 
 
@@ -253,36 +291,32 @@ def _check_text(obj: Any, key: str) -> tuple[str, str] | str:
     return text
 
 
-_SCAN_ONCE = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
-"""The C scanner behind ``json.loads``. Calling it directly skips two Python frames and two
-regex matches per line; any line it does not accept whole goes through ``json.loads`` itself,
-which then decides and words the error (tests check both paths agree)."""
+def _parse_line(raw: bytes) -> Any:
+    """The JSON value of one line, with ``json.loads`` semantics.
 
-
-def _loads(line: str) -> Any:
-    """``json.loads(line)``, fast path for a value that starts at column 0."""
+    orjson parses the lines it accepts several times faster than ``json`` (bench_preprocess
+    ``--stages``); a line it rejects goes to ``json.loads``, which decides and words the error.
+    orjson refuses more (NaN, 1e400, a lone surrogate escape) and never accepts a line ``json``
+    refuses, so every verdict and error message is ``json``'s; the one value that differs, an
+    integer past 64 bits (a float for orjson), is a non-string either way (tests compare the
+    two on the edge cases). Raises UnicodeDecodeError, ValueError or RecursionError.
+    """
     try:
-        obj, end = _SCAN_ONCE(line, 0)
-    except (StopIteration, ValueError, RecursionError):
-        return json.loads(line)
-    if end != len(line) and not line[end:].isspace():
-        return json.loads(line)  # raises "Extra data"
-    return obj
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw.decode("utf-8"))
 
 
 def _parse_chunk(chunk: _Chunk, keys: Sequence[str], bad: BadLines) -> list[list[str]]:
     """Texts per key of the good lines of ``chunk`` (bad lines reported to ``bad``)."""
     texts: list[list[str]] = [[] for _ in keys]
-    for i, raw in enumerate(chunk.lines):
+    for i, raw in enumerate(chunk.lines()):
         try:
-            line = raw.decode("utf-8")
+            obj = _parse_line(raw)
         except UnicodeDecodeError as e:
-            bad.add(
-                "invalid_utf8", chunk.path, chunk.first_lineno + i, f"byte {e.start}: {e.reason}"
-            )
+            reason = f"byte {e.start}: {e.reason}"
+            bad.add("invalid_utf8", chunk.path, chunk.first_lineno + i, reason)
             continue
-        try:
-            obj = _loads(line)
         except (ValueError, RecursionError) as e:
             bad.add("invalid_json", chunk.path, chunk.first_lineno + i, str(e))
             continue
@@ -317,20 +351,31 @@ def _prepare(texts: list[str], split: bool) -> _Prepared:
 
 
 def _flatten(
-    ids: list[list[int]], per_doc: np.ndarray, eod: int | None, dtype: np.dtype
+    ids: list[list[int]],
+    per_doc: np.ndarray,
+    eod: int | None,
+    dtype: np.dtype,
+    *,
+    use_native: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokens [T] (``dtype``) and sequence lengths int64 [S] of encoded sequences; ``eod`` (if
     given) is appended to the last sequence of each document (the lists are ours, fresh from
-    the encoder). numpy range-checks every Python int it converts (OverflowError on a token id
-    that does not fit ``dtype``)."""
+    the encoder). Every id is range-checked (OverflowError for one that does not fit ``dtype``).
+
+    The copy runs in the compiled ``_native.flatten_ids`` when it was built (setup.py) and
+    ``use_native``, else in numpy's ``fromiter``: the same array, several times slower
+    (bench_preprocess ``--stages`` prints both)."""
     if eod is not None:
         for last in (np.cumsum(per_doc) - 1).tolist():
             ids[last].append(eod)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # [S]
-    tokens = np.fromiter(
-        itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum())
-    )  # [T]
-    return tokens, lengths
+    total = int(lengths.sum())
+    if use_native and _native is not None and dtype in _NATIVE_DTYPES:
+        tokens = np.empty(total, dtype=dtype)  # [T]
+        info = np.iinfo(dtype)
+        _native.flatten_ids(ids, tokens, int(info.min), int(info.max))
+        return tokens, lengths
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=total), lengths
 
 
 @contextmanager
@@ -366,38 +411,116 @@ def _progress(total: int, enabled: bool) -> Any:
     )
 
 
-_Encoded = list[list[list[int]]]  # per json key, per sequence: token ids
+@dataclass
+class _Encoded:
+    """One chunk, processed: per json key the tokens [T] and sequence lengths int64 [S] of its
+    good lines, and their sequences per document int64 [D]; its bad lines."""
+
+    arrays: list[tuple[np.ndarray, np.ndarray]]
+    per_doc: list[np.ndarray]
+    bad: BadLines
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What an encoder process needs besides the chunk (sent once, to its initializer)."""
+
+    model: str
+    keys: tuple[str, ...]
+    split: bool
+    eod: int | None
+    dtype: str
+    strict: bool
+
+
+class _EncoderProcess:
+    """State and work of one encoder process; :meth:`start` is the pool's initializer."""
+
+    job: _Job
+    tokenizer: GLMTokenizer
+
+    @classmethod
+    def start(cls, job: _Job) -> None:
+        gc.disable()  # as _gc_paused, for the life of the process
+        cls.job, cls.tokenizer = job, GLMTokenizer(job.model)
+
+    @classmethod
+    def process(cls, chunk: _Chunk) -> _Encoded:
+        """Parse, split, encode (one SentencePiece thread) and flatten one chunk.
+
+        Under ``strict`` the first bad line raises :class:`BadLineError`, which reaches the main
+        process when it collects this chunk, after every earlier chunk: still the first one.
+        """
+        job, dtype = cls.job, np.dtype(cls.job.dtype)
+        bad = BadLines(strict=job.strict)
+        prepared = [_prepare(t, job.split) for t in _parse_chunk(chunk, job.keys, bad)]
+        encode = cls.tokenizer.encode_batch
+        arrays = [
+            _flatten(encode(p.sequences, num_threads=1), p.per_doc, job.eod, dtype)
+            for p in prepared
+        ]
+        return _Encoded(arrays, [p.per_doc for p in prepared], bad)
+
+
+@contextmanager
+def _encoder_pool(workers: int, job: _Job) -> Iterator[ProcessPoolExecutor]:
+    """``workers`` encoder processes, running when this returns.
+
+    Forked where the platform can (Linux): no re-import, no fresh interpreter, and started
+    here, before the progress bar's monitor thread exists, so no thread is ever forked. On exit
+    the processes are joined (their CPU time then shows in ``RUSAGE_CHILDREN``); after an
+    error, queued chunks are cancelled first.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(workers, context, initializer=_EncoderProcess.start, initargs=(job,))
+    try:
+        pool.submit(int).result()  # launches every process now
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its joined child processes."""
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 class _Writer:
-    """Consumes encoded chunks in order: flattens, appends to the builders, counts, reports."""
+    """Consumes encoded chunks in order: appends to the builders, counts, reports."""
 
     def __init__(
         self,
         builders: list[IndexedDatasetBuilder],
         summary: PreprocessSummary,
-        eod: int | None,
         bar: Any,
         log_interval: int,
     ) -> None:
-        self.builders, self.summary, self.eod = builders, summary, eod
-        self.dtype = builders[0].dtype
+        self.builders, self.summary = builders, summary
         self.bar, self.log_interval = bar, log_interval
         self.start = time.perf_counter()
         self._shown_docs = 0
 
-    def write(self, chunk: _Chunk, prepared: list[_Prepared], encoded: _Encoded) -> None:
-        for builder, prep, ids in zip(self.builders, prepared, encoded, strict=True):
-            tokens, lengths = _flatten(ids, prep.per_doc, self.eod, self.dtype)
+    def write(self, nbytes: int, disk_pos: int, encoded: _Encoded) -> None:
+        for builder, per_doc, (tokens, lengths) in zip(
+            self.builders, encoded.per_doc, encoded.arrays, strict=True
+        ):
             builder.add_items(tokens, lengths)
-            builder.end_documents(prep.per_doc)
+            builder.end_documents(per_doc)
         s = self.summary
-        s.documents += len(prepared[0].per_doc)
-        s.sequences += sum(len(p.sequences) for p in prepared)
+        s.bad.merge(encoded.bad)
+        s.documents += len(encoded.per_doc[0])
+        s.sequences += sum(len(lengths) for _, lengths in encoded.arrays)
         s.tokens = sum(b.num_tokens for b in self.builders)
-        s.input_bytes += chunk.nbytes
+        s.input_bytes += nbytes
         if s.documents - self._shown_docs >= self.log_interval:
-            self.show(chunk.disk_pos)
+            self.show(disk_pos)
 
     def show(self, disk_pos: int) -> None:
         self._shown_docs = self.summary.documents
@@ -411,31 +534,22 @@ class _Writer:
 
 
 def _run_pipeline(
-    chunks: Iterator[_Chunk],
-    prepare: Callable[[_Chunk], list[_Prepared]],
-    encode: Callable[[list[_Prepared]], _Encoded],
-    writer: _Writer,
+    chunks: Iterator[_Chunk], pool: ProcessPoolExecutor, max_in_flight: int, writer: _Writer
 ) -> None:
-    """Prepare chunks here, encode them on one background thread, write them here, in order.
+    """Read chunks here, process them in the pool, write them here, in submission order.
 
-    At most ``MAX_IN_FLIGHT`` chunks are submitted and not yet written, so the encoder always
-    has the next chunk queued while this thread parses the one after and writes the one before.
+    At most ``max_in_flight`` chunks are submitted and not yet written, so every encoder has
+    its next chunk queued while this process reads ahead and writes the oldest.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="sp-encode") as encoder:
-        pending: deque[tuple[_Chunk, list[_Prepared], Future[_Encoded]]] = deque()
-        try:
-            for chunk in chunks:
-                prepared = prepare(chunk)
-                pending.append((chunk, prepared, encoder.submit(encode, prepared)))
-                while len(pending) > MAX_IN_FLIGHT:
-                    chunk, prepared, future = pending.popleft()
-                    writer.write(chunk, prepared, future.result())
-            while pending:
-                chunk, prepared, future = pending.popleft()
-                writer.write(chunk, prepared, future.result())
-        except BaseException:
-            encoder.shutdown(cancel_futures=True)
-            raise
+    pending: deque[tuple[int, int, Future[_Encoded]]] = deque()
+    for chunk in chunks:
+        pending.append((chunk.nbytes, chunk.disk_pos, pool.submit(_EncoderProcess.process, chunk)))
+        while len(pending) > max_in_flight:
+            nbytes, disk_pos, future = pending.popleft()
+            writer.write(nbytes, disk_pos, future.result())
+    while pending:
+        nbytes, disk_pos, future = pending.popleft()
+        writer.write(nbytes, disk_pos, future.result())
 
 
 def preprocess_data(
@@ -454,10 +568,10 @@ def preprocess_data(
 ) -> PreprocessSummary:
     """Tokenize JSONL ``inputs`` (files or globs, ``.gz`` allowed) into indexed datasets.
 
-    See the module docstring for outputs, bad lines and the pipeline. ``workers``: SentencePiece
-    encode threads. ``log_interval``: documents between progress-bar (stderr) refreshes.
-    Raises :class:`BadLineError` on the first bad line when ``strict`` (no output is published),
-    ValueError for unusable arguments.
+    See the module docstring for outputs, bad lines and the pipeline. ``workers``: encoder
+    processes (the calling process reads, parses and splits beside them). ``log_interval``:
+    documents between progress-bar (stderr) refreshes. Raises :class:`BadLineError` on the
+    first bad line when ``strict`` (no output is published), ValueError for unusable arguments.
     """
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -477,24 +591,22 @@ def preprocess_data(
         bad=BadLines(strict=strict),
     )
 
-    def prepare(chunk: _Chunk) -> list[_Prepared]:
-        return [_prepare(t, split_sentences) for t in _parse_chunk(chunk, json_keys, summary.bad)]
-
-    def encode(prepared: list[_Prepared]) -> _Encoded:
-        return [tok.encode_batch(p.sequences, num_threads=workers) for p in prepared]
-
-    start, cpu_start = time.perf_counter(), time.process_time()
     dtype = best_fitting_dtype(tok.vocab_size)
+    eod = tok.eos_id if append_eod else None
+    job = _Job(str(tok.model_path), tuple(json_keys), split_sentences, eod, dtype.str, strict)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     with ExitStack() as stack:
         stack.enter_context(_gc_paused())
         builders = [
             stack.enter_context(IndexedDatasetBuilder(outputs[k], dtype)) for k in json_keys
         ]
+        # Entered after the builders, so the pool is shut down before they publish or abort.
+        pool = stack.enter_context(_encoder_pool(workers, job))
         bar = stack.enter_context(_progress(sum(p.stat().st_size for p in paths), progress))
-        eod = tok.eos_id if append_eod else None
-        writer = _Writer(builders, summary, eod, bar, log_interval)
-        _run_pipeline(_iter_chunks(paths, chunk_bytes), prepare, encode, writer)
+        writer = _Writer(builders, summary, bar, log_interval)
+        chunks = _iter_chunks(paths, chunk_bytes)
+        _run_pipeline(chunks, pool, MAX_IN_FLIGHT_PER_WORKER * workers, writer)
         writer.show(bar.total)
     summary.seconds = time.perf_counter() - start
-    summary.cpu_seconds = time.process_time() - cpu_start
+    summary.cpu_seconds = _cpu_seconds() - cpu_start
     return summary

@@ -262,7 +262,7 @@ def test_chunks_in_flight_are_bounded(
     path.write_bytes(b"".join(_demo_lines(demo_corpus_path, 60)) * 4)
     _run(path, tmp_path / "m", tiny_tokenizer_model, split_sentences=True, chunk_bytes=2048)
     assert live["total"] > 50
-    assert live["max"] <= 4, live  # MAX_IN_FLIGHT (2) in the pipeline, one being parsed, one read
+    assert live["max"] <= 4, live  # 2 submitted per worker (1 worker), one being read, one spare
     assert live["now"] == 0
 
 
@@ -328,31 +328,95 @@ def test_cli_end_to_end_and_merge(
 @pytest.mark.parametrize(
     "line",
     [
-        '{"text": "a"}\n',
-        '{"text": "a"}\r\n',
-        '  {"text": "leading space"}\n',
-        '{"text": "a"}  \t\n',
-        '"just a string"\n',
-        "17",
-        '{"text": "a"} {"text": "b"}\n',
-        '{"text": "a",}\n',
-        "\n",
-        "",
-        "[" * 100_000 + "]" * 100_000,
-        '{"text": "bad \\x escape"}',
-        '{"text": "raw\tcontrol"}',
-        "NaN",
+        b'{"text": "a"}\n',
+        b'{"text": "a"}\r\n',
+        b'  {"text": "leading space"}\n',
+        b'{"text": "a"}  \t\n',
+        b'{"text": "a"}\x0b\n',  # whitespace to str.isspace, not to JSON
+        b'"just a string"\n',
+        b"17",
+        b'{"text": "a"} {"text": "b"}\n',
+        b'{"text": "a",}\n',
+        b'{"text": "a", "text": "b"}\n',  # duplicate key: the last wins
+        b"\n",
+        b"",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"text": "bad \\x escape"}',
+        b'{"text": "raw\tcontrol"}',
+        b'{"text": "lone \\ud800 surrogate"}',
+        b'{"text": "pair \\ud83d\\ude00 ok"}',
+        b'{"text": "caf\xe9"}',  # latin-1, not UTF-8
+        b'\xef\xbb\xbf{"text": "BOM"}',
+        b"NaN",
+        b'{"n": 1e400}',
+        b'{"text": 123456789012345678901234567890}',  # orjson: a float; a non-string either way
+        '{"text": "raw \u2028 and \u00e9"}'.encode(),
     ],
 )
-def test_fast_json_path_agrees_with_json_loads(line: str) -> None:
-    """_loads takes a shortcut through json's C scanner; results and errors must not change."""
-    from megatron_glm.data.preprocess import _loads
+def test_parse_line_agrees_with_json_loads(line: bytes) -> None:
+    """orjson parses first and json decides every line orjson rejects: each error must be
+    exactly ``json.loads``'s, each value too except past-64-bit integers (orjson makes them
+    floats), where the line's bad-line reason must still be the same."""
+    from megatron_glm.data.preprocess import _check_text, _parse_line
 
     try:
-        expected: object = json.loads(line)
+        expected: object = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         with pytest.raises(type(e)) as info:
-            _loads(line)
+            _parse_line(line)
         assert str(info.value) == str(e)
     else:
-        assert json.dumps(_loads(line)) == json.dumps(expected)  # NaN != NaN, "NaN" == "NaN"
+        got = _parse_line(line)
+        if b"1234567890123456789012" in line:  # same reason; the detail names float, not int
+            assert _check_text(got, "text")[0] == _check_text(expected, "text")[0] == "non_string"
+        else:
+            assert json.dumps(got) == json.dumps(expected)  # NaN != NaN, "NaN" == "NaN"
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_compiled_flatten_equals_numpy(dtype: type) -> None:
+    """The compiled copy of the id lists gives numpy's array, eod handling included."""
+    from megatron_glm.data.preprocess import _flatten, _native
+
+    assert _native is not None, "megatron_glm.data._native was not built (pip install -e .)"
+    rng = np.random.default_rng(0)
+    top = int(np.iinfo(dtype).max)
+    ids = [
+        rng.integers(0, top, size=rng.integers(0, 30), endpoint=True).tolist() for _ in range(500)
+    ]
+    per_doc = np.array([3, 1, 196, 300], dtype=np.int64)
+    fast = _flatten([list(x) for x in ids], per_doc, 7, np.dtype(dtype))
+    slow = _flatten([list(x) for x in ids], per_doc, 7, np.dtype(dtype), use_native=False)
+    assert fast[0].dtype == slow[0].dtype == dtype
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+    assert fast[1].sum() == sum(map(len, ids)) + len(per_doc)
+    assert np.array_equal(fast[0][np.cumsum(fast[1]) - 1][np.cumsum(per_doc) - 1], [7] * 4)
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("bad_id", [70_000, -1])
+def test_flatten_rejects_ids_outside_the_dtype(use_native: bool, bad_id: int) -> None:
+    from megatron_glm.data.preprocess import _flatten
+
+    ids = [[1, 2], [3, bad_id, 4]]
+    with pytest.raises(OverflowError):
+        _flatten(ids, np.array([2]), None, np.dtype(np.uint16), use_native=use_native)
+
+
+def test_compiled_flatten_errors() -> None:
+    from megatron_glm.data.preprocess import _native
+
+    assert _native is not None
+    out = np.empty(4, dtype=np.uint16)
+    with pytest.raises(TypeError, match=r"ids\[1\] is tuple, not a list"):
+        _native.flatten_ids([[1], (2,)], out, 0, 65535)
+    with pytest.raises(TypeError, match="token id 'x' is not an int"):
+        _native.flatten_ids([[1, "x"]], out, 0, 65535)
+    with pytest.raises(ValueError, match=r"out holds 4 ids; ids\[1\] needs more"):
+        _native.flatten_ids([[1, 2], [3, 4, 5]], out, 0, 65535)
+    with pytest.raises(ValueError, match="itemsize 8"):
+        _native.flatten_ids([[1]], np.empty(1, dtype=np.int64), 0, 65535)
+    with pytest.raises(OverflowError, match=r"token id 2\*\*70|outside"):
+        _native.flatten_ids([[2**70]], out, 0, 65535)
+    assert _native.flatten_ids([[5, 6], [], [7]], out, 0, 65535) == 3
+    assert out[:3].tolist() == [5, 6, 7]

@@ -1,41 +1,38 @@
 """MB/s of tools/preprocess_data.py against the raw SentencePiece encode limit, same run.
 
     python tools/bench/bench_preprocess.py [--input X.jsonl] [--tokenizer-model M.model]
-        [--min-mb 20] [--workers 1 2] [--repeats 2] [--stages 8] [--with-pool] [--keep DIR]
+        [--min-mb 20] [--workers 1 2] [--repeats 4] [--stages 32] [--keep DIR]
 
 Corpus: ``--input`` or the demo corpus (stdlib docstrings, megatron_glm.data.demo_corpus)
 repeated until it holds ``--min-mb`` MB. Tokenizer: ``--tokenizer-model`` or a unigram model of
 vocab 8000 trained on the (unrepeated) corpus. For each worker count the tool is run as the real
 CLI in a subprocess with ``--append-eod --split-sentences``; MB/s is input JSONL bytes per second
-of its processing time (the ``s`` of its summary: reading, parsing, splitting, encoding, writing;
-not interpreter start-up and model loading, printed separately as end-to-end MB/s).
+of its processing time (the ``s`` of its summary: starting the encoder processes, reading,
+parsing, splitting, encoding, writing; not interpreter start-up and model loading in the main
+process, which are in the end-to-end MB/s printed beside it).
 
 Baseline (the limit): ``sp.encode(sentences, num_threads=workers)`` on the raw SentencePiece
 processor, one call, Python's garbage collector paused (as the tool pauses it), where
 ``sentences`` are exactly the sequences the tool encodes: the good lines' texts parsed and
 sentence-split *beforehand* (not timed) with the tool's own code, held in memory. The ratio is
 limit time / tool time for the same input bytes. Each measurement is the best of ``--repeats``
-runs, interleaved (limit, tool, limit, tool...) to share the machine's noise. CPU seconds
-(all threads of the process) are printed too: on a machine shared with other jobs, wall-clock
-rates swing by 2x between runs, while the CPU ratio (limit CPU / tool CPU: the share of the
-tool's CPU that is SentencePiece's own work) is steadier. It is the efficiency that bounds the
-wall-clock ratio when the tool and the limit both saturate all cores.
+runs, interleaved (limit, tool, limit, tool...) to share the machine's noise. CPU seconds are
+printed too (for the tool: its process and its encoder processes): on a machine shared with
+other jobs, wall-clock rates swing by 2x between runs, while the CPU ratio (limit CPU / tool
+CPU: the share of the tool's CPU that is SentencePiece's own work) is steadier.
 
-``--stages N`` (default 8) first prints a table of CPU seconds per pipeline stage over the first
-N chunks, single-threaded, against SentencePiece's encode of the same sentences: JSON parsing,
-the vectorised splitter and a one-regex splitter of the same rules, encode with the garbage
-collector paused and on, and flattening.
-
-``--with-pool`` also times the design the tool did not pick, Megatron-style: a
-``multiprocessing`` pool of ``workers`` processes, each parsing, splitting, encoding (one SP
-thread) and flattening whole chunks, results consumed in order by the parent that writes them.
+``--stages N`` (default 32) first prints a table of CPU seconds per pipeline stage over the first
+N chunks, single-threaded, against SentencePiece's one-thread encode of the same sentences:
+parsing (orjson, and the json module it replaced), the vectorised splitter and a one-regex
+splitter of the same rules, encode with the garbage collector paused and on, the tokenizer
+wrapper, and flattening the id lists (compiled, and the numpy fallback).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import multiprocessing as mp
+import json
 import os
 import re
 import subprocess
@@ -45,15 +42,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from megatron_glm.data.demo_corpus import write_demo_corpus
-from megatron_glm.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
+from megatron_glm.data.indexed import best_fitting_dtype
 from megatron_glm.data.preprocess import (
     DEFAULT_CHUNK_BYTES,
     BadLines,
     _flatten,
     _iter_chunks,
+    _native,
     _parse_chunk,
     _prepare,
 )
@@ -132,40 +128,6 @@ def time_tool(
     return float(m.group(1)), float(m.group(2)), wall, res.stdout
 
 
-# -- the alternative design: a process pool (Megatron-style), for comparison only ---------------
-
-_POOL_TOK: dict[str, Any] = {}
-
-
-def _pool_init(model: str) -> None:
-    _POOL_TOK["tok"] = GLMTokenizer(model)
-
-
-def _pool_encode(chunk: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    tok: GLMTokenizer = _POOL_TOK["tok"]
-    (texts,) = _parse_chunk(chunk, ["text"], BadLines())
-    prep = _prepare(texts, split=True)
-    ids = tok.encode_batch(prep.sequences, num_threads=1)
-    tokens, lengths = _flatten(ids, prep.per_doc, tok.eos_id, best_fitting_dtype(tok.vocab_size))
-    return tokens, lengths, prep.per_doc
-
-
-def time_pool(corpus: Path, model: Path, out: Path, workers: int) -> float:
-    """Seconds from pool start to finalized output (includes forking the workers)."""
-    t0 = time.perf_counter()
-    tok = GLMTokenizer(model)
-    ctx = mp.get_context("fork")
-    with (
-        ctx.Pool(workers, initializer=_pool_init, initargs=(str(model),)) as pool,
-        IndexedDatasetBuilder(out, dtype=best_fitting_dtype(tok.vocab_size)) as builder,
-    ):
-        chunks = _iter_chunks([corpus], DEFAULT_CHUNK_BYTES)
-        for tokens, lengths, per_doc in pool.imap(_pool_encode, chunks):
-            builder.add_items(tokens, lengths)
-            builder.end_documents(per_doc)
-    return time.perf_counter() - t0
-
-
 # -- where the CPU goes (--stages) ------------------------------------------------------------
 
 _CLOSERS = "[\"')\\]}\u2019\u201d\u00bb\u300d\u300f\uff09\u3011\u300b]"
@@ -178,15 +140,28 @@ REGEX_SPLITTER = re.compile(
 for the vectorised splitter."""
 
 
+def _parse_with_json(chunk: Any) -> list[str]:
+    """The parse stage as it was before orjson: the json module on every line (good lines)."""
+    texts = []
+    for line in chunk.lines():
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            texts.append(obj["text"])
+    return texts
+
+
 def stage_costs(corpus: Path, tok: GLMTokenizer, max_chunks: int) -> list[tuple[str, float]]:
     """CPU seconds of each pipeline stage, single-threaded, over the first chunks."""
     sp = tok.sentencepiece
     dtype = best_fitting_dtype(tok.vocab_size)
     cost: dict[str, float] = {}
 
-    def timed(name: str, fn: Any, *a: Any) -> Any:
+    def timed(name: str, fn: Any, *a: Any, **kw: Any) -> Any:
         c0 = time.process_time()
-        out = fn(*a)
+        out = fn(*a, **kw)
         cost[name] = cost.get(name, 0.0) + time.process_time() - c0
         return out
 
@@ -195,26 +170,31 @@ def stage_costs(corpus: Path, tok: GLMTokenizer, max_chunks: int) -> list[tuple[
         for i, chunk in enumerate(_iter_chunks([corpus], DEFAULT_CHUNK_BYTES)):
             if i == max_chunks:
                 break
-            (texts,) = timed("parse (JSON, checks)", _parse_chunk, chunk, ["text"], BadLines())
+            (texts,) = timed(
+                "parse (orjson, checks; used)", _parse_chunk, chunk, ["text"], BadLines()
+            )
+            timed("parse (json module, before)", _parse_with_json, chunk)
             prep = timed("split (vectorised)", _prepare, texts, True)
             timed(
                 "split (one regex, baseline)",
                 lambda t: [REGEX_SPLITTER.findall(x) for x in t],
                 texts,
             )
-            ids = timed("SP encode, 1 thread, gc paused", sp.encode, prep.sequences)
+            ids = timed("SP encode, 1 thread, gc paused", sp.encode, prep.sequences, num_threads=1)
             gc.enable()
-            timed("SP encode, 1 thread, gc on", sp.encode, prep.sequences)
+            timed("SP encode, 1 thread, gc on", sp.encode, prep.sequences, num_threads=1)
             gc.disable()
-            fresh = sp.encode(prep.sequences)  # _flatten appends eod to the lists it gets
-            timed("flatten ids to the dtype (used)", _flatten, ids, prep.per_doc, tok.eos_id, dtype)
+            timed("tokenizer encode_batch (used)", tok.encode_batch, prep.sequences, 1)
+            fresh = sp.encode(prep.sequences, num_threads=1)  # _flatten appends eod to its lists
+            timed("flatten ids (compiled; used)", _flatten, ids, prep.per_doc, tok.eos_id, dtype)
             timed(
-                "flatten ids via int64",
+                "flatten ids (numpy fromiter)",
                 _flatten,
                 fresh,
                 prep.per_doc,
                 tok.eos_id,
-                np.dtype(np.int64),
+                dtype,
+                use_native=False,
             )
     finally:
         gc.enable()
@@ -227,11 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer-model", type=Path, help="default: train vocab 8000")
     parser.add_argument("--min-mb", type=float, default=20.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--with-pool", action="store_true", help="also time a process pool")
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: temporary)")
     parser.add_argument(
-        "--stages", type=int, default=8, help="chunks for the per-stage CPU table (0: skip)"
+        "--stages", type=int, default=32, help="chunks for the per-stage CPU table (0: skip)"
     )
     args = parser.parse_args(argv)
 
@@ -249,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         mb = nbytes / 1e6
         print(
             f"corpus {corpus} {mb:.1f} MB, {len(sentences)} sentences; tokenizer {model} "
-            f"(vocab {tok.vocab_size}); cpus {os.cpu_count()}; best of {args.repeats}"
+            f"(vocab {tok.vocab_size}); cpus {os.cpu_count()}; best of {args.repeats}; "
+            f"compiled helper: {'yes' if _native is not None else 'NO (numpy fallback)'}"
         )
         if args.stages:
             costs = stage_costs(corpus, tok, args.stages)
@@ -261,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             print()
         rows = []
         for w in args.workers:
-            best = dict.fromkeys(["limit", "limit_cpu", "tool", "tool_cpu", "e2e", "pool"], 1e9)
+            best = dict.fromkeys(["limit", "limit_cpu", "tool", "tool_cpu", "e2e"], 1e9)
             for r in range(args.repeats):
                 wall, cpu = time_limit(tok, sentences, w)
                 best["limit"], best["limit_cpu"] = (
@@ -274,8 +254,6 @@ def main(argv: list[str] | None = None) -> None:
                     min(best["tool_cpu"], proc_cpu),
                 )
                 best["e2e"] = min(best["e2e"], e2e)
-                if args.with_pool:
-                    best["pool"] = min(best["pool"], time_pool(corpus, model, work / "pool", w))
                 if r == 0 and w == args.workers[-1]:
                     print(text.strip())
             rows.append((w, best))
@@ -284,8 +262,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{'workers':>7} {'SP limit MB/s':>14} {'tool MB/s':>10} {'ratio':>6} "
             f"{'e2e MB/s':>9} {'ratio':>6} {'SP CPU s':>9} {'tool CPU s':>11} {'ratio':>6}"
         )
-        if args.with_pool:
-            header += f" {'pool MB/s':>10} {'ratio':>6}"
         print(header)
         for w, b in rows:
             line = (
@@ -294,8 +270,6 @@ def main(argv: list[str] | None = None) -> None:
                 f"{b['limit'] / b['e2e']:>6.2f} {b['limit_cpu']:>9.2f} {b['tool_cpu']:>11.2f} "
                 f"{b['limit_cpu'] / b['tool_cpu']:>6.2f}"
             )
-            if args.with_pool:
-                line += f" {mb / b['pool']:>10.2f} {b['limit'] / b['pool']:>6.2f}"
             print(line)
 
 
