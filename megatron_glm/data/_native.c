@@ -1,4 +1,5 @@
-/* Compiled helpers of megatron_glm.data.preprocess (pure-Python fallbacks live there).
+/* Compiled helpers of the preprocessor; each has a pure-Python twin, used when this module was
+ * not built, and the tests check the two agree.
  *
  * flatten_ids(ids, out, lo, hi) -> int
  *   Copy the token ids of `ids` (a list of lists of int, as SentencePiece's batch encode
@@ -7,9 +8,16 @@
  *   number of ids written. numpy's fromiter over itertools.chain does the same at ~50 ns per
  *   id, a sizeable share of the preprocessing CPU; this loop is a few ns per id.
  *
- * Errors: TypeError for a non-list row or a non-int id, OverflowError for an id outside
- * [lo, hi] (the same exception type numpy raises), ValueError if `out` is too small or has an
- * unsupported itemsize. Nothing is written past the end of `out`.
+ *   Errors: TypeError for a non-list row or a non-int id, OverflowError for an id outside
+ *   [lo, hi] (the same exception type numpy raises), ValueError if `out` is too small or has
+ *   an unsupported itemsize. Nothing is written past the end of `out`.
+ *
+ * split_sentences(texts, counts) -> list[str]
+ *   The sentences of every text of the list `texts`, in order, by the rules of
+ *   megatron_glm/data/sentence_split.py (its module docstring; the vectorised numpy twin is
+ *   there); counts[i] (an int64 buffer of len(texts)) receives the number of sentences of
+ *   texts[i]. One pass per text, one substring per sentence: the numpy version costs about a
+ *   fifth of SentencePiece's encode of the same text, this one a few percent.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -87,16 +95,159 @@ fail:
     return NULL;
 }
 
+/* ---- sentence splitting ---------------------------------------------------------------- */
+
+enum { BREAK = 1, ASCII_TERM = 2, CJK_TERM = 4, CLOSER = 8 };
+
+/* Class bits of the ASCII characters (filled by the module init from the strings below). */
+static unsigned char ascii_class[128];
+
+static void init_ascii_class(void) {
+    static const char breaks[] = "\n\r\v\f\x1c\x1d\x1e", terms[] = ".?!;:", closers[] = "\"')]}";
+    for (const char *p = breaks; *p; p++) ascii_class[(unsigned char)*p] |= BREAK;
+    for (const char *p = terms; *p; p++) ascii_class[(unsigned char)*p] |= ASCII_TERM;
+    for (const char *p = closers; *p; p++) ascii_class[(unsigned char)*p] |= CLOSER;
+}
+
+/* The class bits of any character: a table for ASCII, a switch for the few others. */
+static inline int char_class(Py_UCS4 c) {
+    if (c < 128) {
+        return ascii_class[c];
+    }
+    switch (c) {
+    case 0x85: case 0x2028: case 0x2029:
+        return BREAK;
+    case 0x3002: case 0xFF1F: case 0xFF01: case 0xFF1B: case 0xFF1A:  /* 。？！；： */
+        return CJK_TERM;
+    case 0x2019: case 0x201D: case 0x00BB: case 0x300D: case 0x300F: case 0xFF09: case 0x3011:
+    case 0x300B:  /* ’ ” » 」 』 ） 】 》 */
+        return CLOSER;
+    default:
+        return 0;
+    }
+}
+
+/* Append text[start:end], stripped of whitespace, to `out` unless nothing is left.
+ * Returns 1 if appended, 0 if empty, -1 on error. */
+static int emit(PyObject *text, int kind, const void *data, Py_ssize_t start, Py_ssize_t end,
+                PyObject *out) {
+    while (start < end && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, start))) {
+        start++;
+    }
+    while (end > start && Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, end - 1))) {
+        end--;
+    }
+    if (start == end) {
+        return 0;
+    }
+    PyObject *sentence = PyUnicode_Substring(text, start, end);
+    if (sentence == NULL) {
+        return -1;
+    }
+    int rc = PyList_Append(out, sentence);
+    Py_DECREF(sentence);
+    return rc < 0 ? -1 : 1;
+}
+
+/* Where the piece starting with the terminator at i ends (exclusive), and whether it ends a
+ * sentence: a run of terminators of one kind, then closers; a CJK run always, an ASCII run only
+ * before whitespace or the end (else just its terminators are taken, as ordinary characters). */
+static Py_ssize_t terminator_run(int kind, const void *data, Py_ssize_t i, Py_ssize_t n,
+                                 int *ends_sentence) {
+    int term = char_class(PyUnicode_READ(kind, data, i)) & (ASCII_TERM | CJK_TERM);
+    Py_ssize_t j = i;
+    while (j < n && (char_class(PyUnicode_READ(kind, data, j)) & term)) {
+        j++;
+    }
+    Py_ssize_t k = j;
+    while (k < n && (char_class(PyUnicode_READ(kind, data, k)) & CLOSER)) {
+        k++;
+    }
+    if (term == CJK_TERM || k == n || Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, k))) {
+        *ends_sentence = 1;
+        return k;
+    }
+    *ends_sentence = 0;
+    return j;
+}
+
+/* Sentences of one text appended to `out`; returns how many, or -1 on error. */
+static Py_ssize_t split_text(PyObject *text, PyObject *out) {
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text), start = 0, i = 0, count = 0;
+    while (i < n) {
+        int cls = char_class(PyUnicode_READ(kind, data, i));
+        if (!(cls & (BREAK | ASCII_TERM | CJK_TERM))) {
+            i++;
+            continue;
+        }
+        int cut = 1;
+        Py_ssize_t end = i, next = i + 1;
+        if (!(cls & BREAK)) {
+            end = next = terminator_run(kind, data, i, n, &cut);
+        }
+        if (cut) {
+            int rc = emit(text, kind, data, start, end, out);
+            if (rc < 0) {
+                return -1;
+            }
+            count += rc;
+            start = next;
+        }
+        i = next;
+    }
+    int rc = emit(text, kind, data, start, n, out);
+    return rc < 0 ? -1 : count + rc;
+}
+
+static PyObject *split_sentences(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *texts;
+    Py_buffer counts;
+    if (!PyArg_ParseTuple(args, "O!w*", &PyList_Type, &texts, &counts)) {
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(texts);
+    if (counts.itemsize != 8 || counts.len != n * 8) {
+        PyErr_Format(PyExc_ValueError, "counts must be int64 [%zd]", n);
+        PyBuffer_Release(&counts);
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t t = 0; out != NULL && t < n; t++) {
+        PyObject *text = PyList_GET_ITEM(texts, t);
+        if (!PyUnicode_Check(text)) {
+            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not a str", t,
+                         Py_TYPE(text)->tp_name);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_ssize_t found = split_text(text, out);
+        if (found < 0) {
+            Py_CLEAR(out);
+            break;
+        }
+        ((int64_t *)counts.buf)[t] = found;
+    }
+    PyBuffer_Release(&counts);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"flatten_ids", flatten_ids, METH_VARARGS,
      "flatten_ids(ids, out, lo, hi) -> int: copy list-of-lists token ids into a uint16/int32 "
      "buffer, range-checked."},
+    {"split_sentences", split_sentences, METH_VARARGS,
+     "split_sentences(texts, counts) -> list[str]: the rule-based sentence splitter."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_native", "Compiled helpers of megatron_glm.data.preprocess.", -1,
+    PyModuleDef_HEAD_INIT, "_native", "Compiled helpers of the preprocessor.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    init_ascii_class();
+    return PyModule_Create(&module);
+}

@@ -53,7 +53,6 @@ from __future__ import annotations
 import gc
 import glob
 import gzip
-import importlib
 import itertools
 import json
 import multiprocessing
@@ -66,21 +65,15 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import IO, Any
 
 import numpy as np
 import orjson
 
 from megatron_glm.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
+from megatron_glm.data.native import NATIVE
 from megatron_glm.data.sentence_split import split_sentences_batch
 from megatron_glm.data.tokenizer import GLMTokenizer
-
-_native: ModuleType | None
-try:  # built by setup.py where a C compiler exists; see _flatten
-    _native = importlib.import_module("megatron_glm.data._native")
-except ImportError:
-    _native = None
 
 __all__ = [
     "BAD_LINE_REASONS",
@@ -112,7 +105,7 @@ MAX_IN_FLIGHT_PER_WORKER = 2
 """Chunks submitted per encoder process and not yet written: one encoding, one queued behind it
 (so a worker never waits for the main process to parse its next chunk)."""
 _NATIVE_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32))
-"""Token dtypes ``_native.flatten_ids`` writes (those :func:`best_fitting_dtype` picks)."""
+"""Token dtypes the compiled ``flatten_ids`` writes (those :func:`best_fitting_dtype` picks)."""
 REPORTED_LOCATIONS = 5
 """``file:line`` locations kept per bad-line reason for the report."""
 
@@ -362,7 +355,7 @@ def _flatten(
     given) is appended to the last sequence of each document (the lists are ours, fresh from
     the encoder). Every id is range-checked (OverflowError for one that does not fit ``dtype``).
 
-    The copy runs in the compiled ``_native.flatten_ids`` when it was built (setup.py) and
+    The copy runs in the compiled ``flatten_ids`` (:mod:`megatron_glm.data.native`) when built and
     ``use_native``, else in numpy's ``fromiter``: the same array, several times slower
     (bench_preprocess ``--stages`` prints both)."""
     if eod is not None:
@@ -370,10 +363,10 @@ def _flatten(
             ids[last].append(eod)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # [S]
     total = int(lengths.sum())
-    if use_native and _native is not None and dtype in _NATIVE_DTYPES:
+    if use_native and NATIVE is not None and dtype in _NATIVE_DTYPES:
         tokens = np.empty(total, dtype=dtype)  # [T]
         info = np.iinfo(dtype)
-        _native.flatten_ids(ids, tokens, int(info.min), int(info.max))
+        NATIVE.flatten_ids(ids, tokens, int(info.min), int(info.max))
         return tokens, lengths
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=total), lengths
 
@@ -440,9 +433,9 @@ class _EncoderProcess:
     tokenizer: GLMTokenizer
 
     @classmethod
-    def start(cls, job: _Job) -> None:
+    def start(cls, job: _Job, tokenizer: GLMTokenizer | None) -> None:
         gc.disable()  # as _gc_paused, for the life of the process
-        cls.job, cls.tokenizer = job, GLMTokenizer(job.model)
+        cls.job, cls.tokenizer = job, tokenizer or GLMTokenizer(job.model)
 
     @classmethod
     def process(cls, chunk: _Chunk) -> _Encoded:
@@ -463,7 +456,9 @@ class _EncoderProcess:
 
 
 @contextmanager
-def _encoder_pool(workers: int, job: _Job) -> Iterator[ProcessPoolExecutor]:
+def _encoder_pool(
+    workers: int, job: _Job, tokenizer: GLMTokenizer
+) -> Iterator[ProcessPoolExecutor]:
     """``workers`` encoder processes, running when this returns.
 
     Forked where the platform can (Linux): no re-import, no fresh interpreter, and started
@@ -473,7 +468,11 @@ def _encoder_pool(workers: int, job: _Job) -> Iterator[ProcessPoolExecutor]:
     """
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    pool = ProcessPoolExecutor(workers, context, initializer=_EncoderProcess.start, initargs=(job,))
+    forked = context.get_start_method() == "fork"
+    initargs = (job, tokenizer if forked else None)  # forked: inherited, not pickled
+    pool = ProcessPoolExecutor(
+        workers, context, initializer=_EncoderProcess.start, initargs=initargs
+    )
     try:
         pool.submit(int).result()  # launches every process now
         yield pool
@@ -601,7 +600,7 @@ def preprocess_data(
             stack.enter_context(IndexedDatasetBuilder(outputs[k], dtype)) for k in json_keys
         ]
         # Entered after the builders, so the pool is shut down before they publish or abort.
-        pool = stack.enter_context(_encoder_pool(workers, job))
+        pool = stack.enter_context(_encoder_pool(workers, job, tok))
         bar = stack.enter_context(_progress(sum(p.stat().st_size for p in paths), progress))
         writer = _Writer(builders, summary, bar, log_interval)
         chunks = _iter_chunks(paths, chunk_bytes)

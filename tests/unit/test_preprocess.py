@@ -376,9 +376,10 @@ def test_parse_line_agrees_with_json_loads(line: bytes) -> None:
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])
 def test_compiled_flatten_equals_numpy(dtype: type) -> None:
     """The compiled copy of the id lists gives numpy's array, eod handling included."""
-    from megatron_glm.data.preprocess import _flatten, _native
+    from megatron_glm.data.native import NATIVE
+    from megatron_glm.data.preprocess import _flatten
 
-    assert _native is not None, "megatron_glm.data._native was not built (pip install -e .)"
+    assert NATIVE is not None, "megatron_glm.data._native was not built (pip install -e .)"
     rng = np.random.default_rng(0)
     top = int(np.iinfo(dtype).max)
     ids = [
@@ -403,20 +404,32 @@ def test_flatten_rejects_ids_outside_the_dtype(use_native: bool, bad_id: int) ->
         _flatten(ids, np.array([2]), None, np.dtype(np.uint16), use_native=use_native)
 
 
-def test_compiled_flatten_errors() -> None:
-    from megatron_glm.data.preprocess import _native
+def test_compiled_split_errors() -> None:
+    from megatron_glm.data.native import NATIVE
 
-    assert _native is not None
+    assert NATIVE is not None
+    with pytest.raises(TypeError, match=r"texts\[1\] is bytes, not a str"):
+        NATIVE.split_sentences(["ok.", b"x"], np.empty(2, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"counts must be int64 \[2\]"):
+        NATIVE.split_sentences(["a", "b"], np.empty(3, dtype=np.int64))
+    with pytest.raises(TypeError):
+        NATIVE.split_sentences(("a",), np.empty(1, dtype=np.int64))
+
+
+def test_compiled_flatten_errors() -> None:
+    from megatron_glm.data.native import NATIVE
+
+    assert NATIVE is not None
     out = np.empty(4, dtype=np.uint16)
     with pytest.raises(TypeError, match=r"ids\[1\] is tuple, not a list"):
-        _native.flatten_ids([[1], (2,)], out, 0, 65535)
+        NATIVE.flatten_ids([[1], (2,)], out, 0, 65535)
     with pytest.raises(TypeError, match="token id 'x' is not an int"):
-        _native.flatten_ids([[1, "x"]], out, 0, 65535)
+        NATIVE.flatten_ids([[1, "x"]], out, 0, 65535)
     with pytest.raises(ValueError, match=r"out holds 4 ids; ids\[1\] needs more"):
-        _native.flatten_ids([[1, 2], [3, 4, 5]], out, 0, 65535)
+        NATIVE.flatten_ids([[1, 2], [3, 4, 5]], out, 0, 65535)
     with pytest.raises(ValueError, match="itemsize 8"):
-        _native.flatten_ids([[1]], np.empty(1, dtype=np.int64), 0, 65535)
+        NATIVE.flatten_ids([[1]], np.empty(1, dtype=np.int64), 0, 65535)
     with pytest.raises(OverflowError, match=r"token id 2\*\*70|outside"):
-        _native.flatten_ids([[2**70]], out, 0, 65535)
-    assert _native.flatten_ids([[5, 6], [], [7]], out, 0, 65535) == 3
+        NATIVE.flatten_ids([[2**70]], out, 0, 65535)
+    assert NATIVE.flatten_ids([[5, 6], [], [7]], out, 0, 65535) == 3
     assert out[:3].tolist() == [5, 6, 7]

@@ -1,4 +1,5 @@
-"""Sentence splitter: exact cases, and the vectorised code against a plain character loop."""
+"""Sentence splitter: exact cases, and both implementations (the compiled one and the vectorised
+numpy one, every test runs on each) against a plain character loop."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import random
 import numpy as np
 import pytest
 
+import megatron_glm.data.sentence_split as module
 from megatron_glm.data.sentence_split import split_sentences, split_sentences_batch
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run each test on the compiled splitter and on the numpy one (NATIVE unset)."""
+    if request.param == "compiled":
+        assert module.NATIVE is not None, "megatron_glm.data._native was not built"
+    else:
+        monkeypatch.setattr(module, "NATIVE", None)
+    return request.param
+
 
 ASCII_T = set(".?!;:")
 CJK_T = set("。？！；：")
@@ -143,8 +156,6 @@ def test_batch_edge_cases() -> None:
 
 def test_sub_batches_and_mixed_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny internal sub-batches (many of them) and mixed ASCII/non-ASCII batches agree."""
-    import megatron_glm.data.sentence_split as module
-
     rng = random.Random(5)
     texts = [_random_text(rng) for _ in range(400)] + ["plain ascii. two"] * 50
     rng.shuffle(texts)

@@ -85,7 +85,7 @@ def test_bench_preprocess_smoke(demo_corpus_path: Path, tiny_tokenizer_model: Pa
     cmd += ["--tokenizer-model", str(tiny_tokenizer_model), "--min-mb", "0.5"]
     cmd += ["--repeats", "1", "--stages", "1", "--workers", "1", "2"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert "compiled helper: yes" in out
+    assert "compiled helpers: yes" in out
     assert "flatten ids (compiled; used)" in out and "parse (json module, before)" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1] in {"1", "2"}]
     assert [r[0] for r in rows[-2:]] == ["1", "2"]

@@ -23,9 +23,9 @@ CPU: the share of the tool's CPU that is SentencePiece's own work) is steadier.
 
 ``--stages N`` (default 32) first prints a table of CPU seconds per pipeline stage over the first
 N chunks, single-threaded, against SentencePiece's one-thread encode of the same sentences:
-parsing (orjson, and the json module it replaced), the vectorised splitter and a one-regex
-splitter of the same rules, encode with the garbage collector paused and on, the tokenizer
-wrapper, and flattening the id lists (compiled, and the numpy fallback).
+parsing (orjson, and the json module it replaced), the splitter (compiled, its vectorised numpy
+twin, and a one-regex splitter of the same rules), encode with the garbage collector paused
+and on, the tokenizer wrapper, and flattening the id lists (compiled, and the numpy fallback).
 """
 
 from __future__ import annotations
@@ -44,15 +44,16 @@ from typing import Any
 
 from megatron_glm.data.demo_corpus import write_demo_corpus
 from megatron_glm.data.indexed import best_fitting_dtype
+from megatron_glm.data.native import NATIVE
 from megatron_glm.data.preprocess import (
     DEFAULT_CHUNK_BYTES,
     BadLines,
     _flatten,
     _iter_chunks,
-    _native,
     _parse_chunk,
     _prepare,
 )
+from megatron_glm.data.sentence_split import split_sentences_batch
 from megatron_glm.data.tokenizer import GLMTokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,7 +138,7 @@ REGEX_SPLITTER = re.compile(
     re.DOTALL | re.VERBOSE,
 )
 """A one-regex splitter of the same rules (line breaks limited to \\n and \\r): the baseline
-for the vectorised splitter."""
+for the splitters."""
 
 
 def _parse_with_json(chunk: Any) -> list[str]:
@@ -174,7 +175,8 @@ def stage_costs(corpus: Path, tok: GLMTokenizer, max_chunks: int) -> list[tuple[
                 "parse (orjson, checks; used)", _parse_chunk, chunk, ["text"], BadLines()
             )
             timed("parse (json module, before)", _parse_with_json, chunk)
-            prep = timed("split (vectorised)", _prepare, texts, True)
+            prep = timed("split (compiled; used)", _prepare, texts, True)
+            timed("split (numpy, vectorised)", split_sentences_batch, texts, use_native=False)
             timed(
                 "split (one regex, baseline)",
                 lambda t: [REGEX_SPLITTER.findall(x) for x in t],
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"corpus {corpus} {mb:.1f} MB, {len(sentences)} sentences; tokenizer {model} "
             f"(vocab {tok.vocab_size}); cpus {os.cpu_count()}; best of {args.repeats}; "
-            f"compiled helper: {'yes' if _native is not None else 'NO (numpy fallback)'}"
+            f"compiled helpers: {'yes' if NATIVE is not None else 'NO (pure-Python fallbacks)'}"
         )
         if args.stages:
             costs = stage_costs(corpus, tok, args.stages)
