@@ -24,28 +24,35 @@ With several keys a line is used only if every key is good, so all output datase
 documents in the same order (document ``i`` of ``_title_`` belongs to document ``i`` of
 ``_text_``); the first failing key decides the reason.
 
-Pipeline and why. The work per chunk of ~1 MiB of lines is: read, JSON parse + checks, sentence
-split, SentencePiece encode, flatten ids into a numpy array, write.
-``tools/bench/bench_preprocess.py --stages`` prints each stage's CPU time against
-SentencePiece's own encode: encode dominates; the splitter costs about a sixth of it, flattening
-the id lists about a tenth, parsing (orjson) a few percent. So:
+Pipeline and why. The work per chunk of ~256 KiB of lines is: read, JSON parse + checks,
+sentence split, SentencePiece encode, flatten the id lists into a numpy array, write.
+``tools/bench/bench_preprocess.py --stages`` prints each stage's CPU time against SentencePiece's
+own one-thread encode of the same sentences. Encode dominates; each other stage was brought to
+a few percent of it: orjson for parsing, and the splitter and the flattening compiled
+(:mod:`megatron_glm.data.native`; their numpy twins, used when no C compiler was available at
+install, cost about 18% and 14%). So:
 
-* the **main process** reads, parses and splits chunk ``i + k`` and writes chunk ``i``;
-* **``workers`` encoder processes** each encode a whole chunk with one SentencePiece thread and
-  flatten its ids into ``(tokens, lengths)`` arrays, which come back in a few pickled buffers;
+* the **main process** only reads blocks of the input, cut after their last newline, and writes
+  finished chunks;
+* **``workers`` encoder processes** each take a whole chunk: split it into lines, parse, check,
+  split sentences, encode with one SentencePiece thread and flatten, returning ``(tokens,
+  lengths)`` arrays and the chunk's bad lines in one pickled message;
 * at most ``MAX_IN_FLIGHT_PER_WORKER * workers`` chunks are submitted and not yet written;
-  results are consumed in submission order, so the output is the same bytes for any
-  ``workers`` (chunking depends only on the input) and memory is a few chunks plus the
-  builder's fixed buffers, whatever the corpus size.
+  results are consumed in submission order, so the output is the same bytes for any ``workers``
+  (chunking depends only on the input), bad lines are reported in input order (under ``strict``
+  the first one raises), and memory is a few chunks plus the builder's fixed buffers, whatever
+  the corpus size.
 
 Why processes, not SentencePiece's own threads (``encode(list, num_threads=N)``, which releases
-the GIL for the C++ segmentation): building the id lists and flattening them are Python work that
-holds the GIL, so with threads they serialize against the parsing thread, and the three threads
-then contend for two cores; the previous, threaded design of this module measured 0.5-0.7 of the
-SentencePiece limit at 2 workers on the 2-core development machine. Processes each hold their own
-GIL and keep every core busy; the cost is pickling each chunk's sentences out and two arrays
-back, a few percent of the encode. Unlike Megatron-LM's pool, parsing stays in the main process:
-it overlaps the encoders even at ``workers=1``, and only the compact ids travel back.
+the GIL for the C++ segmentation only): building the Python id lists, parsing, splitting and
+flattening all hold the GIL, so a threaded design serializes them against each other; this
+module's previous one (main thread parsing, one thread driving SentencePiece's pool) measured
+0.5-0.7 of the SentencePiece limit at 2 workers on the 2-core development machine, where this
+one measures 0.8-1.0 (bench_preprocess, same run, best of 4). The cost is one process per worker
+(forked: the tokenizer is shared, not reloaded) and ~5% of the CPU in the main process. It is
+Megatron-LM's layout; the differences are what is sent (one bytes block per chunk, not a pickled
+line per task) and the garbage collector, paused (see :func:`_gc_paused`). With ``workers=1``
+one core does all the work while the reader idles: give it as many workers as cores.
 """
 
 from __future__ import annotations
@@ -291,8 +298,9 @@ def _parse_line(raw: bytes) -> Any:
     ``--stages``); a line it rejects goes to ``json.loads``, which decides and words the error.
     orjson refuses more (NaN, 1e400, a lone surrogate escape) and never accepts a line ``json``
     refuses, so every verdict and error message is ``json``'s; the one value that differs, an
-    integer past 64 bits (a float for orjson), is a non-string either way (tests compare the
-    two on the edge cases). Raises UnicodeDecodeError, ValueError or RecursionError.
+    integer past 64 bits (a float for orjson), is a non-string either way (its bad-line detail
+    then says float; tests compare the two on the edge cases). Raises UnicodeDecodeError,
+    ValueError or RecursionError.
     """
     try:
         return orjson.loads(raw)

@@ -178,6 +178,23 @@ def test_output_identical_for_workers_and_chunking(
     assert outs[0] == outs[1] == outs[2]
 
 
+def test_output_identical_without_compiled_helpers(
+    corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pure-Python fallbacks (no C compiler at install) write the same bytes. The encoder
+    processes are forked, so they inherit the patched modules."""
+    import megatron_glm.data.preprocess as preprocess_module
+    import megatron_glm.data.sentence_split as split_module
+
+    kw = {"split_sentences": True, "append_eod": True, "workers": 2, "chunk_bytes": 2000}
+    _run(corpus["path"], tmp_path / "native", tiny_tokenizer_model, **kw)
+    monkeypatch.setattr(preprocess_module, "NATIVE", None)
+    monkeypatch.setattr(split_module, "NATIVE", None)
+    _run(corpus["path"], tmp_path / "python", tiny_tokenizer_model, **kw)
+    native = _files(output_prefix_for(tmp_path / "native", "text", split=True))
+    assert native == _files(output_prefix_for(tmp_path / "python", "text", split=True))
+
+
 def test_gz_and_glob_inputs(corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path) -> None:
     lines = corpus["lines"]
     half = corpus["bad_at"]["missing_key"][0] - 1  # bad lines fall in both files
