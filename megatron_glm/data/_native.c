@@ -12,6 +12,15 @@
  *   [lo, hi] (the same exception type numpy raises), ValueError if `out` is too small or has
  *   an unsupported itemsize. Nothing is written past the end of `out`.
  *
+ * row_lengths(ids, lengths) -> int
+ *   lengths[i] = len(ids[i]) (an int64 buffer of len(ids)); returns the sum: the size of the
+ *   buffer flatten_ids then needs.
+ *
+ * starting_with(texts, prefixes) -> list[int]
+ *   Indices of the texts that start with one of `prefixes` (a tuple of non-empty str): the
+ *   first character is compared before any prefix is, so a text costs a few ns, against
+ *   ~90-250 ns for str.startswith per text from Python.
+ *
  * split_sentences(texts, counts) -> list[str]
  *   The sentences of every text of the list `texts`, in order, by the rules of
  *   megatron_glm/data/sentence_split.py (its module docstring; the vectorised numpy twin is
@@ -93,6 +102,82 @@ static PyObject *flatten_ids(PyObject *Py_UNUSED(self), PyObject *args) {
 fail:
     PyBuffer_Release(&out);
     return NULL;
+}
+
+static PyObject *row_lengths(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *ids;
+    Py_buffer lengths;
+    if (!PyArg_ParseTuple(args, "O!w*", &PyList_Type, &ids, &lengths)) {
+        return NULL;
+    }
+    Py_ssize_t rows = PyList_GET_SIZE(ids), total = 0;
+    if (lengths.itemsize != 8 || lengths.len != rows * 8) {
+        PyErr_Format(PyExc_ValueError, "lengths must be int64 [%zd]", rows);
+        PyBuffer_Release(&lengths);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        PyObject *row = PyList_GET_ITEM(ids, i);
+        if (check_row(row, i) < 0) {
+            PyBuffer_Release(&lengths);
+            return NULL;
+        }
+        ((int64_t *)lengths.buf)[i] = PyList_GET_SIZE(row);
+        total += PyList_GET_SIZE(row);
+    }
+    PyBuffer_Release(&lengths);
+    return PyLong_FromSsize_t(total);
+}
+
+/* ---- prefix scan ------------------------------------------------------------------------ */
+
+/* 1 if `text` starts with one of the str `prefixes`, 0 if not, -1 on error. */
+static int starts_with_any(PyObject *text, PyObject *prefixes) {
+    if (PyUnicode_GET_LENGTH(text) == 0) {
+        return 0;
+    }
+    Py_UCS4 first = PyUnicode_READ_CHAR(text, 0);
+    for (Py_ssize_t p = 0; p < PyTuple_GET_SIZE(prefixes); p++) {
+        PyObject *prefix = PyTuple_GET_ITEM(prefixes, p);
+        if (PyUnicode_READ_CHAR(prefix, 0) == first) {
+            Py_ssize_t match = PyUnicode_Tailmatch(text, prefix, 0, PY_SSIZE_T_MAX, -1);
+            if (match != 0) {
+                return match < 0 ? -1 : 1;
+            }
+        }
+    }
+    return 0;
+}
+
+static PyObject *starting_with(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *texts, *prefixes;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &texts, &PyTuple_Type, &prefixes)) {
+        return NULL;
+    }
+    for (Py_ssize_t p = 0; p < PyTuple_GET_SIZE(prefixes); p++) {
+        PyObject *prefix = PyTuple_GET_ITEM(prefixes, p);
+        if (!PyUnicode_Check(prefix) || PyUnicode_GET_LENGTH(prefix) == 0) {
+            PyErr_Format(PyExc_ValueError, "prefixes[%zd] is not a non-empty str", p);
+            return NULL;
+        }
+    }
+    PyObject *found = PyList_New(0);
+    for (Py_ssize_t t = 0; found != NULL && t < PyList_GET_SIZE(texts); t++) {
+        PyObject *text = PyList_GET_ITEM(texts, t);
+        if (!PyUnicode_Check(text)) {
+            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not a str", t,
+                         Py_TYPE(text)->tp_name);
+            Py_CLEAR(found);
+            break;
+        }
+        int hit = starts_with_any(text, prefixes);
+        PyObject *index = hit == 1 ? PyLong_FromSsize_t(t) : NULL;
+        if (hit < 0 || (hit == 1 && (index == NULL || PyList_Append(found, index) < 0))) {
+            Py_CLEAR(found);
+        }
+        Py_XDECREF(index);
+    }
+    return found;
 }
 
 /* ---- sentence splitting ---------------------------------------------------------------- */
@@ -237,6 +322,10 @@ static PyMethodDef methods[] = {
     {"flatten_ids", flatten_ids, METH_VARARGS,
      "flatten_ids(ids, out, lo, hi) -> int: copy list-of-lists token ids into a uint16/int32 "
      "buffer, range-checked."},
+    {"row_lengths", row_lengths, METH_VARARGS,
+     "row_lengths(ids, lengths) -> int: lengths of the rows of a list of lists, and their sum."},
+    {"starting_with", starting_with, METH_VARARGS,
+     "starting_with(texts, prefixes) -> list[int]: indices of the texts with one of prefixes."},
     {"split_sentences", split_sentences, METH_VARARGS,
      "split_sentences(texts, counts) -> list[str]: the rule-based sentence splitter."},
     {NULL, NULL, 0, NULL},

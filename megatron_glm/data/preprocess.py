@@ -369,13 +369,14 @@ def _flatten(
     if eod is not None:
         for last in (np.cumsum(per_doc) - 1).tolist():
             ids[last].append(eod)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))  # [S]
-    total = int(lengths.sum())
+    lengths = np.empty(len(ids), dtype=np.int64)  # [S]
     if use_native and NATIVE is not None and dtype in _NATIVE_DTYPES:
-        tokens = np.empty(total, dtype=dtype)  # [T]
+        tokens = np.empty(NATIVE.row_lengths(ids, lengths), dtype=dtype)  # [T]
         info = np.iinfo(dtype)
         NATIVE.flatten_ids(ids, tokens, int(info.min), int(info.max))
         return tokens, lengths
+    lengths[:] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    total = int(lengths.sum())
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=total), lengths
 
 

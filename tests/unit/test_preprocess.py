@@ -433,6 +433,20 @@ def test_compiled_split_errors() -> None:
         NATIVE.split_sentences(("a",), np.empty(1, dtype=np.int64))
 
 
+def test_compiled_scan_errors() -> None:
+    from megatron_glm.data.native import NATIVE
+
+    assert NATIVE is not None
+    with pytest.raises(ValueError, match=r"prefixes\[1\] is not a non-empty str"):
+        NATIVE.starting_with(["a"], ("a", ""))
+    with pytest.raises(TypeError, match=r"texts\[0\] is int, not a str"):
+        NATIVE.starting_with([3], ("a",))
+    with pytest.raises(ValueError, match=r"lengths must be int64 \[2\]"):
+        NATIVE.row_lengths([[1], [2]], np.empty(1, dtype=np.int64))
+    lengths = np.empty(3, dtype=np.int64)
+    assert NATIVE.row_lengths([[1, 2], [], [3]], lengths) == 3 and lengths.tolist() == [2, 0, 1]
+
+
 def test_compiled_flatten_errors() -> None:
     from megatron_glm.data.native import NATIVE
 

@@ -127,9 +127,20 @@ def test_encode_batch_matches_encode(tiny_tokenizer: GLMTokenizer, demo_corpus_p
     assert tiny_tokenizer.encode_batch(texts) == expected
     assert tiny_tokenizer.encode_batch(texts, num_threads=1) == expected
     assert tiny_tokenizer.encode_batch(texts, num_threads=2) == expected
-    # no text starts with a special token: the per-text fix is skipped, results are the same
-    plain = [*texts[:50], "x [CLS]", "line\n[MASK] after a break"]
+    # no text starts with a special token: nothing is fixed, results are the same
+    plain = [*texts[:50], "x [CLS]", "line\n[MASK] after a break", "[not special", "<|x"]
     assert tiny_tokenizer.encode_batch(plain) == [tiny_tokenizer.encode(t) for t in plain]
+
+
+def test_special_starts_compiled_and_fallback_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled scan finds exactly the special-token starts; the fallback a superset."""
+    import megatron_glm.data.tokenizer as module
+
+    texts = ["[MASK] a", "[not", "", "<|endoftext|>", "<|end", "x[CLS]", "[gMASK]", "é [CLS]"]
+    assert module.NATIVE is not None, "megatron_glm.data._native was not built"
+    assert list(GLMTokenizer._special_starts(texts)) == [0, 3, 6]
+    monkeypatch.setattr(module, "NATIVE", None)
+    assert list(GLMTokenizer._special_starts(texts)) == [0, 1, 3, 4, 6]
 
 
 # ----------------------------------------------------------------------------- vocab padding

@@ -1,7 +1,7 @@
 """MB/s of tools/preprocess_data.py against the raw SentencePiece encode limit, same run.
 
     python tools/bench/bench_preprocess.py [--input X.jsonl] [--tokenizer-model M.model]
-        [--min-mb 20] [--workers 1 2] [--repeats 4] [--stages 32] [--keep DIR]
+        [--min-mb 20] [--workers 1 2] [--repeats 6] [--stages 32] [--keep DIR]
 
 Corpus: ``--input`` or the demo corpus (stdlib docstrings, megatron_glm.data.demo_corpus)
 repeated until it holds ``--min-mb`` MB. Tokenizer: ``--tokenizer-model`` or a unigram model of
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer-model", type=Path, help="default: train vocab 8000")
     parser.add_argument("--min-mb", type=float, default=20.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: temporary)")
     parser.add_argument(
         "--stages", type=int, default=32, help="chunks for the per-stage CPU table (0: skip)"
