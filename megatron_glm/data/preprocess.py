@@ -444,7 +444,8 @@ class _EncoderProcess:
     @classmethod
     def start(cls, job: _Job, tokenizer: GLMTokenizer | None) -> None:
         gc.disable()  # as _gc_paused, for the life of the process
-        cls.job, cls.tokenizer = job, tokenizer or GLMTokenizer(job.model)
+        cls.job = job
+        cls.tokenizer = tokenizer if tokenizer is not None else GLMTokenizer(job.model)
 
     @classmethod
     def process(cls, chunk: _Chunk) -> _Encoded:
@@ -470,10 +471,12 @@ def _encoder_pool(
 ) -> Iterator[ProcessPoolExecutor]:
     """``workers`` encoder processes, running when this returns.
 
-    Forked where the platform can (Linux): no re-import, no fresh interpreter, and started
-    here, before the progress bar's monitor thread exists, so no thread is ever forked. On exit
-    the processes are joined (their CPU time then shows in ``RUSAGE_CHILDREN``); after an
-    error, queued chunks are cancelled first.
+    Forked where the platform can (Linux): no re-import, no fresh interpreter, and the parent's
+    tokenizer is inherited (its model pages shared copy-on-write) instead of loaded again;
+    started here, before the progress bar's monitor thread exists, so no thread of ours is
+    forked. Elsewhere spawned, each process loading the model itself. On exit the processes are
+    joined (their CPU time then shows in ``RUSAGE_CHILDREN``); after an error, queued chunks
+    are cancelled first.
     """
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")

@@ -195,6 +195,20 @@ def test_output_identical_without_compiled_helpers(
     assert native == _files(output_prefix_for(tmp_path / "python", "text", split=True))
 
 
+def test_spawned_encoders_write_the_same_bytes(
+    corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where fork is unavailable the encoders are spawned and load the model themselves."""
+    import multiprocessing
+
+    kw = {"split_sentences": True, "append_eod": True, "workers": 2, "chunk_bytes": 4000}
+    _run(corpus["path"], tmp_path / "fork", tiny_tokenizer_model, **kw)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    _run(corpus["path"], tmp_path / "spawn", tiny_tokenizer_model, **kw)
+    forked = _files(output_prefix_for(tmp_path / "fork", "text", split=True))
+    assert forked == _files(output_prefix_for(tmp_path / "spawn", "text", split=True))
+
+
 def test_gz_and_glob_inputs(corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path) -> None:
     lines = corpus["lines"]
     half = corpus["bad_at"]["missing_key"][0] - 1  # bad lines fall in both files
