@@ -41,6 +41,17 @@ static int check_row(PyObject *row, Py_ssize_t index) {
     return 0;
 }
 
+/* texts[index], a borrowed reference, or NULL with TypeError if it is not a str. */
+static PyObject *text_at(PyObject *texts, Py_ssize_t index) {
+    PyObject *text = PyList_GET_ITEM(texts, index);
+    if (!PyUnicode_Check(text)) {
+        PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not a str", index,
+                     Py_TYPE(text)->tp_name);
+        return NULL;
+    }
+    return text;
+}
+
 static int read_id(PyObject *item, long long lo, long long hi, long long *value) {
     if (!PyLong_Check(item)) {
         PyErr_Format(PyExc_TypeError, "token id %R is not an int", item);
@@ -163,14 +174,8 @@ static PyObject *starting_with(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     PyObject *found = PyList_New(0);
     for (Py_ssize_t t = 0; found != NULL && t < PyList_GET_SIZE(texts); t++) {
-        PyObject *text = PyList_GET_ITEM(texts, t);
-        if (!PyUnicode_Check(text)) {
-            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not a str", t,
-                         Py_TYPE(text)->tp_name);
-            Py_CLEAR(found);
-            break;
-        }
-        int hit = starts_with_any(text, prefixes);
+        PyObject *text = text_at(texts, t);
+        int hit = text == NULL ? -1 : starts_with_any(text, prefixes);
         PyObject *index = hit == 1 ? PyLong_FromSsize_t(t) : NULL;
         if (hit < 0 || (hit == 1 && (index == NULL || PyList_Append(found, index) < 0))) {
             Py_CLEAR(found);
@@ -300,14 +305,8 @@ static PyObject *split_sentences(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     PyObject *out = PyList_New(0);
     for (Py_ssize_t t = 0; out != NULL && t < n; t++) {
-        PyObject *text = PyList_GET_ITEM(texts, t);
-        if (!PyUnicode_Check(text)) {
-            PyErr_Format(PyExc_TypeError, "texts[%zd] is %.100s, not a str", t,
-                         Py_TYPE(text)->tp_name);
-            Py_CLEAR(out);
-            break;
-        }
-        Py_ssize_t found = split_text(text, out);
+        PyObject *text = text_at(texts, t);
+        Py_ssize_t found = text == NULL ? -1 : split_text(text, out);
         if (found < 0) {
             Py_CLEAR(out);
             break;
