@@ -48,7 +48,8 @@ the GIL for the C++ segmentation only): building the Python id lists, parsing, s
 flattening all hold the GIL, so a threaded design serializes them against each other; this
 module's previous one (main thread parsing, one thread driving SentencePiece's pool) measured
 0.5-0.7 of the SentencePiece limit at 2 workers on the 2-core development machine, where this
-one measures 0.8-1.0 (bench_preprocess, same run, best of 4). The cost is one process per worker
+one measures about 0.8-0.95 (bench_preprocess: limit and tool in the same run, best of 6 each;
+run-to-run noise on that shared machine is about +-10%). The cost is one process per worker
 (forked: the tokenizer is shared, not reloaded) and ~5% of the CPU in the main process. It is
 Megatron-LM's layout; the differences are what is sent (one bytes block per chunk, not a pickled
 line per task) and the garbage collector, paused (see :func:`_gc_paused`). With ``workers=1``
