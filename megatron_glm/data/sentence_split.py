@@ -19,10 +19,12 @@ breaks, and leading/trailing whitespace of the text. Nothing else: every other c
 whitespace inside a sentence, is kept. No sentence is empty; a text that is only whitespace has
 no sentences; a text without terminators is one sentence.
 
-Why vectorised: in the preprocessor the splitter competes with SentencePiece for the same CPU, and
-a one-regex splitter of these rules (``re`` tries its alternatives at every word) costs more CPU
-than SentencePiece's encode of the sentences (``tools/bench/bench_preprocess.py --stages``
-prints both; the vectorised one costs about a fifth of the encode). Here the batch
+Two implementations, kept equal by the tests: a C one in :mod:`megatron_glm.data.native` (one
+pass per text; used when it was built), and the vectorised numpy one below. Why not a regex: in
+the preprocessor the splitter competes with SentencePiece for the same CPU, and a one-regex
+splitter of these rules (``re`` tries its alternatives at every word) costs more CPU than
+SentencePiece's encode of the sentences (``tools/bench/bench_preprocess.py --stages`` prints
+all three; the numpy one costs about a sixth of the encode, the C one about 6%). Here the batch
 is joined into one string, each character is classified by a table lookup (one byte per character
 for ASCII batches, ``str.isascii`` is O(1); UTF-32 code points otherwise), the few candidate
 positions (terminators and closers) are examined as sparse index arrays, each boundary becomes a
