@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -263,7 +264,8 @@ class TrainConfig:
     eval_interval: int = 0
     """Validate every this many steps; 0 disables."""
     eval_iters: int = 10
-    """Micro-batches per validation (per data-parallel rank)."""
+    """Global batches per validation (Megatron's meaning: the same rows at any data-parallel
+    size, so validation figures compare across layouts)."""
     exit_duration_mins: float = 0.0
     """Save a checkpoint and exit 0 once the run has lasted this long (minutes); 0 disables."""
     exit_interval: int = 0
@@ -311,6 +313,10 @@ class CheckpointConfig:
     """Directory to resume from; None means auto-resume from ``save`` if it has ``latest``."""
     save_interval: int = 0
     """Save every this many steps (and at the end); 0 saves only at the end."""
+    allow_missing_rng: bool = False
+    """Resume even if some rank has no RNG file in the checkpoint (another world size wrote it):
+    those ranks warn and start fresh dropout streams, so the resume is not exact. Off, such a
+    resume is refused before launch."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval >= 0, "save_interval", "must be >= 0")
@@ -410,14 +416,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ValueError(f"config field '{key}': expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads "3e-4" (no dot) as a string; accept any float literal.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if tp is float:
+        return _finite_float(value, key)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is bool and isinstance(value, bool):
@@ -425,6 +425,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise ValueError(f"config field '{key}': expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _finite_float(value: Any, key: str) -> float:
+    """A finite float from a YAML number or float literal (YAML 1.1 reads ``3e-4`` as a string).
+
+    ``.inf``, ``1e999`` and ``.nan`` are refused: no float field means anything when infinite,
+    and an infinite learning rate turns the weights into NaN at the first update.
+    """
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None:
+        raise ValueError(f"config field '{key}': expected float, got {value!r}")
+    if not math.isfinite(number):
+        raise ValueError(f"config field '{key}': must be a finite number, got {value!r}")
+    return number
 
 
 def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:

@@ -20,8 +20,8 @@ import sys
 import yaml
 
 from megatron_glm.config import RunConfig, load_config, to_dict
+from megatron_glm.training.checkpoint import NonFiniteError
 from megatron_glm.training.distributed import read_dist_env
-from megatron_glm.training.loop import NonFiniteLossError
 from megatron_glm.training.preflight import validate_for_launch
 
 EXIT_CONFIG_ERROR = 2
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_pretraining(cfg, env)
-    except NonFiniteLossError as exc:
+    except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
     return 0

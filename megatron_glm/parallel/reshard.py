@@ -43,7 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-_MODEL_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+from megatron_glm.serialization import CheckpointFileError, load_file, read_latest_tag
+
+_MODEL_FILE = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt")
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 RESHARD_KEY = "tp_reshard"
@@ -67,42 +69,80 @@ class ReshardResult:
     target_pp: int = 1
 
 
-def model_state_files(tag_dir: str | os.PathLike[str]) -> list[Path]:
-    """``mp_rank_XX_model_states.pt`` of a tag directory in rank order; ValueError if gappy."""
-    tag_dir = Path(tag_dir)
-    found: dict[int, Path] = {}
+def _model_files_by_rank(tag_dir: Path) -> dict[int, dict[int, Path]]:
+    """mp rank -> dp rank -> model-states file (dp rank -1: one file for the whole DP group)."""
+    found: dict[int, dict[int, Path]] = {}
     for path in tag_dir.iterdir() if tag_dir.is_dir() else ():
         match = _MODEL_FILE.fullmatch(path.name)
         if match:
-            found[int(match.group(1))] = path
+            dp = -1 if match.group(1) is None else int(match.group(1))
+            found.setdefault(int(match.group(2)), {})[dp] = path
+    return found
+
+
+def model_state_files(tag_dir: str | os.PathLike[str]) -> list[Path]:
+    """One model-states file per model-parallel rank, in rank order; ValueError if gappy.
+
+    ZeRO 0-2 write ``mp_rank_XX_model_states.pt``. ZeRO-3 writes one per data-parallel rank too
+    (``zero_pp_rank_D_mp_rank_XX_model_states.pt``, each holding only that rank's partition of
+    the weights): data-parallel rank 0's file stands for its model-parallel rank here (the client
+    state is the same in all of them); :func:`is_zero3` tells the layouts apart.
+    """
+    tag_dir = Path(tag_dir)
+    found = _model_files_by_rank(tag_dir)
     if not found:
-        raise ValueError(f"{tag_dir}: no mp_rank_XX_model_states.pt files (not a checkpoint tag)")
+        raise ValueError(
+            f"{tag_dir}: no mp_rank_XX_model_states.pt or zero_pp_rank_D_mp_rank_XX_model_states"
+            ".pt files (not a checkpoint tag)"
+        )
     if sorted(found) != list(range(len(found))):
         raise ValueError(f"{tag_dir}: model-states files for ranks {sorted(found)} are not 0..N-1")
-    return [found[r] for r in range(len(found))]
+    dp_ranks = sorted(found[0])
+    for mp, files in sorted(found.items()):
+        if sorted(files) != dp_ranks or (dp_ranks != [-1] and dp_ranks != list(range(len(files)))):
+            raise ValueError(
+                f"{tag_dir}: model-states files of model-parallel rank {mp} cover data-parallel "
+                f"ranks {sorted(files)}, expected {dp_ranks} (incomplete ZeRO-3 checkpoint?)"
+            )
+    return [files[min(files)] for _, files in sorted(found.items())]
+
+
+def is_zero3(tag_dir: str | os.PathLike[str]) -> bool:
+    """Whether a tag directory holds ZeRO-3 (weights partitioned over data-parallel ranks)."""
+    return any(-1 not in files for files in _model_files_by_rank(Path(tag_dir)).values())
+
+
+def checkpoint_files(tag_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every ``.pt`` file of a tag directory (DeepSpeed's and ours), sorted by name."""
+    return sorted(p for p in Path(tag_dir).iterdir() if p.suffix == ".pt" and p.is_file())
 
 
 def resolve_tag(load_dir: str | os.PathLike[str], tag: str | None = None) -> str:
-    """``tag``, or the one named by ``load_dir/latest``."""
+    """``tag``, or the one named by ``load_dir/latest`` (validated: a directory inside it)."""
     if tag is not None:
         return tag
-    latest = Path(load_dir) / "latest"
-    if not latest.is_file():
+    latest = read_latest_tag(load_dir)
+    if latest is None:
         raise ValueError(f"{load_dir}: no 'latest' file; pass the checkpoint tag explicitly")
-    return latest.read_text().strip()
+    return latest
 
 
-def load_shards(tag_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every rank's model-states blob of one tag (CPU tensors)."""
-    return [
-        torch.load(p, map_location="cpu", weights_only=False) for p in model_state_files(tag_dir)
-    ]
+def load_shards(tag_dir: str | os.PathLike[str], *, mmap: bool = False) -> list[dict[str, Any]]:
+    """Every model-parallel rank's model-states blob of one tag (CPU tensors, safe loader)."""
+    return [load_file(p, mmap=mmap) for p in model_state_files(tag_dir)]
 
 
 def merge_shards(
-    shards: Sequence[Mapping[str, Tensor]], layout: Mapping[str, int | None]
+    shards: Sequence[Mapping[str, Tensor]], layout: Mapping[str, int | None] | None
 ) -> dict[str, Tensor]:
-    """The full (tp = 1) state dict from ``len(shards)`` TP shards."""
+    """The full (tp = 1) state dict from ``len(shards)`` TP shards.
+
+    ``layout=None`` is allowed for a single shard (nothing to merge or check names against).
+    """
+    if layout is None:
+        if len(shards) != 1:
+            raise ValueError(f"merging {len(shards)} TP shards needs the model's layout")
+        return dict(shards[0])
     names = list(shards[0])
     for rank, shard in enumerate(shards[1:], start=1):
         if list(shard) != names:
@@ -195,14 +235,22 @@ def checkpoint_layout(tag_dir: str | os.PathLike[str]) -> tuple[int, int]:
 
 
 def read_full_state(
-    tag_dir: str | os.PathLike[str], layout: Mapping[str, int | None]
+    tag_dir: str | os.PathLike[str], layout: Mapping[str, int | None] | None
 ) -> dict[str, Tensor]:
     """The full (tp = 1, pp = 1) ``GLMModel`` state dict of any (tp, pp) checkpoint tag.
 
     Pipeline layer files hold their layer's own ``state_dict``; layer ``i`` of the pipeline is
     ``layers.i`` of the model (the tied output head is not saved: it is the embedding).
+    ZeRO-3 checkpoints keep the weights as flat fp32 partitions inside the optimizer states, one
+    per data-parallel rank; they are refused here with a message saying so.
     """
     tag_dir = Path(tag_dir)
+    if is_zero3(tag_dir):
+        raise CheckpointFileError(
+            f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned over data-parallel ranks) "
+            "cannot be merged or resharded here yet; resume it with the same layout, or "
+            "consolidate it with DeepSpeed's zero_to_fp32.py first"
+        )
     layers = _layer_files(tag_dir)
     if not layers:
         return merge_shards([b["module"] for b in load_shards(tag_dir)], layout)
@@ -210,7 +258,7 @@ def read_full_state(
     shards: list[dict[str, Tensor]] = [{} for _ in range(tp)]
     for index, ranks in sorted(layers.items()):
         for rank, path in ranks.items():
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_file(path)
             shards[rank].update({f"layers.{index}.{k}": v for k, v in state.items()})
     return merge_shards(shards, layout)
 
@@ -322,8 +370,7 @@ def reshard_checkpoint(
 
 def _peek(tag_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``mp_rank_00``'s blob, memory-mapped (tensors are not read)."""
-    path = model_state_files(tag_dir)[0]
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return load_file(model_state_files(tag_dir)[0], mmap=True)
 
 
 def reshard_info(tag_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

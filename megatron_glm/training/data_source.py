@@ -1,9 +1,11 @@
 """The real batch source: tokenizer -> packed splits -> blank infilling -> per-rank DataLoaders.
 
 Sizes: the train split is built for exactly ``train_iters * global_batch_size`` rows (the data
-pipeline adds epochs as needed), the valid split for ``eval_iters * micro_batch_size * dp`` rows,
-and the *same* validation rows are used at every validation, so validation losses over a run are
-comparable (the demo's "validation loss fell by X%" is measured on identical rows).
+pipeline adds epochs as needed), the valid split for ``eval_iters * global_batch_size`` rows
+(``eval_iters`` counts global batches, Megatron's meaning: every layout validates on the same
+rows, so the figures are comparable across data-parallel sizes), and the *same* validation rows
+are used at every validation, so validation losses over a run are comparable (the demo's
+"validation loss fell by X%" is measured on identical rows).
 
 Index caches are built by local rank 0 first; the other ranks wait at a barrier and then
 memory-map the published files (the cache writes are atomic, so this only avoids duplicate work).
@@ -62,7 +64,7 @@ class PretrainData:
             ids=SpecialIds.from_tokenizer(tokenizer),
             seed=t.seed,
         )
-        num_valid = t.eval_iters * t.micro_batch_size * dp_size if t.eval_interval > 0 else 0
+        num_valid = t.eval_iters * t.global_batch_size if t.eval_interval > 0 else 0
         num_samples = (t.train_iters * t.global_batch_size, num_valid, 0)
 
         def build() -> tuple[Any, Any, Any]:
@@ -112,7 +114,8 @@ class PretrainData:
         return iter(loader)
 
     def valid_batches(self) -> Iterable[Batch] | None:
-        """``eval_iters`` micro-batches, the same rows at every call.
+        """``eval_iters`` global batches (this rank's micro-batches of them), the same rows at
+        every call.
 
         Built in the main process (no workers): validation is short and infrequent, and extra
         worker processes per rank would compete with training for the CPU cores.
@@ -129,4 +132,6 @@ class PretrainData:
                 num_workers=0,
                 seed=self.cfg.train.seed,
             )
-        return itertools.islice(self._valid_loader, self.cfg.train.eval_iters)
+        t = self.cfg.train
+        per_rank = t.eval_iters * t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        return itertools.islice(self._valid_loader, per_rank)

@@ -19,10 +19,14 @@ Tensor parallelism: the ``tp`` ranks of a TP group read the same rows and comput
 come out ``tp`` times too small.
 
 Non-finite losses: the step's loss sum is all-reduced *before* the optimizer step; if it is not
-finite, every rank's :class:`SkippableAdamW` skips the update (in every precision; under fp16
-DeepSpeed's dynamic loss scaler skips overflowing steps on its own as well). After
-``train.max_nonfinite_steps`` consecutive such steps the run stops with
-:class:`NonFiniteLossError` naming the step, without writing a checkpoint.
+finite, every rank's :class:`SkippableAdamW` skips the update (in every precision). DeepSpeed
+also skips, on its own, an update whose gradients are not finite although the loss was (its
+ZeRO optimizers check the gradient norm in every precision; under fp16 this is the dynamic loss
+scaler's overflow). Every skipped update counts toward ``train.max_nonfinite_steps`` consecutive
+ones, after which the run stops with :class:`NonFiniteLossError` naming the step, without
+writing a checkpoint -- except fp16 overflows while the loss scale can still shrink, which are
+the scaler calibrating itself, not divergence. No checkpoint is written while the last step was
+skipped, and :func:`checkpoint.save` refuses non-finite weights in any case.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tqdm import tqdm
 from megatron_glm.config import RunConfig, to_dict
 from megatron_glm.parallel.layers import grad_norm as model_grad_norm
 from megatron_glm.training import checkpoint as ckpt
+from megatron_glm.training.checkpoint import NonFiniteError
 from megatron_glm.training.distributed import all_reduce
 from megatron_glm.training.engine import Engine, uses_manual_grad_norm
 from megatron_glm.training.metrics import (
@@ -70,12 +75,13 @@ class BatchSource(Protocol):
         ...
 
     def valid_batches(self) -> Iterable[Batch] | None:
-        """The same validation micro-batches at every call (``eval_iters`` of them), or None."""
+        """The same validation micro-batches at every call (this rank's share of ``eval_iters``
+        global batches), or None."""
         ...
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive non-finite losses; the message names the step."""
+class NonFiniteLossError(NonFiniteError):
+    """Too many consecutive skipped updates (non-finite loss or gradients); names the step."""
 
 
 @dataclass
@@ -559,21 +565,38 @@ class Trainer:
         self._check_finite(run, out)
 
     def _check_finite(self, run: _RunState, out: StepOutput) -> None:
-        """Count consecutive non-finite steps; raise after ``train.max_nonfinite_steps``."""
+        """Count consecutive skipped updates; raise after ``train.max_nonfinite_steps``."""
         limit = self.cfg.train.max_nonfinite_steps
-        if out.finite:
+        reason = self._skip_reason(out)
+        if reason is None:
             run.bad_steps = 0
-            if not out.applied:
-                self.log(f"step {run.iteration}: fp16 overflow, update skipped (loss scaler)")
             return
-        run.bad_steps += 1
-        self.log(f"step {run.iteration}: non-finite loss {out.loss}, update skipped")
+        self.log(f"step {run.iteration}: {reason}")
+        if not out.finite or not self._is_scaler_overflow(out):
+            run.bad_steps += 1
         if run.bad_steps >= limit:
             raise NonFiniteLossError(
                 f"stopping at step {run.iteration}: {run.bad_steps} consecutive steps with a "
-                f"non-finite loss (train.max_nonfinite_steps={limit}); no checkpoint written, "
-                "the last good one is intact"
+                f"non-finite loss or gradients (train.max_nonfinite_steps={limit}); no "
+                "checkpoint written, the last good one is intact"
             )
+
+    def _skip_reason(self, out: StepOutput) -> str | None:
+        """What the log says about a step whose update was not applied (None: it was)."""
+        if not out.finite:
+            return f"non-finite loss {out.loss}, update skipped"
+        if out.applied:
+            return None
+        if self.cfg.train.precision == "fp16":
+            return f"fp16 overflow, update skipped (loss scale now {out.loss_scale:g})"
+        return (
+            f"non-finite gradients (loss {out.loss:.4f} was finite), DeepSpeed skipped the update"
+        )
+
+    def _is_scaler_overflow(self, out: StepOutput) -> bool:
+        """fp16 overflow with room to shrink the loss scale: expected, not divergence."""
+        t = self.cfg.train
+        return t.precision == "fp16" and out.loss_scale > t.min_loss_scale
 
     def _report(self, run: _RunState, window: _Window, writer: ScalarWriter) -> None:
         """Log line every ``log_interval`` steps, validation every ``eval_interval`` (and at

@@ -5,7 +5,9 @@ cannot know is the launch: the data-parallel size (world size / (tp * pp)) that 
 must divide into, and whether the data and tokenizer files exist. Finding those out after
 ``init_process_group`` would mean N ranks failing with N tracebacks (or hanging in a collective),
 so :func:`validate_for_launch` is the first thing ``pretrain.main`` calls, with ``WORLD_SIZE`` from
-the environment. Every error names the config field.
+the environment. Every error names the config field, or the file and what is wrong with it: the
+checkpoint to resume from is opened file by file (restricted unpickler, tensor bytes not read)
+so a truncated, corrupt or planted file is named here rather than in N tracebacks after start-up.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from megatron_glm.config import RunConfig
 from megatron_glm.data.dataset import parse_split
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.model import resolve_vocab_size
-from megatron_glm.training.checkpoint import check_layout, resolve_load_dir
+from megatron_glm.training.checkpoint import check_checkpoint, check_layout, resolve_load_dir
 
 
 def _field_error(name: str, rule: str) -> ValueError:
@@ -89,6 +91,9 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
     if load_dir is not None:
         check_layout(
             load_dir, dp_size=dp, zero_stage=t.zero_stage, tp=cfg.parallel.tp, pp=cfg.parallel.pp
+        )
+        check_checkpoint(
+            load_dir, world_size=world_size, allow_missing_rng=cfg.checkpoint.allow_missing_rng
         )
     if check_data:
         _check_data(cfg)

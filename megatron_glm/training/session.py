@@ -123,7 +123,7 @@ def train_in_group(
     load_dir = ckpt.resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)
     start = None
     if load_dir is not None:
-        start = ckpt.load(eng, load_dir)
+        start = ckpt.load(eng, load_dir, allow_missing_rng=cfg.checkpoint.allow_missing_rng)
         trainer.log(
             f"resumed from {load_dir} at step {start.iteration} "
             f"({start.consumed_samples} samples consumed)"
