@@ -210,6 +210,8 @@ def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
             eng.optimizer.skip_next_step = not finite
             if manual_norm and finite:
                 grad_norm = _manual_grad_norm(eng)
+                # ZeRO-0 fp32: DeepSpeed checks no gradient; a non-finite one must not apply.
+                eng.optimizer.skip_next_step = not math.isfinite(grad_norm)
         ds.step()
     # DeepSpeed may skip the inner step itself (fp16 overflow) without consuming the flag.
     eng.optimizer.skip_next_step = False
@@ -231,8 +233,13 @@ def _step_output(
     """The step's record, with DeepSpeed's grad norm where it computed one (non-manual norm)."""
     ds = eng.engine
     finite = math.isfinite(loss_sum)
-    applied = finite and bool(ds.was_step_applied())
-    if not manual_norm and applied:
+    # Skipped by DeepSpeed (its ZeRO/fp16 optimizers' gradient check) or by ours (non-finite
+    # loss, or a non-finite gradient norm where the norm is ours): ``last_step_skipped`` is only
+    # stale when DeepSpeed skipped the inner step, and then ``was_step_applied`` is False.
+    applied = finite and bool(ds.was_step_applied()) and not eng.optimizer.last_step_skipped
+    if not applied:
+        grad_norm = None
+    elif not manual_norm:
         value = ds.get_global_grad_norm()
         grad_norm = None if value is None else float(value)
     return StepOutput(

@@ -104,44 +104,52 @@ class SyntheticSource:
 
 
 def _worker(spec: dict[str, Any]) -> int:
-    """Runs in each launched process; rank 0 writes the results JSON."""
+    """Runs in each launched process; rank 0 writes the results JSON after every run.
+
+    Optional spec keys: ``poison`` (per run: rows with an inf loss weight), ``delay`` (seconds
+    per batch), ``faults`` (run index -> :func:`_inject` options), ``remove`` (run index ->
+    files rank 0 deletes after that run), ``reshard``, ``skip_preflight`` (exercise the
+    in-group checks that pre-launch checks would otherwise pre-empt).
+    """
     from megatron_glm.config import load_config
+    from megatron_glm.serialization import CheckpointFileError
+    from megatron_glm.training.checkpoint import NonFiniteError
     from megatron_glm.training.distributed import (
         destroy_distributed,
         init_distributed,
         read_dist_env,
     )
-    from megatron_glm.training.loop import NonFiniteLossError
     from megatron_glm.training.preflight import validate_for_launch
     from megatron_glm.training.session import train_in_group
 
     env = read_dist_env()
     configs = [load_config(None, TINY + o) for o in spec["runs"]]
     reshards = spec.get("reshard", {})  # run index -> [[src, dst, tp, pp], ...] after that run
+    preflight = not spec.get("skip_preflight", False)
     for index, cfg in enumerate(configs):
-        if not any(int(k) < index for k in reshards):  # later ones may load a reshard's output
+        if preflight and not any(int(k) < index for k in {**reshards, **spec.get("remove", {})}):
             validate_for_launch(cfg, env.world_size, check_data=False)
     device = init_distributed(env)
     results: list[dict[str, Any]] = []
     code = 0
     try:
         for index, cfg in enumerate(configs):
-            if any(int(k) < index for k in reshards):
+            print(f"=== run {index}", flush=True)
+            if preflight and any(int(k) < index for k in reshards):
                 validate_for_launch(cfg, env.world_size, check_data=False)
             poison = spec.get("poison", [None] * len(configs))[index]
+            faults = spec.get("faults", {}).get(str(index), {})
+            delay = faults.get("delay", spec.get("delay", 0.0))
 
             def make(
-                rank: int, dp: int, cfg: Any = cfg, poison: Any = poison
+                rank: int, dp: int, cfg: Any = cfg, poison: Any = poison, delay: float = delay
             ) -> tuple[SyntheticSource, int]:
                 src = SyntheticSource(
-                    cfg.train.micro_batch_size,
-                    rank,
-                    dp,
-                    poison=poison,
-                    delay=spec.get("delay", 0.0),
+                    cfg.train.micro_batch_size, rank, dp, poison=poison, delay=delay
                 )
                 return src, VOCAB
 
+            restore = _inject(faults, env.rank, cfg, env.world_size)
             try:
                 res = train_in_group(cfg, env, device, make)
                 results.append(
@@ -154,15 +162,76 @@ def _worker(spec: dict[str, Any]) -> int:
                         "tied_diff": res.tied_weights_max_diff,
                     }
                 )
-            except NonFiniteLossError as exc:
-                results.append({"error": str(exc)})
+            except (NonFiniteError, CheckpointFileError) as exc:
+                results.append({"error": str(exc), "type": type(exc).__name__})
                 code = 3
+            finally:
+                restore()
             _reshard(reshards.get(str(index), []), cfg, env.rank)
+            _remove(spec.get("remove", {}).get(str(index), []), env.rank)
+            if env.rank == 0:
+                Path(spec["out"]).write_text(json.dumps(results))
     finally:
         destroy_distributed()
-    if env.rank == 0:
-        Path(spec["out"]).write_text(json.dumps(results))
     return code
+
+
+def _inject(faults: dict[str, Any], rank: int, cfg: Any, world: int) -> Any:
+    """Fault injection for one run; returns the function that undoes it.
+
+    ``nan_weight_at`` (step) + ``nan_weight_rank``: that rank writes a NaN into its first
+    parameter just before the checkpoint of that step is saved. ``nan_grad_steps``: the
+    gradients of those steps are NaN while their loss stays finite (a hook on the loss).
+    """
+    import megatron_glm.training.checkpoint as ck
+    from megatron_glm.training.engine import GLMPretrainModule
+
+    save, forward = ck.save, GLMPretrainModule.forward
+    at, on_rank = faults.get("nan_weight_at"), faults.get("nan_weight_rank", 0)
+    if at is not None:
+
+        def nan_save(engine: Any, save_dir: Any, state: Any) -> str:
+            if state.iteration == at and rank == on_rank:
+                with torch.no_grad():
+                    param = next(engine.module.parameters())
+                    getattr(param, "ds_tensor", param).view(-1)[0] = float("nan")
+            return save(engine, save_dir, state)
+
+        ck.save = nan_save
+    bad_steps = set(faults.get("nan_grad_steps", []))
+    if bad_steps:
+        calls = [0]
+        dp = world // (cfg.parallel.tp * cfg.parallel.pp)
+        per_step = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+
+        def nan_forward(self: Any, batch: dict[str, torch.Tensor]) -> Any:
+            out = forward(self, batch)
+            if self.training:
+                step = calls[0] // per_step + 1
+                calls[0] += 1
+                if step in bad_steps:
+                    out.sum_loss.register_hook(lambda g: g * float("nan"))
+            return out
+
+        GLMPretrainModule.forward = nan_forward  # type: ignore[method-assign]
+
+    def restore() -> None:
+        ck.save = save
+        GLMPretrainModule.forward = forward  # type: ignore[method-assign]
+
+    return restore
+
+
+def _remove(paths: list[str], rank: int) -> None:
+    """Rank 0 deletes files between two runs of one launch; everyone waits."""
+    import torch.distributed as dist
+
+    if not paths:
+        return
+    if rank == 0:
+        for path in paths:
+            Path(path).unlink()
+    dist.barrier()
 
 
 def _reshard(jobs: list[list[Any]], cfg: Any, rank: int) -> None:
@@ -213,7 +282,9 @@ def _launch(nprocs: int, spec: dict[str, Any], tmp: Path) -> list[subprocess.Pop
     return procs
 
 
-def _wait(procs: list[subprocess.Popen[str]], timeout: float = 240.0) -> tuple[list[int], str]:
+def _wait(
+    procs: list[subprocess.Popen[str]], timeout: float = 240.0, *, every_rank: bool = False
+) -> tuple[list[int], str]:
     outputs, codes = [], []
     for p in procs:
         try:
@@ -224,15 +295,16 @@ def _wait(procs: list[subprocess.Popen[str]], timeout: float = 240.0) -> tuple[l
             raise
         outputs.append(out)
         codes.append(p.returncode)
-    return codes, outputs[0]
+    return codes, "".join(outputs) if every_rank else outputs[0]
 
 
 def run_workers(
-    nprocs: int, runs: list[list[str]], tmp: Path, **spec: Any
+    nprocs: int, runs: list[list[str]], tmp: Path, *, every_rank: bool = False, **spec: Any
 ) -> tuple[list[dict[str, Any]], str, list[int]]:
+    """Launch, wait, return (results, rank 0's output or every rank's, exit codes)."""
     out = tmp / f"result_{time.monotonic_ns()}.json"
     procs = _launch(nprocs, {"runs": runs, "out": str(out), **spec}, tmp)
-    codes, log = _wait(procs, timeout=60.0 + 40.0 * len(runs))
+    codes, log = _wait(procs, timeout=60.0 + 40.0 * len(runs), every_rank=every_rank)
     assert out.is_file(), f"no results (exit codes {codes}); rank 0 output:\n{log[-4000:]}"
     return json.loads(out.read_text()), log, codes
 
