@@ -228,11 +228,12 @@ def _wait(procs: list[subprocess.Popen[str]], timeout: float = 240.0) -> tuple[l
 
 
 def run_workers(
-    nprocs: int, runs: list[list[str]], tmp: Path, **spec: Any
+    nprocs: int, runs: list[list[str]], tmp: Path, *, timeout: float | None = None, **spec: Any
 ) -> tuple[list[dict[str, Any]], str, list[int]]:
+    """Train ``runs`` in turn in one launch of ``nprocs`` ranks; kill all past ``timeout`` s."""
     out = tmp / f"result_{time.monotonic_ns()}.json"
     procs = _launch(nprocs, {"runs": runs, "out": str(out), **spec}, tmp)
-    codes, log = _wait(procs, timeout=60.0 + 40.0 * len(runs))
+    codes, log = _wait(procs, timeout=timeout or 60.0 + 40.0 * len(runs))
     assert out.is_file(), f"no results (exit codes {codes}); rank 0 output:\n{log[-4000:]}"
     return json.loads(out.read_text()), log, codes
 
