@@ -98,7 +98,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups: matrices decay; biases, LayerNorm and other 1-D tensors do not.
 
     The rule is by tensor rank (``ndim < 2`` means bias or norm gain), which also covers
-    parameters added later without a name convention. Empty groups are dropped.
+    parameters added later without a name convention. Empty groups are dropped (DeepSpeed drops
+    them too), so pipeline stages can hold different numbers of groups: a stage of the
+    embedding alone has no 1-D parameter. ZeRO's per-group collectives across the stages are
+    made independent of that count by ``pipeline.reduce_zero_grad_norm_once``.
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -264,6 +267,7 @@ def initialize_pipeline(
         StepHook,
         build_pipeline,
         install_step_hook,
+        reduce_zero_grad_norm_once,
     )
 
     pipe, rng = build_pipeline(
@@ -284,6 +288,7 @@ def initialize_pipeline(
         config=deepspeed_config(cfg, dims.dp_size),
         dist_init_required=False,
     )
+    reduce_zero_grad_norm_once(engine)  # stages may hold different numbers of param groups
     manual_norm = uses_manual_grad_norm(engine)
     clip = cfg.optimizer.clip_grad if clips_itself(cfg) else 0.0
     hook = StepHook(pipe.loss_fn, optimizer, manual_norm=manual_norm, clip_grad=clip)

@@ -39,13 +39,16 @@ Optimizer-step hook. DeepSpeed runs the optimizer step inside ``train_batch``. E
 ``OptimizerStep`` instruction is wrapped (:class:`StepHook`): one all-reduce over the world
 publishes the last stage's loss statistics to every rank, the non-finite-loss skip flag is set on
 every rank alike, and at ZeRO-0 fp32 (where DeepSpeed keeps no norm) the gradient norm is taken
-before clipping, as the unpipelined loop does.
+before clipping, as the unpipelined loop does. Under ZeRO-1 the gradient norm is all-reduced over
+the stages once per step (:func:`reduce_zero_grad_norm_once`), not once per optimizer param
+group: the stages' group counts differ with the partition, and unequal collectives deadlock.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -188,6 +191,53 @@ def clip_by_norm(params: Sequence[Tensor], norm: float, max_norm: float) -> None
                 p.grad.mul_(coef)
 
 
+def reduce_zero_grad_norm_once(engine: Any) -> None:
+    """Make ZeRO-1/2's gradient norm issue the same collectives on every pipeline stage.
+
+    ``DeepSpeedZeroOptimizer.scaled_global_norm`` takes one norm per optimizer param group and
+    all-reduces each over the model-parallel group, which with a pipeline spans the stages. The
+    stages build their groups from different layers, and empty groups are dropped (by
+    ``engine.param_groups`` and again by ``deepspeed.initialize``), so a stage holding only the
+    embedding (``partition_method=parameters`` on a 2-layer model: no bias or LayerNorm gain,
+    so no no-decay group) has one group where the next stage has two. The stages then issue
+    different numbers of all-reduces and deadlock (stage 0 already waits in the loss broadcast
+    that ends ``train_batch`` while stage 1 waits in its second norm all-reduce).
+
+    Here the per-group norms are taken over this stage only (reduced over DP as before) and
+    their sum of squares is all-reduced over the model-parallel group once: the same norm
+    (``sqrt`` of the sum of every group's squares on every stage), one collective whatever the
+    group count. A non-finite group makes DeepSpeed's combined norm ``inf``; ``inf`` survives
+    the sum, so every stage sees the overflow alike.
+
+    This relies on two names private to DeepSpeed 0.19 (``scaled_global_norm`` and
+    ``model_parallel_group``, which ``_model_parallel_all_reduce`` skips when ``None``): kept
+    here, next to the other pipeline-engine patch, and asserted so a DeepSpeed change fails
+    loudly instead of hanging.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return  # ZeRO-0 (ours or BF16_Optimizer): one norm over all groups already
+    for name in ("model_parallel_group", "scaled_global_norm"):
+        assert hasattr(optimizer, name), f"DeepSpeed's ZeRO optimizer has no {name} any more"
+    group = optimizer.model_parallel_group
+    per_group = optimizer.scaled_global_norm  # the bound original
+
+    def scaled_global_norm(norm_type: int = 2) -> Tensor:
+        optimizer.model_parallel_group = None
+        try:
+            local = per_group(norm_type)  # this stage's norm over all its groups, DP-reduced
+        finally:
+            optimizer.model_parallel_group = group
+        squares = local.float() ** 2  # inf stays inf
+        if group is not None:
+            torch.distributed.all_reduce(squares, group=group)
+        return squares.sqrt()
+
+    optimizer.scaled_global_norm = scaled_global_norm
+
+
 def install_step_hook(engine: Any, hook: StepHook) -> None:
     """Make ``engine`` run ``hook`` as its ``OptimizerStep`` instruction.
 
@@ -239,6 +289,41 @@ class GLMPipelineModule(PipelineModule):
         super()._build()
 
 
+def pipeline_layer_names(num_layers: int) -> list[str]:
+    """Class names of the pipeline's layers in order, as ``build_pipeline`` lays them out.
+
+    What ``partition_method=type:REGEX`` matches, known without building a layer.
+    """
+    return ["EmbeddingLayer", *["GLMBlock"] * num_layers, "FinalLayerNorm", TiedHead.__name__]
+
+
+def check_partition_method(method: str, num_layers: int) -> None:
+    """Raise ValueError (naming the field) for a ``type:REGEX`` that selects no layer.
+
+    DeepSpeed would raise only once every rank builds its PipelineModule, inside the process
+    group. The match is DeepSpeed's own ``PipelineModule._find_layer_type`` (private, hence kept
+    here) run over the layer classes' names, so the check cannot disagree with the partitioning;
+    it reads only ``_layer_specs`` and takes an object's ``__name__``, so plain name holders do.
+    ``parameters`` and ``uniform`` need no check: with ``num_layers`` divisible by ``pp`` (the
+    config's rule) the ``num_layers + 3`` layers outnumber the stages and DeepSpeed's
+    partitions never leave a stage without layers, and every layer holds parameters.
+    """
+    if not method.lower().startswith("type:"):
+        return
+    pattern = method.lower().split(":")[1]  # DeepSpeed lower-cases and takes this piece
+    names = pipeline_layer_names(num_layers)
+    holder = SimpleNamespace(_layer_specs=[SimpleNamespace(__name__=n) for n in names])
+    try:
+        PipelineModule._find_layer_type(holder, pattern)
+    except Exception as exc:  # RuntimeError: no match; the ``regex`` module's error: bad pattern
+        what = "selects no layer" if isinstance(exc, RuntimeError) else f"is not a regex ({exc})"
+        kinds = ", ".join(dict.fromkeys(names))
+        raise ValueError(
+            f"config field 'parallel.partition_method': {method!r} {what}; the pipeline's "
+            f"layers are {kinds}: use e.g. type:GLMBlock, or parameters or uniform"
+        ) from None
+
+
 def build_pipeline(
     cfg: ModelConfig,
     *,
@@ -261,6 +346,10 @@ def build_pipeline(
         *layers[1:],
         _Prebuilt(head, forward_fn=head_forward),
     ]
+    names = [
+        s.typename.__name__ if isinstance(s, TiedLayerSpec) else type(s).__name__ for s in specs
+    ]
+    assert names == pipeline_layer_names(cfg.num_layers), names  # what preflight checks against
     loss = PipelineLoss(dims, cfg.kernels)
     pipe = GLMPipelineModule(
         specs,
@@ -303,8 +392,11 @@ __all__ = [
     "StepHook",
     "TiedHead",
     "build_pipeline",
+    "check_partition_method",
     "head_forward",
     "install_step_hook",
     "micro_batch_iterator",
+    "pipeline_layer_names",
+    "reduce_zero_grad_norm_once",
     "tied_weights_max_diff",
 ]

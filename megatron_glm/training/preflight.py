@@ -54,6 +54,10 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
             "(sharded parameters) do not allow, and DeepSpeed refuses it; use train.zero_stage=1 "
             "(sharded optimizer state) with pipeline parallelism, or parallel.pp=1 with ZeRO-2/3",
         )
+    if cfg.parallel.pp > 1:
+        from megatron_glm.training.pipeline import check_partition_method  # imports DeepSpeed
+
+        check_partition_method(cfg.parallel.partition_method, cfg.model.num_layers)
     if cfg.parallel.sequence_parallel and cfg.data.seq_length % cfg.parallel.tp:
         raise _field_error(
             "data.seq_length",

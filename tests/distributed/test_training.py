@@ -299,12 +299,21 @@ def _wait(
 
 
 def run_workers(
-    nprocs: int, runs: list[list[str]], tmp: Path, *, every_rank: bool = False, **spec: Any
+    nprocs: int,
+    runs: list[list[str]],
+    tmp: Path,
+    *,
+    timeout: float | None = None,
+    every_rank: bool = False,
+    **spec: Any,
 ) -> tuple[list[dict[str, Any]], str, list[int]]:
-    """Launch, wait, return (results, rank 0's output or every rank's, exit codes)."""
+    """Train ``runs`` in turn in one launch of ``nprocs`` ranks; kill all past ``timeout`` s.
+
+    Returns (results, rank 0's output or, with ``every_rank``, every rank's, exit codes).
+    """
     out = tmp / f"result_{time.monotonic_ns()}.json"
     procs = _launch(nprocs, {"runs": runs, "out": str(out), **spec}, tmp)
-    codes, log = _wait(procs, timeout=60.0 + 40.0 * len(runs), every_rank=every_rank)
+    codes, log = _wait(procs, timeout=timeout or 60.0 + 40.0 * len(runs), every_rank=every_rank)
     assert out.is_file(), f"no results (exit codes {codes}); rank 0 output:\n{log[-4000:]}"
     return json.loads(out.read_text()), log, codes
 

@@ -285,6 +285,32 @@ def test_pipeline_refusals_name_the_field_and_the_alternative() -> None:
         validate_for_launch(_cfg("parallel.tp=2", "parallel.pp=2"), 6, check_data=False)
 
 
+def test_partition_by_a_type_that_no_layer_has_is_refused_before_launch() -> None:
+    """DeepSpeed's own matcher (case-insensitive search) decides, before any process group."""
+    for method in ("type:GLMBlock", "type:block", "type:Embedding|Head", "uniform"):
+        validate_for_launch(
+            _cfg("parallel.pp=2", f"parallel.partition_method={method}"), 2, check_data=False
+        )
+    layers = "EmbeddingLayer, GLMBlock, FinalLayerNorm, TiedHead"
+    with pytest.raises(ValueError) as err:
+        validate_for_launch(
+            _cfg("parallel.pp=2", "parallel.partition_method=type:GLMBlok"), 2, check_data=False
+        )
+    assert str(err.value) == (
+        "config field 'parallel.partition_method': 'type:GLMBlok' selects no layer; the "
+        f"pipeline's layers are {layers}: use e.g. type:GLMBlock, or parameters or uniform"
+    )
+    with pytest.raises(ValueError) as err:
+        validate_for_launch(
+            _cfg("parallel.pp=2", "parallel.partition_method=type:(Block"), 2, check_data=False
+        )
+    assert str(err.value).startswith(
+        "config field 'parallel.partition_method': 'type:(Block' is not a regex (missing )"
+    )
+    # without a pipeline the method is unused, so not checked
+    validate_for_launch(_cfg("parallel.partition_method=type:GLMBlok"), 1, check_data=False)
+
+
 def test_deepspeed_config_of_a_pipeline() -> None:
     pp = _cfg("parallel.pp=2", "train.zero_stage=0", "optimizer.clip_grad=0.5")
     ds = deepspeed_config(pp, dp_size=1)
