@@ -172,7 +172,9 @@ class StepHook:
             counted = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
             norm = float(model_grad_norm(counted, self.loss.dims))  # same on every rank
             self.grad_norm = norm
-            if self.clip_grad > 0:
+            # ZeRO-0 fp32: DeepSpeed checks no gradient; a non-finite one must not apply.
+            self.optimizer.skip_next_step = not math.isfinite(norm)
+            if self.clip_grad > 0 and math.isfinite(norm):
                 clip_by_norm(params, norm, self.clip_grad)
         original = type(engine)._INSTRUCTION_MAP[schedule.OptimizerStep]
         original(engine, **kwargs)
