@@ -70,7 +70,7 @@ def load_file(
 
 def _refusal(path: Path, exc: pickle.UnpicklingError) -> str:
     """Message for a file the restricted unpickler rejected (a planted or foreign object)."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
     what = f"a pickled object of type {found.group(1)}" if found else "disallowed pickled data"
     return (
         f"{path}: refused to load: it contains {what}, which is not a tensor or plain value "

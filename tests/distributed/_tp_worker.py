@@ -602,7 +602,7 @@ def check_deepspeed(ctx: dict[str, Any]) -> dict[str, Any]:
         blob = torch.load(
             root / directory / "global_step20" / f"mp_rank_{rank:02d}_model_states.pt",
             map_location="cpu",
-            weights_only=False,
+            weights_only=True,
         )
         model = build_model(cfg.model, vocab_size=VOCAB, seed=0, dims=d).eval()
         model.layers.load_state_dict(

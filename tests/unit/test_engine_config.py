@@ -383,9 +383,9 @@ def test_pipeline_checkpoint_files_reshard_and_load(
     assert names[:8] == [f"layer_0{i}-model_0{t}-model_states.pt" for i in range(4) for t in (0, 1)]
     assert names[8:12] == [f"mp_rank_0{m}_model_states.pt" for m in range(4)]
     assert checkpoint_layout(src) == (2, 2)
-    blob = torch.load(src / "mp_rank_03_model_states.pt", weights_only=False)
+    blob = torch.load(src / "mp_rank_03_model_states.pt", weights_only=True)
     assert blob["module"] is None and blob["mp_world_size"] == 4 and blob["iteration"] == 5
-    block = torch.load(src / "layer_01-model_01-model_states.pt", weights_only=False)
+    block = torch.load(src / "layer_01-model_01-model_states.pt", weights_only=True)
     assert set(block) == {k.removeprefix("layers.1.") for k in full if k.startswith("layers.1.")}
     chain = [("tp2pp2", "r11", 1, 1), ("r11", "r14", 1, 4), ("r14", "r21", 2, 1)]
     for source, target, tp, pp in chain:
@@ -408,4 +408,4 @@ def test_pipeline_checkpoint_files_reshard_and_load(
     assert sorted(p.name for p in (tmp_path / "cli" / "global_step5").iterdir()) == names[:12]
     first = reshard_checkpoint(tmp_path / "tp2pp2", tmp_path / "again", 1, layout, pp=1)
     assert first.dropped == ["rng_rank00000.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
-    assert torch.load(first.files[0], weights_only=False)["optimizer"] is None
+    assert torch.load(first.files[0], weights_only=True)["optimizer"] is None

@@ -304,7 +304,7 @@ def test_reshard_cli_on_a_deepspeed_layout(
     ]
     assert (tmp_path / "tp4" / "latest").read_text() == "global_step7"
     blobs = [
-        torch.load(dst / f"mp_rank_0{r}_model_states.pt", weights_only=False) for r in range(4)
+        torch.load(dst / f"mp_rank_0{r}_model_states.pt", weights_only=True) for r in range(4)
     ]
     assert blobs[3]["iteration"] == 7 and blobs[3]["mp_world_size"] == 4
     assert blobs[3]["optimizer"] is None

@@ -1,0 +1,207 @@
+"""Checkpoint files as untrusted input (issue 11): corrupt or planted files are named before launch.
+
+One real checkpoint is written once (``python -m megatron_glm.pretrain``, one process, ZeRO-1,
+so it has DeepSpeed's model-states and optimizer-states files and our RNG and layout files).
+Each case damages a copy and runs ``pretrain.main`` with ``checkpoint.load`` on it: it must exit
+2 with a message naming the file before any process group exists (``run_pretraining`` is
+replaced by a failure), and a planted pickle must not run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from test_pretrain_cli import _no_run, _run_yaml, _single_process_env, tiny_corpus  # noqa: F401
+
+from megatron_glm import pretrain
+from megatron_glm.serialization import CheckpointFileError, load_file
+
+TAG = "global_step2"
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_corpus: tuple[str, str],  # noqa: F811
+) -> tuple[Path, Path]:
+    """(run YAML, checkpoint directory) of a 2-step one-process ZeRO-1 run."""
+    tmp = tmp_path_factory.mktemp("real_ckpt")
+    run = _run_yaml(tmp, *tiny_corpus, train_iters=2, zero_stage=1)
+    save = tmp / "ckpt"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run)]
+    cmd += [f"checkpoint.save={save}", "data.num_workers=0", "logging.progress_bar=false"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (save / "latest").read_text() == TAG
+    return run, save
+
+
+class Planted:
+    """Pickles as a call of ``os.system``: what an attacker would plant in a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _main(run: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
+    _single_process_env(monkeypatch)
+    _no_run(monkeypatch)
+    return pretrain.main(["--config", str(run), f"checkpoint.load={ckpt}", *extra])
+
+
+Damage = Callable[[Path], None]
+CASES: dict[str, tuple[Damage, str]] = {
+    "truncated_model_states": (
+        lambda d: _truncate(d / TAG / "mp_rank_00_model_states.pt"),
+        f"{TAG}/mp_rank_00_model_states.pt: not a readable checkpoint file (truncated or corrupt)",
+    ),
+    "truncated_optimizer_states": (
+        lambda d: _truncate(d / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+        f"{TAG}/zero_pp_rank_0_mp_rank_00_optim_states.pt: not a readable checkpoint file",
+    ),
+    "truncated_rng": (
+        lambda d: _truncate(d / TAG / "rng_rank00000.pt"),
+        f"{TAG}/rng_rank00000.pt: not a readable checkpoint file (truncated or corrupt)",
+    ),
+    "empty_rng": (
+        lambda d: (d / TAG / "rng_rank00000.pt").write_bytes(b""),
+        f"{TAG}/rng_rank00000.pt: empty file (truncated checkpoint?)",
+    ),
+    "missing_rng": (
+        lambda d: (d / TAG / "rng_rank00000.pt").unlink(),
+        f"{TAG}: no RNG state for 1 of this run's 1 ranks (rng_rank00000.pt): resuming would",
+    ),
+    "latest_not_utf8": (
+        lambda d: (d / "latest").write_bytes(b"global_step\xff2"),
+        "latest: not UTF-8 text (invalid start byte at byte 11)",
+    ),
+    "latest_parent_dir": (
+        lambda d: (d / "latest").write_text("../elsewhere"),
+        "latest: '../elsewhere' is not a checkpoint tag (a plain directory name inside",
+    ),
+    "latest_absolute": (
+        lambda d: (d / "latest").write_text("/etc"),
+        "latest: '/etc' is not a checkpoint tag",
+    ),
+    "garbage_layout": (
+        lambda d: (d / TAG / "layout.json").write_bytes(b"\x00\x01{not json"),
+        f"{TAG}/layout.json: not a valid layout file",
+    ),
+    "layout_missing_field": (
+        lambda d: (d / TAG / "layout.json").write_text('{"iteration": 2}'),
+        f"{TAG}/layout.json: not a valid layout file (KeyError: 'dp_size')",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_corrupt_checkpoint_is_named_before_launch(
+    case: str,
+    real_checkpoint: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run, source = real_checkpoint
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    damage, message = CASES[case]
+    damage(ckpt)
+    assert _main(run, ckpt, monkeypatch) == pretrain.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ckpt}/"), err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_missing_rng_can_be_allowed_explicitly(
+    real_checkpoint: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``checkpoint.allow_missing_rng=true`` lets the pre-launch check pass (the group warns)."""
+    run, source = real_checkpoint
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    (ckpt / TAG / "rng_rank00000.pt").unlink()
+    called: list[bool] = []
+    import megatron_glm.training.session as session
+
+    _single_process_env(monkeypatch)
+    monkeypatch.setattr(session, "run_pretraining", lambda *a, **k: called.append(True))
+    args = ["--config", str(run), f"checkpoint.load={ckpt}", "checkpoint.allow_missing_rng=true"]
+    assert pretrain.main(args) == 0
+    assert called == [True]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "rng_rank00000.pt",
+        "layer_01-model_00-model_states.pt",  # a pipeline layer file
+    ],
+)
+def test_planted_pickle_is_refused_without_running(
+    name: str,
+    real_checkpoint: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A file whose pickle calls ``os.system`` is refused naming it, and the call never runs
+    (the same file does run under ``weights_only=False``: the plant is live)."""
+    run, source = real_checkpoint
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    marker = tmp_path / "pwned"
+    path = ckpt / TAG / name
+    torch.save({"module": {"x": torch.zeros(2)}, "payload": Planted(marker)}, path)
+    assert _main(run, ckpt, monkeypatch) == pretrain.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: {path}: refused to load: it contains a pickled object of type posix.system,"
+    ), err
+    assert not marker.exists()
+    with pytest.raises(CheckpointFileError, match="refused to load"):
+        load_file(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # what DeepSpeed and the old loader did
+    assert marker.exists()
+
+
+@pytest.mark.slow
+def test_valid_checkpoint_passes_the_checks(
+    real_checkpoint: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The undamaged checkpoint passes every pre-launch check (the run would start)."""
+    run, ckpt = real_checkpoint
+    called: list[bool] = []
+    import megatron_glm.training.session as session
+
+    _single_process_env(monkeypatch)
+    monkeypatch.setattr(session, "run_pretraining", lambda *a, **k: called.append(True))
+    assert pretrain.main(["--config", str(run), f"checkpoint.load={ckpt}"]) == 0
+    assert called == [True]
