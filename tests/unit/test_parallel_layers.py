@@ -303,9 +303,7 @@ def test_reshard_cli_on_a_deepspeed_layout(
         "  not carried over (optimizer restarts): zero_pp_rank_0_mp_rank_00_optim_states.pt",
     ]
     assert (tmp_path / "tp4" / "latest").read_text() == "global_step7"
-    blobs = [
-        torch.load(dst / f"mp_rank_0{r}_model_states.pt", weights_only=True) for r in range(4)
-    ]
+    blobs = [torch.load(dst / f"mp_rank_0{r}_model_states.pt", weights_only=True) for r in range(4)]
     assert blobs[3]["iteration"] == 7 and blobs[3]["mp_world_size"] == 4
     assert blobs[3]["optimizer"] is None
     assert reshard_info(dst) == {"from_tp": 2, "to_tp": 4, "optimizer_state": "dropped"}
