@@ -100,6 +100,21 @@ def _no_run(monkeypatch: pytest.MonkeyPatch) -> None:
             "config field 'model.vocab_size' is 30592 but the tokenizer's padded vocab is 1536",
         ),
         (
+            ["optimizer.lr=.inf"],
+            1,
+            "config field 'optimizer.lr': must be a finite number, got inf",
+        ),
+        (
+            ["optimizer.lr=1e999"],
+            1,
+            "config field 'optimizer.lr': must be a finite number, got '1e999'",
+        ),
+        (
+            ["model.hidden_dropout=.nan"],
+            1,
+            "config field 'model.hidden_dropout': must be a finite number, got nan",
+        ),
+        (
             ["checkpoint.load=/nonexistent/ckpt"],
             1,
             "config field 'checkpoint.load': /nonexistent/ckpt has no 'latest' file",
@@ -216,6 +231,23 @@ def test_deepspeed_launcher_two_cpu_ranks(tmp_path: Path, tiny_corpus: tuple[str
     assert (save / "latest").read_text() == "global_step6"
     assert (save / "global_step3").is_dir() and (save / "global_step6").is_dir()
     assert list(tb.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    # eval_iters counts global batches: one process validates the same rows at step 0.
+    single = subprocess.run(
+        [
+            *(sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run)),
+            *(f"checkpoint.save={tmp_path / 'one'}", "train.exit_interval=1", "data.num_workers=0"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
+    assert "world 1, dp 1, grad accumulation 2" in single.stdout
+    two_ranks, one_rank = (_validation_line(x, 0) for x in (log, single.stdout))
+    assert two_ranks == one_rank, (two_ranks, one_rank)
     # Resuming this ZeRO-1 checkpoint with another data-parallel size is refused up front.
     again = subprocess.run(
         [sys.executable, "-m", "megatron_glm.pretrain", *cmd[cmd.index("--config") :]],
@@ -231,6 +263,12 @@ def test_deepspeed_launcher_two_cpu_ranks(tmp_path: Path, tiny_corpus: tuple[str
         f"error: config field 'train.zero_stage': checkpoint {save}/global_step6 was written "
         "with ZeRO-1 at data-parallel size 2, this run is ZeRO-1 at data-parallel size 1"
     ), again.stderr
+
+
+def _validation_line(log: str, step: int) -> str:
+    """The ``validation at step N | ...`` line of a run's output."""
+    head = f"validation at step {step} |"
+    return next(line for line in log.splitlines() if line.startswith(head))
 
 
 @pytest.mark.slow
