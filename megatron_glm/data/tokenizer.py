@@ -45,6 +45,7 @@ import io
 import json
 import os
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import compress
 from operator import itemgetter
@@ -279,35 +280,49 @@ def _open_binary(path: Path) -> gzip.GzipFile | io.BufferedReader:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` of one file, decompressed if ``.gz``. A gzip stream that
+    cannot be read to its end (cut short, corrupt, not gzip) is an error naming the last complete
+    line read (its partial line is never yielded)."""
+    lineno = 0
+    with _open_binary(path) as f:
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                yield lineno, raw
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise TokenizerError(
+                f"{path}: cut short after line {lineno}: unreadable gzip data ({e})"
+            ) from e
+
+
 def _iter_texts(path: Path, json_key: str) -> Iterator[str]:
     """Documents (JSONL) or lines (plain text) of one file; errors name ``file:line``.
 
     Blank lines hold no text and are passed over in both formats.
     """
     jsonl = _is_jsonl(path)
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise TokenizerError(f"{path}:{lineno}: invalid UTF-8 ({e.reason})") from e
-            if not line.strip():
-                continue
-            if not jsonl:
-                yield line.rstrip("\r\n")
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or json_key not in obj:
-                raise TokenizerError(f"{path}:{lineno}: JSON object has no key {json_key!r}")
-            text = obj[json_key]
-            if not isinstance(text, str):
-                raise TokenizerError(
-                    f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string"
-                )
-            yield text
+    for lineno, raw in _numbered_lines(path):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{path}:{lineno}: invalid UTF-8 ({e.reason})") from e
+        if not line.strip():
+            continue
+        if not jsonl:
+            yield line.rstrip("\r\n")
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        if not isinstance(obj, dict) or json_key not in obj:
+            raise TokenizerError(f"{path}:{lineno}: JSON object has no key {json_key!r}")
+        text = obj[json_key]
+        if not isinstance(text, str):
+            raise TokenizerError(
+                f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string"
+            )
+        yield text
 
 
 def _chunk_line(line: str, max_bytes: int) -> list[str]:

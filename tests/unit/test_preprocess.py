@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import weakref
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import sentencepiece as spm
 
 from megatron_glm.data.indexed import IndexedDataset, data_file_path, index_file_path
 from megatron_glm.data.preprocess import (
+    BadInputError,
     BadLineError,
     output_prefix_for,
     preprocess_data,
@@ -228,6 +230,97 @@ def test_gz_and_glob_inputs(corpus: dict, tiny_tokenizer_model: Path, tmp_path: 
     locs = [loc for v in summary.bad.locations.values() for loc in v]
     first_bad_b = min(n for v in corpus["bad_at"].values() for n in v if n > half)
     assert f"{d / 'b.jsonl.gz'}:{first_bad_b - half}" in locs
+
+
+def _readable_part(gz: bytes) -> tuple[bytes, int]:
+    """The complete lines a damaged gzip stream still yields (decompressed independently of the
+    library, with zlib), and the byte count of the partial line after them."""
+    data = zlib.decompressobj(wbits=31).decompress(gz)
+    complete = data[: data.rfind(b"\n") + 1]
+    return complete, len(data) - len(complete)
+
+
+def test_cut_short_gz_keeps_the_lines_read(
+    corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path
+) -> None:
+    """A .gz cut in half: the lines before the cut are written exactly as from a clean file of
+    those lines, bad lines among them counted as usual; the report names the file and the last
+    complete line; under strict it is an error and nothing is published."""
+    whole = b"".join(corpus["lines"])
+    gz = gzip.compress(whole, mtime=0)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gz[: len(gz) // 2])
+    complete, partial = _readable_part(cut.read_bytes())
+    last = complete.count(b"\n")
+    assert 10 < last < len(corpus["lines"]) - 5 and partial > 0  # cut inside a line, mid-corpus
+    clean = tmp_path / "clean.jsonl"
+    clean.write_bytes(complete)
+    kw = {"split_sentences": True, "append_eod": True, "chunk_bytes": 3000}
+    got = _run(cut, tmp_path / "cut", tiny_tokenizer_model, **kw)
+    ref = _run(clean, tmp_path / "clean", tiny_tokenizer_model, **kw)
+    message = (
+        f"{cut}: cut short after line {last}: unreadable gzip data (Compressed file ended "
+        f"before the end-of-stream marker was reached); the {partial} bytes read of line "
+        f"{last + 1} are dropped"
+    )
+    assert got.bad.cut_short == [message] and ref.bad.cut_short == []
+    assert f"inputs cut short: 1\n  {message}\n" in got.format()
+    assert got.documents == ref.documents > 10 and got.bad.counts == ref.bad.counts
+    assert got.bad.total > 0  # bad lines before the cut are still counted
+    assert _files(got.outputs["text"]) == _files(ref.outputs["text"])
+    with pytest.raises(BadInputError) as info:
+        _run(cut, tmp_path / "strict", tiny_tokenizer_model, **kw, strict=True)
+    # strict stops at the first bad line, which comes before the cut
+    assert isinstance(info.value, BadLineError)
+    good_part = tmp_path / "good.jsonl.gz"
+    good_lines = b"".join(_demo_lines_of(corpus, 30))
+    good_gz = gzip.compress(good_lines, mtime=0)
+    good_part.write_bytes(good_gz[: len(good_gz) // 2])
+    complete, partial = _readable_part(good_part.read_bytes())
+    last = complete.count(b"\n")
+    with pytest.raises(BadInputError) as info:
+        _run(good_part, tmp_path / "strict", tiny_tokenizer_model, **kw, strict=True)
+    assert not isinstance(info.value, BadLineError)
+    assert str(info.value) == (
+        f"{good_part}: cut short after line {last}: unreadable gzip data (Compressed file ended "
+        f"before the end-of-stream marker was reached); the {partial} bytes read of line "
+        f"{last + 1} are dropped"
+    )
+    assert [p for p in os.listdir(tmp_path) if p.startswith("strict")] == []
+
+
+def _demo_lines_of(corpus: dict, n: int) -> list[bytes]:
+    """The first ``n`` good lines of the test corpus (the demo documents)."""
+    bad = {raw for raw, _ in BAD_LINES}
+    return [line for line in corpus["lines"] if line not in bad][:n]
+
+
+def test_plain_text_named_gz(corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path) -> None:
+    """Not gzip at all: nothing read, reported with line 0; the CLI exits 2 under --strict with
+    the message and no traceback, and 0 without it, the report in its summary; other inputs of
+    the run are used."""
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_bytes(b"".join(_demo_lines_of(corpus, 5)))
+    message = f"{fake}: cut short after line 0: unreadable gzip data (Not a gzipped file (b'{{\"'))"
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(b"".join(_demo_lines_of(corpus, 3)))
+    summary = _run([str(fake), str(other)], tmp_path / "f", tiny_tokenizer_model)
+    assert summary.bad.cut_short == [message] and summary.documents == 3
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_data.py"),
+        "--input",
+        str(fake),
+        "--output-prefix",
+        str(tmp_path / "cli"),
+        "--tokenizer-model",
+        str(tiny_tokenizer_model),
+        "--no-progress",
+    ]
+    res = subprocess.run([*cmd, "--strict"], capture_output=True, text=True)
+    assert (res.returncode, res.stdout, res.stderr) == (2, "", f"error: {message}\n")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0 and f"inputs cut short: 1\n  {message}\n" in res.stdout
 
 
 def test_strict_names_file_line_and_reason(

@@ -8,6 +8,7 @@ import pickle
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +332,25 @@ def test_bad_training_input(tmp_path: Path, content: bytes, message: str) -> Non
     with pytest.raises(TokenizerError, match=f"^{re.escape(message.format(path=path))}$"):
         train_tokenizer([path], tmp_path / "m", SMALL_VOCAB)
     assert not (tmp_path / "m.model").exists()
+
+
+@pytest.mark.parametrize("kind", ["cut short", "not gzip"])
+def test_damaged_gz_training_input(tmp_path: Path, small_corpus: Path, kind: str) -> None:
+    """A .gz cut in half, or plain text named .gz: an error naming the file and the last
+    complete line read (counted independently, with zlib), not an EOFError/BadGzipFile."""
+    path = tmp_path / "corpus.jsonl.gz"
+    if kind == "cut short":
+        gz = gzip.compress(small_corpus.read_bytes(), mtime=0)
+        path.write_bytes(gz[: len(gz) // 2])
+        last = zlib.decompressobj(wbits=31).decompress(path.read_bytes()).count(b"\n")
+        assert last > 10
+        why = "Compressed file ended before the end-of-stream marker was reached"
+    else:
+        path.write_bytes(small_corpus.read_bytes())
+        last, why = 0, "Not a gzipped file (b'{\"')"
+    message = f"{path}: cut short after line {last}: unreadable gzip data ({why})"
+    with pytest.raises(TokenizerError, match=f"^{re.escape(message)}$"):
+        train_tokenizer([path], tmp_path / "m", SMALL_VOCAB)
 
 
 @pytest.mark.parametrize(
