@@ -3,9 +3,10 @@
 One JSONL line is one document. For each ``--json-keys`` key the text is (optionally) split into
 sentences, encoded with the GLM SentencePiece tokenizer and written to
 ``{output_prefix}_{key}_{document|sentence}.bin/.idx``: level ``sentence`` with
-``split_sentences`` (each sentence one sequence, a document = its sentences), else ``document``
-(each document one sequence). With ``append_eod`` the eos id ends the last sequence of every
-document, as in Megatron-LM. Tokens are stored as :func:`best_fitting_dtype` of the vocabulary.
+``split_sentences`` (each sentence one sequence, a document = its sentences, whose ids decode
+back to it exactly), else ``document`` (each document one sequence). With ``append_eod`` the
+eos id ends the last sequence of every document, as in Megatron-LM. Tokens are stored as
+:func:`best_fitting_dtype` of the vocabulary.
 
 Bad lines are counted, never fatal (unless ``strict``), and are the only thing ever dropped:
 
@@ -426,6 +427,14 @@ def _prepare(texts: list[str], split: bool) -> _Prepared:
     return _Prepared(texts, np.ones(len(texts), dtype=np.int64))
 
 
+def _encode(tokenizer: GLMTokenizer, prepared: _Prepared, split: bool) -> list[list[int]]:
+    """Ids of the sequences, with one SentencePiece thread: sentences as the pieces of their
+    documents (they decode back to the documents exactly), whole documents each alone."""
+    if split:
+        return tokenizer.encode_pieces(prepared.sequences, prepared.per_doc, num_threads=1)
+    return tokenizer.encode_batch(prepared.sequences, num_threads=1)
+
+
 def _flatten(
     ids: list[list[int]],
     per_doc: np.ndarray,
@@ -535,9 +544,8 @@ class _EncoderProcess:
         if chunk.cut_short:
             bad.add_cut_short(chunk.cut_short)
         prepared = [_prepare(t, job.split) for t in texts]
-        encode = cls.tokenizer.encode_batch
         arrays = [
-            _flatten(encode(p.sequences, num_threads=1), p.per_doc, job.eod, dtype)
+            _flatten(_encode(cls.tokenizer, p, job.split), p.per_doc, job.eod, dtype)
             for p in prepared
         ]
         return _Encoded(arrays, [p.per_doc for p in prepared], bad)

@@ -2,8 +2,9 @@
 
 The reference for every token is the tokenizer's own ``encode`` of each document (or of each
 sentence of :func:`split_sentences`, itself checked against a character-loop reference in
-test_sentence_split.py), plus eos at the end of each document, compared with what the
-memory-mapped reader returns.
+test_sentence_split.py: the first one of a document alone, a later one as it continues the
+text, see :func:`_sentence_ids`), plus eos at the end of each document, compared with
+what the memory-mapped reader returns.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from megatron_glm.data.indexed import IndexedDataset, data_file_path, index_file_path
 from megatron_glm.data.preprocess import (
@@ -102,6 +104,18 @@ def _files(prefix: str) -> tuple[bytes, bytes]:
     return Path(data_file_path(prefix)).read_bytes(), Path(index_file_path(prefix)).read_bytes()
 
 
+def _sentence_ids(tok: GLMTokenizer, text: str) -> list[list[int]]:
+    """Reference ids of the sentences of ``text``: the first encoded alone, as a document starts;
+    each later one as the text it continues, by the model with its dummy prefix switched off
+    (SentencePiece's own flag, set here in the model proto)."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.model_path.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    continuing = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    first, *rest = split_sentences(text)
+    return [tok.encode(first)] + [continuing.encode(s) for s in rest]
+
+
 def test_bad_lines_counted_and_every_good_line_tokenized(
     corpus: dict, tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer, tmp_path: Path
 ) -> None:
@@ -127,17 +141,46 @@ def test_bad_lines_counted_and_every_good_line_tokenized(
     eos = tiny_tokenizer.eos_id
     n_seq = 0
     for d, text in enumerate(texts):
-        sents = split_sentences(text)
-        ids = [tiny_tokenizer.encode(s) for s in sents]
+        ids = _sentence_ids(tiny_tokenizer, text)
         ids[-1] = [*ids[-1], eos]
         assert ds.document_sequence_sizes(d).tolist() == [len(x) for x in ids], d
         assert ds.document(d).tolist() == [t for x in ids for t in x], d
-        n_seq += len(sents)
+        assert tiny_tokenizer.decode(ds.document(d)[:-1]) == text, d
+        n_seq += len(ids)
     assert summary.sequences == len(ds) == n_seq
     assert summary.tokens == len(ds.tokens)
     report = summary.format()
     assert f"bad lines: {sum(expected_counts.values())}" in report
     assert f"invalid UTF-8: 2 ({path}:{corpus['bad_at']['invalid_utf8'][0]}, " in report
+
+
+def test_split_dataset_decodes_to_its_documents(
+    demo_corpus_path: Path, tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer, tmp_path: Path
+) -> None:
+    """The 400 test documents split into sentences: each document's ids decode back to it
+    exactly, newlines and indentation included (they were dropped, 11.8% of the tokens of the
+    demo corpus), and the sentence-level dataset holds about as many tokens as the document-level
+    one, most documents the very same ids."""
+    kw = {"append_eod": True, "workers": 2}
+    split = _run(demo_corpus_path, tmp_path / "s", tiny_tokenizer_model, split_sentences=True, **kw)
+    whole = _run(demo_corpus_path, tmp_path / "d", tiny_tokenizer_model, **kw)
+    ds, dd = IndexedDataset(split.outputs["text"]), IndexedDataset(whole.outputs["text"])
+    texts = [json.loads(line)["text"] for line in demo_corpus_path.read_bytes().splitlines()]
+    assert ds.num_documents == dd.num_documents == len(texts) == 400
+    assert len(ds) > 5 * len(texts)  # really split: many sentences per document
+    same = 0
+    for d, text in enumerate(texts):
+        ids = ds.document(d)
+        assert ids[-1] == tiny_tokenizer.eos_id
+        assert tiny_tokenizer.decode(ids[:-1]) == text, d
+        same += np.array_equal(ids, dd.document(d))
+    print(
+        f"\ntokens: sentence level {split.tokens}, document level {whole.tokens} "
+        f"({100 * (split.tokens / whole.tokens - 1):+.2f}%), {same} of {len(texts)} documents "
+        f"with the same ids"
+    )
+    assert abs(split.tokens - whole.tokens) <= 0.01 * whole.tokens
+    assert same >= 0.9 * len(texts)
 
 
 def test_document_level_tokens_equal_sentencepiece(

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from megatron_glm.data.sentence_split import split_sentences_batch
 from megatron_glm.data.tokenizer import (
     SPECIAL_TOKENS,
     GLMTokenizer,
@@ -131,6 +132,36 @@ def test_encode_batch_matches_encode(tiny_tokenizer: GLMTokenizer, demo_corpus_p
     # no text starts with a special token: nothing is fixed, results are the same
     plain = [*texts[:50], "x [CLS]", "line\n[MASK] after a break", "[not special", "<|x"]
     assert tiny_tokenizer.encode_batch(plain) == [tiny_tokenizer.encode(t) for t in plain]
+
+
+def test_encode_pieces_decode_to_their_documents(
+    tiny_tokenizer: GLMTokenizer, demo_corpus_path: Path
+) -> None:
+    """Documents in pieces (sentences keeping the whitespace before them, special tokens at the
+    start of a first and of a later piece, one-piece documents): each document's ids decode to
+    it exactly; a first piece is encoded as encode() encodes it alone, a one-piece document is
+    encode() of the document; any thread count gives the same ids."""
+    tok = tiny_tokenizer
+    docs = [
+        *_texts(demo_corpus_path, 60),
+        "[MASK] starts. Then\n\n    indented.",
+        "One.\n[gMASK] after a break.  <|endoftext|>",
+        " leading space. and\ttab  ",
+        "single",
+    ]
+    pieces, per_doc = split_sentences_batch(docs)
+    assert per_doc.max() > 5 and (per_doc == 1).any()
+    ids = tok.encode_pieces(pieces, per_doc)
+    assert tok.encode_pieces(pieces, per_doc, num_threads=1) == ids
+    assert len(ids) == len(pieces)
+    bounds = np.concatenate([[0], np.cumsum(per_doc)]).tolist()
+    for d, doc in enumerate(docs):
+        a, b = bounds[d], bounds[d + 1]
+        assert "".join(pieces[a:b]) == doc
+        assert tok.decode([i for x in ids[a:b] for i in x]) == doc, d
+        assert ids[a] == tok.encode(pieces[a]), d
+        if b - a == 1:
+            assert ids[a] == tok.encode(doc)
 
 
 def test_special_starts_compiled_and_fallback_agree(monkeypatch: pytest.MonkeyPatch) -> None:
