@@ -18,6 +18,7 @@ import sentencepiece as spm
 
 from megatron_glm.data.sentence_split import split_sentences_batch
 from megatron_glm.data.tokenizer import (
+    EOS_TOKEN,
     SPECIAL_TOKENS,
     GLMTokenizer,
     TokenizerError,
@@ -96,6 +97,64 @@ def test_leading_space_before_special_is_kept(tiny_tokenizer: GLMTokenizer) -> N
     assert tok.decode(ids) == " [MASK]"
 
 
+def test_megatron_reads_the_eod_id(
+    tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer
+) -> None:
+    """Megatron-LM loads the model with plain SentencePiece; its GPTSentencePieceTokenizer and
+    Llama2Tokenizer take ``eod = eos_id()`` (preprocess_data.py --append-eod appends it; it was
+    -1), its SentencePieceTokenizer takes ``eos`` = the id of ``id_to_piece(eos_id())``. Both
+    must be our eos, the piece <|endoftext|>, at the same id as ever."""
+    tok = tiny_tokenizer
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_model))
+    eod = sp.eos_id()
+    assert eod == tok.eos_id == tok.pad_id == 7
+    assert sp.id_to_piece(eod) == EOS_TOKEN == "<|endoftext|>"
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}  # _populate_vocab
+    assert vocab[sp.id_to_piece(sp.eos_id())] == tok.eos_id
+    # Megatron's --append-eod output reads back as the text and <|endoftext|>, as ours does
+    text = "Return the value.\n    Indented: yes"
+    ids = [*sp.encode_as_ids(text), eod]
+    assert ids == tok.encode(text + EOS_TOKEN)
+    assert tok.decode(ids) == text + EOS_TOKEN
+    # It is a control symbol: plain SentencePiece never makes it from text and decodes it to "";
+    # our tokenizer still does both, as when it was user-defined. The other specials are.
+    assert sp.is_control(eod) and sp.decode([eod]) == ""
+    assert eod not in sp.encode(f"a {EOS_TOKEN} b") and tok.encode(f"a {EOS_TOKEN} b").count(eod)
+    for token in SPECIAL_TOKENS[:-1]:
+        assert sp.encode(f"x {token}y").count(tok.special_ids()[token]) == 1
+
+
+def test_a_user_defined_eos_still_loads(
+    tmp_path: Path, small_corpus: Path, tiny_tokenizer: GLMTokenizer
+) -> None:
+    """Models trained before (<|endoftext|> user-defined, SentencePiece eos_id -1) load with the
+    same special ids and encode/decode the specials as models trained now do."""
+    model = _train_raw(
+        tmp_path,
+        small_corpus,
+        "old",
+        vocab_size=SMALL_VOCAB,
+        user_defined_symbols=list(SPECIAL_TOKENS),
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    )
+    old = GLMTokenizer(model)
+    assert spm.SentencePieceProcessor(model_file=str(model)).eos_id() == -1
+    assert old.special_ids() == tiny_tokenizer.special_ids()
+    text = f"{EOS_TOKEN}a {EOS_TOKEN}b [MASK] c{EOS_TOKEN}"
+    for tok in (old, tiny_tokenizer):
+        ids = tok.encode(text)
+        assert ids[0] == ids[-1] == tok.eos_id and ids.count(tok.eos_id) == 3
+        assert tok.decode(ids) == text
+        assert tok.encode_batch([text, "x"]) == [ids, tok.encode("x")]
+        assert tok.decode([tok.eos_id]) == EOS_TOKEN
+
+
 # ----------------------------------------------------------------------------- round trip
 
 
@@ -145,6 +204,7 @@ def test_encode_pieces_decode_to_their_documents(
     docs = [
         *_texts(demo_corpus_path, 60),
         "[MASK] starts. Then\n\n    indented.",
+        "x <|endoftext|> y. <|endoftext|>z<|endoftext|>",
         "One.\n[gMASK] after a break.  <|endoftext|>",
         " leading space. and\ttab  ",
         "single",
@@ -245,14 +305,16 @@ def test_pickle_round_trip(tiny_tokenizer: GLMTokenizer) -> None:
 # ----------------------------------------------------------------------------- bad models
 
 
-def _train_raw(tmp_path: Path, corpus: Path, name: str, **options: Any) -> Path:
+def _train_raw(
+    tmp_path: Path, corpus: Path, name: str, vocab_size: int = 300, **options: Any
+) -> Path:
     """A SentencePiece model trained directly (not by train_tokenizer), with given options."""
     sentences = [line for t in _texts(corpus) for line in t.splitlines() if line.strip()]
     prefix = tmp_path / name
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_prefix=str(prefix),
-        vocab_size=300,
+        vocab_size=vocab_size,
         num_threads=1,
         minloglevel=2,
         **options,
@@ -265,7 +327,7 @@ def test_missing_special_tokens_named(tmp_path: Path, small_corpus: Path) -> Non
     model = _train_raw(tmp_path, small_corpus, "missing", user_defined_symbols=kept)
     expected = (
         f"tokenizer model {model} lacks GLM special token(s) [sMASK], <|endofpiece|>; train it "
-        f"with tools/train_tokenizer.py, which reserves them as SentencePiece user-defined symbols"
+        f"with tools/train_tokenizer.py, which reserves them at ids 1..7"
     )
     with pytest.raises(TokenizerError, match=f"^{re.escape(expected)}$"):
         GLMTokenizer(model)
