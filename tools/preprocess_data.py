@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--split-sentences", action="store_true", help="one sequence per sentence")
     parser.add_argument(
-        "--strict", action="store_true", help="stop at the first bad line instead of counting it"
+        "--strict",
+        action="store_true",
+        help="stop at the first bad line or cut-short .gz input instead of reporting it",
     )
     parser.add_argument(
         "--log-interval", type=int, default=1000, help="documents between progress updates"

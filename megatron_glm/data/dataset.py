@@ -391,6 +391,12 @@ class PackedDataset:
     ``len()`` is ``num_samples``; epochs repeat as needed (see the module docstring). Indices are
     read-only memory maps shared by all ranks; ``__getitem__`` gathers one window's slices of the
     token memmap in O(window) numpy work.
+
+    With ``vocab_size``, every window served is checked to hold only ids in ``[0, vocab_size)``
+    (a min and a max over the window); a bad one raises ValueError naming the ``.bin``, the
+    document and the sample, where it would otherwise be an IndexError in the embedding (or,
+    below the padded vocabulary, silently a padding row). The pre-launch
+    :func:`megatron_glm.data.indexed.check_dataset` only samples corpora over 1 GiB.
     """
 
     def __init__(
@@ -404,6 +410,7 @@ class PackedDataset:
         eos_id: int,
         name: str,
         cache_dir: str | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         self.indexed = indexed
         self._corpus = _CorpusArrays.of(indexed)
@@ -412,6 +419,7 @@ class PackedDataset:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.eos_id = int(eos_id)
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
         docs, doc_key = self._check_args(indexed, documents)
         prefix = os.path.abspath(indexed.prefix)
         self.cache_dir = os.path.abspath(cache_dir or os.path.dirname(prefix))
@@ -508,10 +516,12 @@ class PackedDataset:
         epoch = j // self.windows_per_epoch
         row = epoch * (self.windows_per_epoch + 1) + int(self._shuffle[j])
         (p0, o0), (p1, o1) = self._sample_idx[row : row + 2].tolist()
-        tokens, starts = self._gather(p0, o0, p1, o1)
+        tokens, starts = self._gather(p0, o0, p1, o1, j)
         return Window(tokens=tokens, sentence_starts=starts, epoch=epoch, index=j)
 
-    def _gather(self, p0: int, o0: int, p1: int, o1: int) -> tuple[np.ndarray, np.ndarray]:
+    def _gather(
+        self, p0: int, o0: int, p1: int, o1: int, sample: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Tokens and sentence starts of the stream from (p0, o0) up to (p1, o1) exclusive."""
         docs = np.asarray(self._doc_order[p0 : p1 + 1])  # [P] documents the window touches
         g = self._corpus.geometry(docs, self.eos_id)
@@ -526,7 +536,26 @@ class PackedDataset:
         src = _segment_ranges(g.start + a, take)
         dst = _segment_ranges(out_pos, take)
         tokens[dst] = self._corpus.tokens[src]
+        if self.vocab_size is not None:
+            self._check_token_ids(tokens, docs, a, out_pos, sample)
         return tokens, self._sentence_starts(g, a, take, length, out_pos)
+
+    def _check_token_ids(
+        self, tokens: np.ndarray, docs: np.ndarray, a: np.ndarray, out_pos: np.ndarray, sample: int
+    ) -> None:
+        """Raise ValueError if an id outside ``[0, vocab_size)`` is in the window ``tokens``,
+        naming the file, the document (and the token in it) and the sample."""
+        v = self.vocab_size
+        assert v is not None
+        if int(tokens.max()) < v and int(tokens.min()) >= 0:
+            return
+        pos = int(np.argmax((tokens >= v) | (tokens < 0)))
+        k = int(np.searchsorted(out_pos, pos, side="right")) - 1  # the piece holding it
+        raise ValueError(
+            f"{self.indexed.data_path}: token id {int(tokens[pos])} outside the vocabulary "
+            f"[0, {v}) in document {int(docs[k])} (its token {int(a[k]) + pos - int(out_pos[k])}), "
+            f"sample {sample} of {self.name!r}"
+        )
 
     def _sentence_starts(
         self,
@@ -666,6 +695,7 @@ def _split_dataset(
     seed: int,
     eos_id: int,
     cache_dir: str | None,
+    vocab_size: int | None,
 ) -> SampleDataset | None:
     """The dataset of one split: a PackedDataset, a blend of several, or None if empty."""
     if num_samples == 0:
@@ -697,6 +727,7 @@ def _split_dataset(
                 eos_id=eos_id,
                 name=f"{split_name}:{os.path.basename(corpora[k].prefix)}",
                 cache_dir=cache_dir,
+                vocab_size=vocab_size,
             )
         )
     if len(parts) == 1:
@@ -720,12 +751,14 @@ def build_pretrain_datasets(
     seed: int,
     eos_id: int,
     cache_dir: str | None,
+    vocab_size: int | None = None,
 ) -> tuple[SampleDataset | None, SampleDataset | None, SampleDataset | None]:
     """Train, valid and test datasets of windows from one or several indexed corpora.
 
     Every corpus is split by documents with ``split`` (``split_documents``); each split is a
     PackedDataset, or a BlendedDataset across corpora weighted by ``data_weights`` (None: by the
     split's token counts). A split is None when it has no documents or 0 requested samples.
+    ``vocab_size`` (the tokenizer's): every window served is checked against it (PackedDataset).
     """
     if not data_paths:
         raise ValueError("build_pretrain_datasets: data_paths is empty")
@@ -755,6 +788,7 @@ def build_pretrain_datasets(
             seed=seed,
             eos_id=eos_id,
             cache_dir=cache_dir,
+            vocab_size=vocab_size,
         )
         for s in range(3)
     ]

@@ -39,6 +39,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Any
 
@@ -47,13 +48,16 @@ from numpy.typing import ArrayLike, DTypeLike
 
 __all__ = [
     "DTYPE_CODES",
+    "FULL_SCAN_BYTES",
     "HEADER_SIZE",
     "INDEX_MAGIC",
     "INDEX_VERSION",
+    "DatasetCheck",
     "IndexedDataset",
     "IndexedDatasetBuilder",
     "IndexedDatasetError",
     "best_fitting_dtype",
+    "check_dataset",
     "data_file_path",
     "dtype_code",
     "index_file_path",
@@ -318,6 +322,125 @@ class IndexedDataset:
             f"IndexedDataset({self.prefix!r}, dtype={self.dtype.name}, sequences={len(self)}, "
             f"documents={self.num_documents}, tokens={self._total_tokens})"
         )
+
+
+# -- pre-launch check -----------------------------------------------------------------------
+
+FULL_SCAN_BYTES = 1 << 30
+"""A ``.bin`` up to this size has every token id checked by :func:`check_dataset`; a larger one
+a sample of :data:`SAMPLE_CHUNKS` chunks of :data:`SAMPLE_CHUNK_BYTES`."""
+SAMPLE_CHUNKS = 64
+SAMPLE_CHUNK_BYTES = 1 << 20
+_SCAN_CHUNK_BYTES = 64 << 20  # memory of one step of the full scan
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    """What :func:`check_dataset` saw in a dataset that passed."""
+
+    prefix: str
+    dtype: str
+    documents: int
+    sequences: int
+    tokens: int
+    min_token_id: int
+    max_token_id: int
+    """Smallest and largest id among the tokens scanned."""
+    scanned_tokens: int
+    """Tokens whose ids were checked: all of them, or fewer when ``sampled``."""
+    sampled: bool
+
+
+def check_dataset(prefix: str | os.PathLike[str], vocab_size: int) -> DatasetCheck:
+    """Check the dataset at ``prefix`` before a run; raise :class:`IndexedDatasetError` (a
+    ValueError) naming the file and what is wrong, so that a bad corpus stops the launch instead
+    of a rank (an IndexError in the embedding, or garbage tokens) hours into training.
+
+    Checked, in this order:
+
+    * everything :class:`IndexedDataset` checks on open: both files exist and are readable; the
+      ``.idx`` header (magic, version 1, a known dtype code), its size against its sequence and
+      document counts, the document index, the pointers against the sizes, and the ``.bin``
+      size against the tokens the index lists (a truncated copy fails here);
+    * an integer token dtype, at least one document and at least one token;
+    * every token id scanned lies in ``[0, vocab_size)`` (``vocab_size``: the tokenizer's,
+      the number of real ids). A ``.bin`` of at most :data:`FULL_SCAN_BYTES` (1 GiB) is scanned
+      whole, in chunks of the memory map (memory stays one chunk, 64 MiB; 0.02 s for 190 MiB
+      in the page cache, else the disk's read time). A larger one is *sampled*:
+      :data:`SAMPLE_CHUNKS` (64) chunks of :data:`SAMPLE_CHUNK_BYTES` (1 MiB) at evenly spread
+      offsets, the first and the last included: a corpus made with another tokenizer has such
+      ids everywhere and fails, but a few corrupt tokens can pass;
+      :class:`megatron_glm.data.dataset.PackedDataset` given a ``vocab_size`` checks each
+      window it serves.
+    """
+    if vocab_size < 1:
+        raise ValueError(f"check_dataset: vocab_size must be >= 1, got {vocab_size}")
+    try:
+        ds = IndexedDataset(prefix)
+    except OSError as e:  # unreadable (permissions, I/O error): named like the other faults
+        where = e.filename or index_file_path(prefix)
+        raise IndexedDatasetError(f"{where}: cannot read: {e.strerror or e}") from e
+    try:
+        if not np.issubdtype(ds.dtype, np.integer):
+            raise IndexedDatasetError(
+                f"{ds.index_path}: dtype {ds.dtype.name} cannot hold token ids"
+            )
+        if ds.num_documents == 0:
+            raise IndexedDatasetError(f"{ds.index_path}: empty dataset: no documents")
+        if ds.num_tokens == 0:
+            raise IndexedDatasetError(
+                f"{ds.data_path}: empty dataset: {ds.num_documents} documents but no tokens"
+            )
+        return _check_token_ids(ds, vocab_size)
+    finally:
+        ds.close()
+
+
+def _scan_ranges(ds: IndexedDataset) -> tuple[list[tuple[int, int]], bool]:
+    """Token ranges ``[a, b)`` to scan and whether they are a sample (see check_dataset)."""
+    n, size = ds.num_tokens, ds.num_tokens * ds.dtype.itemsize
+    if size <= FULL_SCAN_BYTES:
+        step = _SCAN_CHUNK_BYTES // ds.dtype.itemsize
+        return list(_chunks(n, step)), False
+    length = SAMPLE_CHUNK_BYTES // ds.dtype.itemsize
+    starts = np.linspace(0, n - length, SAMPLE_CHUNKS).astype(np.int64).tolist()
+    return [(a, a + length) for a in starts], True
+
+
+def _check_token_ids(ds: IndexedDataset, vocab_size: int) -> DatasetCheck:
+    ranges, sampled = _scan_ranges(ds)
+    lo, hi = None, None
+    for a, b in ranges:
+        chunk = ds.tokens[a:b]
+        c_lo, c_hi = int(chunk.min()), int(chunk.max())
+        if c_lo < 0 or c_hi >= vocab_size:
+            bad = a + int(np.argmax((chunk < 0) | (chunk >= vocab_size)))
+            raise IndexedDatasetError(f"{ds.data_path}: {_bad_token_message(ds, bad, vocab_size)}")
+        lo = c_lo if lo is None else min(lo, c_lo)
+        hi = c_hi if hi is None else max(hi, c_hi)
+    assert lo is not None and hi is not None  # the dataset has tokens
+    return DatasetCheck(
+        prefix=ds.prefix,
+        dtype=ds.dtype.name,
+        documents=ds.num_documents,
+        sequences=len(ds),
+        tokens=ds.num_tokens,
+        min_token_id=lo,
+        max_token_id=hi,
+        scanned_tokens=sum(b - a for a, b in ranges),
+        sampled=sampled,
+    )
+
+
+def _bad_token_message(ds: IndexedDataset, token: int, vocab_size: int) -> str:
+    """Where token ``token`` (an offset into ``.bin``, in tokens) lies, and why it is bad."""
+    seq = int(np.searchsorted(ds.pointers, token * ds.dtype.itemsize, side="right")) - 1
+    doc = int(np.searchsorted(ds.doc_idx, seq, side="right")) - 1
+    value = int(ds.tokens[token])
+    return (
+        f"token id {value} outside the vocabulary [0, {vocab_size}) at token {token} "
+        f"(document {doc}, sequence {seq}); was it made with another tokenizer?"
+    )
 
 
 class _Spill:

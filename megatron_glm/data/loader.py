@@ -198,6 +198,7 @@ def inspection_dataset(
         seed,
         int(tokenizer.eos_id),
         cache_dir,
+        vocab_size=int(tokenizer.vocab_size),
     )
     if train is None:
         raise ValueError(f"{data_prefix}: no documents to sample from")

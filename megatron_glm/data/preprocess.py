@@ -3,9 +3,10 @@
 One JSONL line is one document. For each ``--json-keys`` key the text is (optionally) split into
 sentences, encoded with the GLM SentencePiece tokenizer and written to
 ``{output_prefix}_{key}_{document|sentence}.bin/.idx``: level ``sentence`` with
-``split_sentences`` (each sentence one sequence, a document = its sentences), else ``document``
-(each document one sequence). With ``append_eod`` the eos id ends the last sequence of every
-document, as in Megatron-LM. Tokens are stored as :func:`best_fitting_dtype` of the vocabulary.
+``split_sentences`` (each sentence one sequence, a document = its sentences, whose ids decode
+back to it exactly), else ``document`` (each document one sequence). With ``append_eod`` the
+eos id ends the last sequence of every document, as in Megatron-LM. Tokens are stored as
+:func:`best_fitting_dtype` of the vocabulary.
 
 Bad lines are counted, never fatal (unless ``strict``), and are the only thing ever dropped:
 
@@ -19,6 +20,11 @@ reason              line
 ``non_string``      a key's value is not a string (Megatron's pre-split lists included)
 ``empty_text``      a key's text is empty or only whitespace (``str.isspace``)
 ==================  ==================================================================
+
+A ``.gz`` input that stops being readable (cut short, corrupt, or not gzip at all) is reported
+like a bad line, naming the file and the last complete line read: every line before the fault is
+used as usual, the partial line at the fault is dropped, and the summary says the file was cut
+short after line N (under ``strict`` it is an error, :class:`BadInputError`).
 
 With several keys a line is used only if every key is good, so all output datasets hold the same
 documents in the same order (document ``i`` of ``_title_`` belongs to document ``i`` of
@@ -67,13 +73,14 @@ import multiprocessing
 import os
 import resource
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import orjson
@@ -86,6 +93,7 @@ from megatron_glm.data.tokenizer import GLMTokenizer
 __all__ = [
     "BAD_LINE_REASONS",
     "DEFAULT_CHUNK_BYTES",
+    "BadInputError",
     "BadLineError",
     "BadLines",
     "PreprocessSummary",
@@ -118,7 +126,11 @@ REPORTED_LOCATIONS = 5
 """``file:line`` locations kept per bad-line reason for the report."""
 
 
-class BadLineError(ValueError):
+class BadInputError(ValueError):
+    """Bad input under ``strict``: a bad line, or a ``.gz`` file cut short; names file and line."""
+
+
+class BadLineError(BadInputError):
     """A bad input line under ``strict``; the message is ``file:line: reason: detail``."""
 
 
@@ -131,6 +143,8 @@ class BadLines:
     locations: dict[str, list[str]] = field(
         default_factory=lambda: {r: [] for r in BAD_LINE_REASONS}
     )
+    cut_short: list[str] = field(default_factory=list)
+    """One message per input file whose reading stopped early (see :class:`_Source`)."""
 
     def add(self, reason: str, path: str, lineno: int, detail: str) -> None:
         where = f"{path}:{lineno}"
@@ -140,12 +154,19 @@ class BadLines:
         if len(self.locations[reason]) < REPORTED_LOCATIONS:
             self.locations[reason].append(where)
 
+    def add_cut_short(self, message: str) -> None:
+        """An input file stopped early; its lines before were used (``message`` says where)."""
+        if self.strict:
+            raise BadInputError(message)
+        self.cut_short.append(message)
+
     def merge(self, other: BadLines) -> None:
         """Add the bad lines of a later part of the input (an encoder process's chunk)."""
         for reason, n in other.counts.items():
             self.counts[reason] += n
             room = REPORTED_LOCATIONS - len(self.locations[reason])
             self.locations[reason] += other.locations[reason][:room]
+        self.cut_short += other.cut_short
 
     @property
     def total(self) -> int:
@@ -186,6 +207,9 @@ class PreprocessSummary:
             if n:
                 more = ", ..." if n > len(self.bad.locations[reason]) else ""
                 lines.append(f"  {words}: {n} ({', '.join(self.bad.locations[reason])}{more})")
+        if self.bad.cut_short:
+            lines.append(f"inputs cut short: {len(self.bad.cut_short)}")
+            lines += [f"  {message}" for message in self.bad.cut_short]
         lines += [f"output [{key}]: {prefix}.bin/.idx" for key, prefix in self.outputs.items()]
         return "\n".join(lines)
 
@@ -224,6 +248,7 @@ class _Chunk:
     first_lineno: int
     data: bytes
     disk_pos: int  # bytes of the (possibly compressed) input files consumed so far
+    cut_short: str | None = None  # set on the last chunk of a file whose reading stopped early
 
     @property
     def nbytes(self) -> int:
@@ -238,22 +263,66 @@ class _Chunk:
         return lines
 
 
-def _open_lines(path: Path) -> tuple[IO[bytes], IO[bytes]]:
-    """(byte source, raw file whose position measures progress on disk)."""
-    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
-    if path.name.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb"), raw  # type: ignore[return-value]
-    return raw, raw
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+"""What reading a damaged ``.gz`` raises: EOFError (cut short), BadGzipFile (not gzip, bad CRC or
+length), zlib.error (corrupt deflate data)."""
+
+
+class _Source:
+    """The bytes of one input file, decompressed if it is named ``.gz``.
+
+    A gzip stream that cannot be read on (cut short, corrupt, not gzip) ends the file instead of
+    raising: ``error`` then says why, and every byte decompressed before the fault has been
+    returned. That is why gzip data is taken with ``read1`` (one bounded decompression step at a
+    time) and gathered here: ``GzipFile.read(n)`` loses the bytes it had gathered when a later
+    step of the same call raises.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.gz = gzip.GzipFile(fileobj=self.raw, mode="rb") if path.name.endswith(".gz") else None
+        self.error: str | None = None
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes; fewer only at the end of the data (or at a fault)."""
+        if self.gz is None:
+            return b"" if self.error else self.raw.read(size)
+        parts: list[bytes] = []
+        got = 0
+        try:
+            while got < size and (part := self.gz.read1(size - got)):
+                parts.append(part)
+                got += len(part)
+        except _GZIP_ERRORS as e:
+            self.error = str(e) or type(e).__name__
+            self.gz.close()
+            self.gz = None
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self.gz is not None:
+            self.gz.close()
+        self.raw.close()
+
+
+def _cut_short_message(path: Path, last_line: int, partial: int, error: str) -> str:
+    """``path: cut short after line N: ...``, N the last complete line read, 0 if none."""
+    dropped = f"; the {partial} bytes read of line {last_line + 1} are dropped" if partial else ""
+    return f"{path}: cut short after line {last_line}: unreadable gzip data ({error}){dropped}"
 
 
 def _iter_chunks(paths: Sequence[Path], chunk_bytes: int) -> Iterator[_Chunk]:
     """Chunks of whole lines, about ``chunk_bytes`` each (more for a longer line), never
     spanning files; ``disk_pos`` counts all files. Read in blocks, cut after the last newline:
-    no per-line Python work here, and a line of any length is read in linear time."""
+    no per-line Python work here, and a line of any length is read in linear time.
+
+    A file whose reading stops early (:class:`_Source`) ends with an empty chunk that carries the
+    message; the partial line at the fault is dropped, not parsed as a bad line.
+    """
     done = 0
     for path in paths:
-        src, raw = _open_lines(path)
-        with raw, src:
+        src = _Source(path)
+        try:
             lineno = 1
             parts: list[bytes] = []  # a started line, until a block holds its newline
             while block := src.read(chunk_bytes):
@@ -263,10 +332,16 @@ def _iter_chunks(paths: Sequence[Path], chunk_bytes: int) -> Iterator[_Chunk]:
                     continue
                 data = b"".join([*parts, block[:cut]])
                 parts = [block[cut:]]
-                yield _Chunk(str(path), lineno, data, done + raw.tell())
+                yield _Chunk(str(path), lineno, data, done + src.raw.tell())
                 lineno += data.count(b"\n")
-            if rest := b"".join(parts):
-                yield _Chunk(str(path), lineno, rest, done + raw.tell())
+            rest = b"".join(parts)
+            if src.error:
+                message = _cut_short_message(path, lineno - 1, len(rest), src.error)
+                yield _Chunk(str(path), lineno, b"", done + src.raw.tell(), message)
+            elif rest:
+                yield _Chunk(str(path), lineno, rest, done + src.raw.tell())
+        finally:
+            src.close()
         done += path.stat().st_size
 
 
@@ -350,6 +425,14 @@ def _prepare(texts: list[str], split: bool) -> _Prepared:
         assert (counts > 0).all(), "a non-blank text has at least one sentence"
         return _Prepared(sentences, counts)
     return _Prepared(texts, np.ones(len(texts), dtype=np.int64))
+
+
+def _encode(tokenizer: GLMTokenizer, prepared: _Prepared, split: bool) -> list[list[int]]:
+    """Ids of the sequences, with one SentencePiece thread: sentences as the pieces of their
+    documents (they decode back to the documents exactly), whole documents each alone."""
+    if split:
+        return tokenizer.encode_pieces(prepared.sequences, prepared.per_doc, num_threads=1)
+    return tokenizer.encode_batch(prepared.sequences, num_threads=1)
 
 
 def _flatten(
@@ -457,10 +540,12 @@ class _EncoderProcess:
         """
         job, dtype = cls.job, np.dtype(cls.job.dtype)
         bad = BadLines(strict=job.strict)
-        prepared = [_prepare(t, job.split) for t in _parse_chunk(chunk, job.keys, bad)]
-        encode = cls.tokenizer.encode_batch
+        texts = _parse_chunk(chunk, job.keys, bad)
+        if chunk.cut_short:
+            bad.add_cut_short(chunk.cut_short)
+        prepared = [_prepare(t, job.split) for t in texts]
         arrays = [
-            _flatten(encode(p.sequences, num_threads=1), p.per_doc, job.eod, dtype)
+            _flatten(_encode(cls.tokenizer, p, job.split), p.per_doc, job.eod, dtype)
             for p in prepared
         ]
         return _Encoded(arrays, [p.per_doc for p in prepared], bad)
@@ -582,8 +667,9 @@ def preprocess_data(
 
     See the module docstring for outputs, bad lines and the pipeline. ``workers``: encoder
     processes (the calling process reads, parses and splits beside them). ``log_interval``:
-    documents between progress-bar (stderr) refreshes. Raises :class:`BadLineError` on the
-    first bad line when ``strict`` (no output is published), ValueError for unusable arguments.
+    documents between progress-bar (stderr) refreshes. Raises :class:`BadInputError` on the
+    first bad line or cut-short ``.gz`` when ``strict`` (no output is published), ValueError for
+    unusable arguments.
     """
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")

@@ -1,14 +1,24 @@
-"""GLM tokenizer: a SentencePiece model with GLM's special tokens as user-defined symbols.
+"""GLM tokenizer: a SentencePiece model with GLM's special tokens, ``<|endoftext|>`` its eos.
 
 Design decisions (the trainer, :func:`train_tokenizer`, and the reader, :class:`GLMTokenizer`,
-agree on them; any SentencePiece model holding the specials as user-defined symbols loads):
+agree on them; any SentencePiece model holding the specials as below loads):
 
-* **Special tokens** (:data:`SPECIAL_TOKENS`) are SentencePiece *user-defined symbols*: they are
-  matched in raw text before segmentation, so ``"[MASK]"`` inside a text always becomes exactly
-  one id. Training reserves them at ids 1..7, right after ``<unk>`` = 0, so every model trained
-  here shares the same special ids. SentencePiece's own ``<s>``/``</s>``/``<pad>`` are disabled
-  (``bos_id = eos_id = pad_id = -1``): GLM's end of text is ``<|endoftext|>``, which is both eos
-  and pad (pad positions are never attended and never in the loss, so sharing is safe).
+* **Special tokens** (:data:`SPECIAL_TOKENS`): training reserves them at ids 1..7, right after
+  ``<unk>`` = 0, so every model trained here shares the same special ids, and
+  :class:`GLMTokenizer` encodes each one inside a text as exactly one id. All but the last are
+  SentencePiece *user-defined symbols*, which SentencePiece itself matches in raw text before
+  segmentation. The last, ``<|endoftext|>`` (:data:`EOS_TOKEN`), GLM's end of text, is
+  SentencePiece's **eos** (``eos_id`` 7, ``eos_piece``), so every tool that reads the model
+  finds it: Megatron-LM's SentencePiece tokenizers take ``eod = eos_id()`` (with ``-1`` there,
+  ``--append-eod`` wrote id -1). SentencePiece requires its eos to be a *control* symbol, which
+  it never produces from text and decodes to ``""``; :class:`GLMTokenizer` restores the
+  user-defined behaviour around it: the text ``<|endoftext|>`` inside a text encodes to the eos
+  id (the parts around it encoded as SentencePiece does around a user-defined symbol) and the
+  eos id decodes to ``<|endoftext|>``. Plain SentencePiece (Megatron-LM) encodes that text as
+  characters, so a corpus cannot plant an eos there. Models trained before, with the token
+  user-defined and ``eos_id = -1``, load and behave the same. ``<s>`` and ``<pad>`` are disabled
+  (``bos_id = pad_id = -1``; SentencePiece refuses a pad sharing eos's id): our pad is eos
+  (pad positions are never attended and never in the loss, so sharing is safe).
 * **Exact round trip**: ``normalization_rule_name="identity"``, ``remove_extra_whitespaces=False``
   and ``byte_fallback=True``, so ``decode(encode(text)) == text`` for every string. NFKC (the
   SentencePiece default) would rewrite ligatures, full-width forms and collapse runs of spaces,
@@ -19,11 +29,15 @@ agree on them; any SentencePiece model holding the specials as user-defined symb
   trainer feeds SentencePiece one line at a time, so a newline inside a document encodes as the
   byte piece ``<0x0A>``: still exactly one id.
 * **Dummy prefix**: SentencePiece prepends a ``▁`` (space) to every text so a word at the start
-  looks like the same word after a space; sentences encoded separately (preprocess with
-  ``--split-sentences``) then concatenate into correctly spaced text. When a text *starts with* a
-  special token the dummy ``▁`` precedes nothing but the special token and carries no
-  information, and it would make ``encode("[MASK]")`` two ids, so :meth:`GLMTokenizer.encode`
-  drops it in exactly that case; ``decode`` gives back the same text either way.
+  looks like the same word after a space, and ``decode`` drops the leading ``▁`` again. When a
+  text *starts with* a special token the dummy ``▁`` precedes nothing but the special token and
+  carries no information, and it would make ``encode("[MASK]")`` two ids, so
+  :meth:`GLMTokenizer.encode` drops it in exactly that case; ``decode`` gives back the same text
+  either way. A document given in pieces (preprocess with ``--split-sentences``: sentences that
+  keep the whitespace before them) must get the dummy ``▁`` only on its first piece, or every
+  later piece would gain a space: :meth:`GLMTokenizer.encode_pieces` encodes the later pieces
+  with a copy of the model whose dummy prefix is switched off, so the ids of the pieces, put
+  together, decode to the document exactly.
 * **Padded vocabulary**: the embedding has ``padded_vocab_size`` rows, a multiple of
   ``make_vocab_size_divisible_by * tp`` (every tensor-parallel shard gets an equal, aligned
   slice). Rows ``>= vocab_size`` are never produced by ``encode``; ``decode`` renders such an id
@@ -43,10 +57,12 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import operator
 import os
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import compress
+from itertools import compress, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -66,6 +82,8 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
 )
 """GLM's special tokens, in the order :func:`train_tokenizer` reserves them (ids 1..7)."""
+EOS_TOKEN = SPECIAL_TOKENS[-1]
+"""``<|endoftext|>``: end of text, eos = pad; SentencePiece's eos in models trained here."""
 _SPECIAL_FIRST_CHARS = frozenset(token[0] for token in SPECIAL_TOKENS)
 
 _SPECIAL_ATTRS: tuple[str, ...] = (
@@ -135,7 +153,9 @@ class GLMTokenizer:
         ) = (ids[t] for t in SPECIAL_TOKENS)
         self.pad_id: int = self.eos_id
         self._special_ids = ids
+        self._eos_is_control: bool = self._sp.is_control(self.eos_id)
         self._dummy_prefix = self._check_specials_encode_alone(ids)
+        self._sp_continuing: spm.SentencePieceProcessor | None = None  # see _continuing()
 
     def _find_special_ids(self) -> dict[str, int]:
         """Look every special token up; one error listing all that are missing."""
@@ -150,7 +170,7 @@ class GLMTokenizer:
             raise TokenizerError(
                 f"tokenizer model {self.model_path} lacks GLM special token(s) "
                 f"{', '.join(missing)}; train it with tools/train_tokenizer.py, which reserves "
-                f"them as SentencePiece user-defined symbols"
+                f"them at ids 1..{len(SPECIAL_TOKENS)}"
             )
         return ids
 
@@ -158,16 +178,23 @@ class GLMTokenizer:
         """Return the model's dummy-prefix ids; verify each special alone encodes to one id.
 
         A special token stored as a normal or control piece (not user-defined) would be split
-        into several pieces when it appears in text, which blank infilling cannot tolerate.
+        into several pieces when it appears in text, which blank infilling cannot tolerate; the
+        one exception is :data:`EOS_TOKEN` as a control symbol (SentencePiece's eos), which
+        :meth:`encode` matches itself.
         """
-        prefix = tuple(self._sp.encode(SPECIAL_TOKENS[-1])[:-1])
+        prefix = tuple(self._sp.encode(SPECIAL_TOKENS[0])[:-1])
         for token in SPECIAL_TOKENS:
+            if token == EOS_TOKEN and self._eos_is_control:
+                continue
             got = self._sp.encode(token)
             if tuple(got[: len(prefix)]) != prefix or got[len(prefix) :] != [ids[token]]:
+                kind = "user-defined symbol"
+                if token == EOS_TOKEN:
+                    kind += " or a control symbol (SentencePiece's eos)"
                 raise TokenizerError(
                     f"tokenizer model {self.model_path}: special token {token} encodes to "
                     f"{self._sp.encode(token, out_type=str)}, not one id; it must be a "
-                    f"SentencePiece user-defined symbol"
+                    f"SentencePiece {kind}"
                 )
         return prefix
 
@@ -188,7 +215,31 @@ class GLMTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token strings inside it become their single id."""
+        if self._eos_is_control and EOS_TOKEN in text:
+            return self._encode_around_eos(text, continuing=False)
         return self._drop_dummy_prefix(text, self._sp.encode(text))
+
+    def _encode_around_eos(self, text: str, continuing: bool) -> list[int]:
+        """Ids of a text holding :data:`EOS_TOKEN` when the model's eos is a control symbol: the
+        parts between its occurrences encoded apart and joined by the eos id, as SentencePiece
+        encodes around a user-defined symbol (the first part as the text starts, unless
+        ``continuing``; the later ones as continuations, with no dummy prefix)."""
+        first, *rest = text.split(EOS_TOKEN)
+        if continuing:
+            ids = self._continuing().encode(first)
+        else:
+            ids = self._drop_dummy_prefix(first, self._sp.encode(first))
+        for part in rest:
+            ids.append(self.eos_id)
+            ids += self._continuing().encode(part)
+        return ids
+
+    def _eos_texts(self, texts: list[str]) -> Iterable[int]:
+        """Indices of the texts that hold :data:`EOS_TOKEN`, if the model's eos is a control
+        symbol (else none: SentencePiece matches it). A C-level scan: no Python call per text."""
+        if not self._eos_is_control:
+            return ()
+        return compress(range(len(texts)), map(operator.contains, texts, repeat(EOS_TOKEN)))
 
     def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
         """``[encode(t) for t in texts]`` computed by SentencePiece's C++ thread pool.
@@ -200,7 +251,53 @@ class GLMTokenizer:
         if self._dummy_prefix:
             for i in self._special_starts(texts):
                 out[i] = self._drop_dummy_prefix(texts[i], out[i])
+        for i in self._eos_texts(texts):
+            out[i] = self._encode_around_eos(texts[i], continuing=False)
         return out
+
+    def encode_pieces(
+        self, pieces: list[str], per_doc: np.ndarray, num_threads: int = -1
+    ) -> list[list[int]]:
+        """Ids of documents given in consecutive pieces: ``per_doc[d]`` (int [D]) pieces make
+        document ``d``, in order; one id list per piece.
+
+        The first piece of a document is encoded as :meth:`encode` does, every later one as
+        the text it continues (no dummy prefix), so the ids of a document's pieces, concatenated,
+        decode to its pieces concatenated, exactly. Pieces that begin with the whitespace before
+        them (as :func:`megatron_glm.data.sentence_split.split_sentences` cuts) also start where
+        SentencePiece's segmentation of the whole document starts a piece anyway (``▁word``), so
+        their ids are almost always the whole document's ids (on the demo corpus 0.0% more).
+
+        One model encodes all: the continuing copy, with a space put before each first piece in
+        place of the dummy one (a first piece starting with a special token gets none, as in
+        :meth:`encode`), by SentencePiece's C++ thread pool (``num_threads`` as
+        :meth:`encode_batch`); the Python work is per document, not per piece.
+        """
+        texts = list(pieces)
+        if self._dummy_prefix:
+            counts = np.asarray(per_doc, dtype=np.int64)
+            for i in (np.cumsum(counts) - counts)[counts > 0].tolist():
+                if not texts[i].startswith(SPECIAL_TOKENS):
+                    texts[i] = " " + texts[i]
+        out = self._continuing().encode(texts, num_threads=num_threads)
+        for i in self._eos_texts(texts):
+            out[i] = self._encode_around_eos(texts[i], continuing=True)
+        return out
+
+    def _continuing(self) -> spm.SentencePieceProcessor:
+        """The model with SentencePiece's dummy prefix switched off (built on first use): it
+        encodes a text as it reads after other text (no ``▁`` put in front; ``encode(" " + t)``
+        is the dummy-prefixed encoding of ``t``) and decodes a leading ``▁`` as a space.
+        The flag is set in the model proto with SentencePiece's own schema module (transformers
+        does the same to its SentencePiece tokenizers)."""
+        if self._sp_continuing is None:
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # generated
+            proto.ParseFromString(self._sp.serialized_model_proto())
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._sp_continuing = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return self._sp_continuing
 
     @staticmethod
     def _special_starts(texts: list[str]) -> Iterable[int]:
@@ -223,7 +320,8 @@ class GLMTokenizer:
             )
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Text of ``ids``: special tokens as their text, padding rows as ``<pad:ID>``.
+        """Text of ``ids``: special tokens as their text (eos too, though SentencePiece decodes
+        a control symbol to ``""``), padding rows as ``<pad:ID>``.
 
         ``<unk>`` renders as SentencePiece's ``" ⁇ "``. Raises :class:`TokenizerError` for an id
         outside ``[0, padded_vocab_size)``.
@@ -235,30 +333,29 @@ class GLMTokenizer:
         id_list = [int(i) for i in ids]
         if not id_list:
             return ""
-        if min(id_list) >= 0 and max(id_list) < self.vocab_size:
+        eos = self.eos_id if self._eos_is_control else -1  # an id SentencePiece drops
+        if min(id_list) >= 0 and max(id_list) < self.vocab_size and eos not in id_list:
             return self._sp.decode(id_list)
         parts: list[str] = []
         run: list[int] = []
         for pos, i in enumerate(id_list):
             self._check_id(i, f" at position {pos}")
-            if i < self.vocab_size:
+            if i < self.vocab_size and i != eos:
                 run.append(i)
                 continue
             if run:
                 parts.append(self._decode_run(run, at_start=not parts))
                 run = []
-            parts.append(f"<pad:{i}>")
+            parts.append(EOS_TOKEN if i == eos else f"<pad:{i}>")
         if run:
             parts.append(self._decode_run(run, at_start=not parts))
         return "".join(parts)
 
     def _decode_run(self, run: list[int], at_start: bool) -> str:
-        """Decode ids that follow other text: SentencePiece drops the leading space of a decoded
-        sequence (the dummy prefix), so a run after a ``<pad:ID>`` is decoded behind a sentinel
-        special token whose text is then removed, keeping the run's leading space."""
-        if at_start:
-            return self._sp.decode(run)
-        return self._sp.decode([self.eos_id, *run])[len(SPECIAL_TOKENS[-1]) :]
+        """Decode ids at the start of the text, or ids that follow other text (after an eos or
+        a ``<pad:ID>``): SentencePiece drops the leading space of a decoded sequence (the dummy
+        prefix), which only the start has; the continuing model keeps it."""
+        return self._sp.decode(run) if at_start else self._continuing().decode(run)
 
     def id_to_piece(self, i: int) -> str:
         """The vocabulary piece of id ``i`` (``▁`` marks a space); ``<pad:ID>`` for padding rows."""
@@ -279,35 +376,49 @@ def _open_binary(path: Path) -> gzip.GzipFile | io.BufferedReader:
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` of one file, decompressed if ``.gz``. A gzip stream that
+    cannot be read to its end (cut short, corrupt, not gzip) is an error naming the last complete
+    line read (its partial line is never yielded)."""
+    lineno = 0
+    with _open_binary(path) as f:
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                yield lineno, raw
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise TokenizerError(
+                f"{path}: cut short after line {lineno}: unreadable gzip data ({e})"
+            ) from e
+
+
 def _iter_texts(path: Path, json_key: str) -> Iterator[str]:
     """Documents (JSONL) or lines (plain text) of one file; errors name ``file:line``.
 
     Blank lines hold no text and are passed over in both formats.
     """
     jsonl = _is_jsonl(path)
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise TokenizerError(f"{path}:{lineno}: invalid UTF-8 ({e.reason})") from e
-            if not line.strip():
-                continue
-            if not jsonl:
-                yield line.rstrip("\r\n")
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or json_key not in obj:
-                raise TokenizerError(f"{path}:{lineno}: JSON object has no key {json_key!r}")
-            text = obj[json_key]
-            if not isinstance(text, str):
-                raise TokenizerError(
-                    f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string"
-                )
-            yield text
+    for lineno, raw in _numbered_lines(path):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{path}:{lineno}: invalid UTF-8 ({e.reason})") from e
+        if not line.strip():
+            continue
+        if not jsonl:
+            yield line.rstrip("\r\n")
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+        if not isinstance(obj, dict) or json_key not in obj:
+            raise TokenizerError(f"{path}:{lineno}: JSON object has no key {json_key!r}")
+        text = obj[json_key]
+        if not isinstance(text, str):
+            raise TokenizerError(
+                f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string"
+            )
+        yield text
 
 
 def _chunk_line(line: str, max_bytes: int) -> list[str]:
@@ -480,10 +591,11 @@ def train_tokenizer(
             model_prefix=str(prefix),
             vocab_size=vocab_size,
             model_type=model_type,
-            user_defined_symbols=list(SPECIAL_TOKENS),
+            user_defined_symbols=[t for t in SPECIAL_TOKENS if t != EOS_TOKEN],
             unk_id=0,
             bos_id=-1,
-            eos_id=-1,
+            eos_id=1 + SPECIAL_TOKENS.index(EOS_TOKEN),  # its place among ids 1..7
+            eos_piece=EOS_TOKEN,
             pad_id=-1,
             byte_fallback=byte_fallback,
             normalization_rule_name="identity",

@@ -25,6 +25,7 @@ from megatron_glm.data.dataset import (
     FORMAT_VERSION,
     PackedDataset,
     Window,
+    build_pretrain_datasets,
     parse_split,
     split_documents,
 )
@@ -383,3 +384,33 @@ def test_concurrent_constructions_build_once(corpus) -> None:
     assert len({window for _, window in results}) == 1
     leftovers = [f for f in os.listdir(os.path.dirname(indexed.prefix)) if ".tmp" in f]
     assert leftovers == []
+
+
+def test_token_ids_outside_the_vocabulary_never_reach_a_batch(tmp_path: Path) -> None:
+    """With ``vocab_size`` every window is checked: the one holding an id past the vocabulary
+    raises a ValueError naming the .bin, the document, the token in it and the sample (not an
+    IndexError in the embedding); the other windows are served; without it nothing is checked."""
+    docs: list[Doc] = [[[2, 3, 4], [5]], [[6, 7]], [[8, 99, 9]], [[10, 11]]]
+    indexed = _write_corpus(tmp_path / "bad", docs)
+    # 15 packed tokens (each document + eos), windows of 4: exactly one epoch of 4 samples
+    built, _, _ = build_pretrain_datasets(
+        [indexed.prefix], None, "1", 4, (4, 0, 0), 7, EOS, None, vocab_size=50
+    )
+    packed = _packed(indexed, window_length=4, num_samples=4, vocab_size=50)
+    for ds, name in [(packed, "train"), (built, "train:bad")]:
+        assert ds is not None
+        raised = []
+        for i in range(4):
+            try:
+                window = ds[i]
+            except ValueError as e:
+                raised.append(i)
+                assert str(e) == (
+                    f"{indexed.data_path}: token id 99 outside the vocabulary [0, 50) in document "
+                    f"2 (its token 1), sample {i} of {name!r}"
+                )
+            else:
+                assert int(window.tokens.max()) < 50
+        assert len(raised) == 1
+    unchecked = _packed(indexed, window_length=4, num_samples=4)
+    assert max(int(unchecked[i].tokens.max()) for i in range(4)) == 99

@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 from numpy.typing import DTypeLike
 
+import megatron_glm.data.indexed as indexed_module
 from megatron_glm.data.indexed import (
     DTYPE_CODES,
+    DatasetCheck,
     IndexedDataset,
     IndexedDatasetBuilder,
     IndexedDatasetError,
     best_fitting_dtype,
+    check_dataset,
     data_file_path,
     dtype_code,
     index_file_path,
@@ -370,3 +373,148 @@ def test_builder_memory_does_not_grow_with_sequences(tmp_path: Path) -> None:
     assert peak - base < 4_000_000
     ds = IndexedDataset(tmp_path / "x")
     assert len(ds) == ds.num_documents == 1_020_000
+
+
+# -- check_dataset: the pre-launch check, every failure named by file -------------------------
+
+
+def test_check_dataset_passes_and_reports(tmp_path: Path) -> None:
+    _write(tmp_path / "ds", DOCS, np.uint16)
+    got = check_dataset(tmp_path / "ds", vocab_size=14)
+    assert got == DatasetCheck(
+        prefix=str(tmp_path / "ds"),
+        dtype="uint16",
+        documents=3,
+        sequences=6,
+        tokens=13,
+        min_token_id=1,
+        max_token_id=13,
+        scanned_tokens=13,
+        sampled=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.__delitem__(slice(0, len(r))), "truncated header: 0 bytes, need 34"),
+        (lambda r: r.__delitem__(slice(20, len(r))), "truncated header: 20 bytes, need 34"),
+        (
+            lambda r: r.__setitem__(slice(0, len(r)), bytes(range(256)) * 2),
+            "bad magic b'\\x00\\x01\\x02\\x03\\x04\\x05\\x06\\x07\\x08', expected "
+            "b'MMIDIDX\\x00\\x00' (not a Megatron MMapIndexedDataset index)",
+        ),
+        (lambda r: struct.pack_into("<Q", r, 9, 2), "unsupported version 2, expected 1"),
+        (lambda r: struct.pack_into("<B", r, 17, 0), "unknown dtype code 0, expected one of 1..8"),
+        (
+            lambda r: r.__delitem__(slice(len(r) - 8, len(r))),
+            "file size 130 bytes inconsistent with 6 sequences and 4 document indices "
+            "(expected 138 bytes)",
+        ),
+        (
+            lambda r: struct.pack_into("<Q", r, 18, 1 << 40),
+            "file size 138 bytes inconsistent with 1099511627776 sequences",
+        ),
+    ],
+    ids=["empty", "truncated", "garbage", "version", "dtype-code", "cut", "huge-count"],
+)
+def test_check_dataset_bad_index(tmp_path: Path, edit: object, message: str) -> None:
+    prefix = _corrupt_idx(tmp_path, edit)
+    with pytest.raises(ValueError) as info:
+        check_dataset(prefix, vocab_size=100)
+    assert str(info.value).startswith(f"{index_file_path(prefix)}: {message}")
+
+
+def test_check_dataset_missing_and_truncated_files(tmp_path: Path) -> None:
+    prefix = tmp_path / "ds"
+    with pytest.raises(ValueError, match=f"^{re.escape(index_file_path(prefix))}: file not found$"):
+        check_dataset(prefix, vocab_size=100)
+    _write(prefix, DOCS, np.uint16)
+    bin_path = data_file_path(prefix)
+    with open(bin_path, "r+b") as f:
+        f.truncate(13)  # half a token short of 13 tokens, and then some
+    with pytest.raises(ValueError) as info:
+        check_dataset(prefix, vocab_size=100)
+    assert str(info.value) == (
+        f"{bin_path}: size 13 bytes != 26 bytes of tokens listed in {index_file_path(prefix)}"
+    )
+    os.remove(bin_path)
+    with pytest.raises(ValueError, match=f"^{re.escape(bin_path)}: file not found$"):
+        check_dataset(prefix, vocab_size=100)
+
+
+def test_check_dataset_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError while reading (permissions, I/O; root passes permission checks, so raised
+    here by hand) is named like the other faults."""
+    _write(tmp_path / "ds", DOCS, np.uint16)
+    idx = index_file_path(tmp_path / "ds")
+
+    def denied(self: IndexedDataset) -> None:
+        raise PermissionError(13, "Permission denied", idx)
+
+    monkeypatch.setattr(IndexedDataset, "_read_header", denied)
+    with pytest.raises(ValueError, match=f"^{re.escape(idx)}: cannot read: Permission denied$"):
+        check_dataset(tmp_path / "ds", vocab_size=100)
+
+
+def test_check_dataset_empty(tmp_path: Path) -> None:
+    _write(tmp_path / "none", [], np.uint16)
+    with pytest.raises(ValueError) as info:
+        check_dataset(tmp_path / "none", vocab_size=100)
+    assert str(info.value) == f"{tmp_path / 'none.idx'}: empty dataset: no documents"
+    _write(tmp_path / "blank", [[], [[]]], np.uint16)
+    with pytest.raises(ValueError) as info:
+        check_dataset(tmp_path / "blank", vocab_size=100)
+    assert str(info.value) == f"{tmp_path / 'blank.bin'}: empty dataset: 2 documents but no tokens"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bad", "where", "message"),
+    [
+        (np.uint16, 14, (1, 0, 1), "token id 14 outside the vocabulary [0, 14) at token 5"),
+        (np.int32, -3, (2, 2, 3), "token id -3 outside the vocabulary [0, 14) at token 12"),
+        (np.uint8, 255, (0, 1, 0), "token id 255 outside the vocabulary [0, 14) at token 3"),
+    ],
+)
+def test_check_dataset_token_ids_outside_vocab(
+    tmp_path: Path, dtype: type, bad: int, where: tuple[int, int, int], message: str
+) -> None:
+    docs = [[list(s) for s in d] for d in DOCS]
+    d, k, t = where
+    docs[d][k][t] = bad
+    _write(tmp_path / "ds", docs, dtype)
+    seq = sum(len(x) for x in docs[:d]) + k
+    with pytest.raises(ValueError) as info:
+        check_dataset(tmp_path / "ds", vocab_size=14)
+    assert str(info.value) == (
+        f"{tmp_path / 'ds.bin'}: {message} (document {d}, sequence {seq}); was it made with "
+        f"another tokenizer?"
+    )
+    if bad > 0:  # a vocabulary that holds it: passes
+        assert check_dataset(tmp_path / "ds", vocab_size=bad + 1).max_token_id == bad
+
+
+def test_check_dataset_float_tokens(tmp_path: Path) -> None:
+    _write(tmp_path / "f", DOCS, np.float32)
+    with pytest.raises(ValueError, match=r"f\.idx: dtype float32 cannot hold token ids$"):
+        check_dataset(tmp_path / "f", vocab_size=100)
+
+
+def test_check_dataset_samples_large_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over FULL_SCAN_BYTES only SAMPLE_CHUNKS evenly spread chunks are read (first and last
+    included): a bad id inside one is found, one between them is not (the documented limit)."""
+    monkeypatch.setattr(indexed_module, "FULL_SCAN_BYTES", 1000)
+    monkeypatch.setattr(indexed_module, "SAMPLE_CHUNKS", 4)
+    monkeypatch.setattr(indexed_module, "SAMPLE_CHUNK_BYTES", 20)  # 10 uint16 tokens
+    tokens = np.arange(1000, dtype=np.int64) % 50  # 2000 bytes, one document of one sequence
+    # chunks start at linspace(0, 990, 4) = 0, 330, 660, 990
+    for at, found in [(335, True), (999, True), (0, True), (500, False), (345, False)]:
+        t = tokens.copy()
+        t[at] = 60
+        _write(tmp_path / f"s{at}", [[t.tolist()]], np.uint16)
+        if found:
+            with pytest.raises(ValueError, match=f"token id 60 outside .* at token {at} "):
+                check_dataset(tmp_path / f"s{at}", vocab_size=50)
+        else:
+            got = check_dataset(tmp_path / f"s{at}", vocab_size=50)
+            assert got.sampled and got.scanned_tokens == 40 and got.max_token_id == 49

@@ -2,8 +2,9 @@
 
 The reference for every token is the tokenizer's own ``encode`` of each document (or of each
 sentence of :func:`split_sentences`, itself checked against a character-loop reference in
-test_sentence_split.py), plus eos at the end of each document, compared with what the
-memory-mapped reader returns.
+test_sentence_split.py: the first one of a document alone, a later one as it continues the
+text, see :func:`_sentence_ids`), plus eos at the end of each document, compared with
+what the memory-mapped reader returns.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import os
 import subprocess
 import sys
 import weakref
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from megatron_glm.data.indexed import IndexedDataset, data_file_path, index_file_path
 from megatron_glm.data.preprocess import (
+    BadInputError,
     BadLineError,
     output_prefix_for,
     preprocess_data,
@@ -100,6 +104,18 @@ def _files(prefix: str) -> tuple[bytes, bytes]:
     return Path(data_file_path(prefix)).read_bytes(), Path(index_file_path(prefix)).read_bytes()
 
 
+def _sentence_ids(tok: GLMTokenizer, text: str) -> list[list[int]]:
+    """Reference ids of the sentences of ``text``: the first encoded alone, as a document starts;
+    each later one as the text it continues, by the model with its dummy prefix switched off
+    (SentencePiece's own flag, set here in the model proto)."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.model_path.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    continuing = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    first, *rest = split_sentences(text)
+    return [tok.encode(first)] + [continuing.encode(s) for s in rest]
+
+
 def test_bad_lines_counted_and_every_good_line_tokenized(
     corpus: dict, tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer, tmp_path: Path
 ) -> None:
@@ -125,17 +141,46 @@ def test_bad_lines_counted_and_every_good_line_tokenized(
     eos = tiny_tokenizer.eos_id
     n_seq = 0
     for d, text in enumerate(texts):
-        sents = split_sentences(text)
-        ids = [tiny_tokenizer.encode(s) for s in sents]
+        ids = _sentence_ids(tiny_tokenizer, text)
         ids[-1] = [*ids[-1], eos]
         assert ds.document_sequence_sizes(d).tolist() == [len(x) for x in ids], d
         assert ds.document(d).tolist() == [t for x in ids for t in x], d
-        n_seq += len(sents)
+        assert tiny_tokenizer.decode(ds.document(d)[:-1]) == text, d
+        n_seq += len(ids)
     assert summary.sequences == len(ds) == n_seq
     assert summary.tokens == len(ds.tokens)
     report = summary.format()
     assert f"bad lines: {sum(expected_counts.values())}" in report
     assert f"invalid UTF-8: 2 ({path}:{corpus['bad_at']['invalid_utf8'][0]}, " in report
+
+
+def test_split_dataset_decodes_to_its_documents(
+    demo_corpus_path: Path, tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer, tmp_path: Path
+) -> None:
+    """The 400 test documents split into sentences: each document's ids decode back to it
+    exactly, newlines and indentation included (they were dropped, 11.8% of the tokens of the
+    demo corpus), and the sentence-level dataset holds about as many tokens as the document-level
+    one, most documents the very same ids."""
+    kw = {"append_eod": True, "workers": 2}
+    split = _run(demo_corpus_path, tmp_path / "s", tiny_tokenizer_model, split_sentences=True, **kw)
+    whole = _run(demo_corpus_path, tmp_path / "d", tiny_tokenizer_model, **kw)
+    ds, dd = IndexedDataset(split.outputs["text"]), IndexedDataset(whole.outputs["text"])
+    texts = [json.loads(line)["text"] for line in demo_corpus_path.read_bytes().splitlines()]
+    assert ds.num_documents == dd.num_documents == len(texts) == 400
+    assert len(ds) > 5 * len(texts)  # really split: many sentences per document
+    same = 0
+    for d, text in enumerate(texts):
+        ids = ds.document(d)
+        assert ids[-1] == tiny_tokenizer.eos_id
+        assert tiny_tokenizer.decode(ids[:-1]) == text, d
+        same += np.array_equal(ids, dd.document(d))
+    print(
+        f"\ntokens: sentence level {split.tokens}, document level {whole.tokens} "
+        f"({100 * (split.tokens / whole.tokens - 1):+.2f}%), {same} of {len(texts)} documents "
+        f"with the same ids"
+    )
+    assert abs(split.tokens - whole.tokens) <= 0.01 * whole.tokens
+    assert same >= 0.9 * len(texts)
 
 
 def test_document_level_tokens_equal_sentencepiece(
@@ -228,6 +273,97 @@ def test_gz_and_glob_inputs(corpus: dict, tiny_tokenizer_model: Path, tmp_path: 
     locs = [loc for v in summary.bad.locations.values() for loc in v]
     first_bad_b = min(n for v in corpus["bad_at"].values() for n in v if n > half)
     assert f"{d / 'b.jsonl.gz'}:{first_bad_b - half}" in locs
+
+
+def _readable_part(gz: bytes) -> tuple[bytes, int]:
+    """The complete lines a damaged gzip stream still yields (decompressed independently of the
+    library, with zlib), and the byte count of the partial line after them."""
+    data = zlib.decompressobj(wbits=31).decompress(gz)
+    complete = data[: data.rfind(b"\n") + 1]
+    return complete, len(data) - len(complete)
+
+
+def test_cut_short_gz_keeps_the_lines_read(
+    corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path
+) -> None:
+    """A .gz cut in half: the lines before the cut are written exactly as from a clean file of
+    those lines, bad lines among them counted as usual; the report names the file and the last
+    complete line; under strict it is an error and nothing is published."""
+    whole = b"".join(corpus["lines"])
+    gz = gzip.compress(whole, mtime=0)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gz[: len(gz) // 2])
+    complete, partial = _readable_part(cut.read_bytes())
+    last = complete.count(b"\n")
+    assert 10 < last < len(corpus["lines"]) - 5 and partial > 0  # cut inside a line, mid-corpus
+    clean = tmp_path / "clean.jsonl"
+    clean.write_bytes(complete)
+    kw = {"split_sentences": True, "append_eod": True, "chunk_bytes": 3000}
+    got = _run(cut, tmp_path / "cut", tiny_tokenizer_model, **kw)
+    ref = _run(clean, tmp_path / "clean", tiny_tokenizer_model, **kw)
+    message = (
+        f"{cut}: cut short after line {last}: unreadable gzip data (Compressed file ended "
+        f"before the end-of-stream marker was reached); the {partial} bytes read of line "
+        f"{last + 1} are dropped"
+    )
+    assert got.bad.cut_short == [message] and ref.bad.cut_short == []
+    assert f"inputs cut short: 1\n  {message}\n" in got.format()
+    assert got.documents == ref.documents > 10 and got.bad.counts == ref.bad.counts
+    assert got.bad.total > 0  # bad lines before the cut are still counted
+    assert _files(got.outputs["text"]) == _files(ref.outputs["text"])
+    with pytest.raises(BadInputError) as info:
+        _run(cut, tmp_path / "strict", tiny_tokenizer_model, **kw, strict=True)
+    # strict stops at the first bad line, which comes before the cut
+    assert isinstance(info.value, BadLineError)
+    good_part = tmp_path / "good.jsonl.gz"
+    good_lines = b"".join(_demo_lines_of(corpus, 30))
+    good_gz = gzip.compress(good_lines, mtime=0)
+    good_part.write_bytes(good_gz[: len(good_gz) // 2])
+    complete, partial = _readable_part(good_part.read_bytes())
+    last = complete.count(b"\n")
+    with pytest.raises(BadInputError) as info:
+        _run(good_part, tmp_path / "strict", tiny_tokenizer_model, **kw, strict=True)
+    assert not isinstance(info.value, BadLineError)
+    assert str(info.value) == (
+        f"{good_part}: cut short after line {last}: unreadable gzip data (Compressed file ended "
+        f"before the end-of-stream marker was reached); the {partial} bytes read of line "
+        f"{last + 1} are dropped"
+    )
+    assert [p for p in os.listdir(tmp_path) if p.startswith("strict")] == []
+
+
+def _demo_lines_of(corpus: dict, n: int) -> list[bytes]:
+    """The first ``n`` good lines of the test corpus (the demo documents)."""
+    bad = {raw for raw, _ in BAD_LINES}
+    return [line for line in corpus["lines"] if line not in bad][:n]
+
+
+def test_plain_text_named_gz(corpus: dict, tiny_tokenizer_model: Path, tmp_path: Path) -> None:
+    """Not gzip at all: nothing read, reported with line 0; the CLI exits 2 under --strict with
+    the message and no traceback, and 0 without it, the report in its summary; other inputs of
+    the run are used."""
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_bytes(b"".join(_demo_lines_of(corpus, 5)))
+    message = f"{fake}: cut short after line 0: unreadable gzip data (Not a gzipped file (b'{{\"'))"
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(b"".join(_demo_lines_of(corpus, 3)))
+    summary = _run([str(fake), str(other)], tmp_path / "f", tiny_tokenizer_model)
+    assert summary.bad.cut_short == [message] and summary.documents == 3
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "preprocess_data.py"),
+        "--input",
+        str(fake),
+        "--output-prefix",
+        str(tmp_path / "cli"),
+        "--tokenizer-model",
+        str(tiny_tokenizer_model),
+        "--no-progress",
+    ]
+    res = subprocess.run([*cmd, "--strict"], capture_output=True, text=True)
+    assert (res.returncode, res.stdout, res.stderr) == (2, "", f"error: {message}\n")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0 and f"inputs cut short: 1\n  {message}\n" in res.stdout
 
 
 def test_strict_names_file_line_and_reason(

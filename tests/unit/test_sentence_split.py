@@ -3,6 +3,7 @@ numpy one, every test runs on each) against a plain character loop."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -29,31 +30,29 @@ BREAKS = set("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 
 
 def reference_split(text: str) -> list[str]:
-    """The module docstring's rules, one character at a time (independent of the library)."""
-    out: list[str] = []
-    cur: list[str] = []
+    """The module docstring's rules, one character at a time (independent of the library): where
+    each sentence's content ends, then the text cut there (the last piece runs to its end)."""
+    ends: list[int] = []
 
-    def flush() -> None:
-        s = "".join(cur).strip()
-        if s:
-            out.append(s)
-        cur.clear()
+    def segment(a: int, b: int) -> None:  # text[a:b] lies between two boundaries
+        content = text[a:b].rstrip()
+        if content.strip():
+            ends.append(a + len(content))
 
-    i, n = 0, len(text)
+    seg, i, n = 0, 0, len(text)
     while i < n:
         c = text[i]
         if c in BREAKS:
-            flush()
-            i += 1
+            segment(seg, i)
+            seg = i = i + 1
         elif c in CJK_T:
             j = i
             while j < n and text[j] in CJK_T:
                 j += 1
             while j < n and text[j] in CLOSE:
                 j += 1
-            cur.append(text[i:j])
-            flush()
-            i = j
+            segment(seg, j)
+            seg = i = j
         elif c in ASCII_T:
             j = i
             while j < n and text[j] in ASCII_T:
@@ -62,40 +61,44 @@ def reference_split(text: str) -> list[str]:
             while k < n and text[k] in CLOSE:
                 k += 1
             if k == n or text[k].isspace():
-                cur.append(text[i:k])
-                flush()
-                i = k
+                segment(seg, k)
+                seg = i = k
             else:  # not a boundary: the terminators are ordinary characters
-                cur.append(text[i:j])
                 i = j
         else:
-            cur.append(c)
             i += 1
-    flush()
-    return out
+    segment(seg, n)
+    cuts = [0, *ends[:-1], n]
+    return [text[a:b] for a, b in itertools.pairwise(cuts)] if ends else []
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("Hello world. This is it", ["Hello world.", "This is it"]),
-        ("Pi is 3.14, e.g. this: yes", ["Pi is 3.14, e.g.", "this:", "yes"]),
-        ('He said "Stop!" Then left.', ['He said "Stop!"', "Then left."]),
-        ("Really?!  (Yes.) No", ["Really?!", "(Yes.)", "No"]),
-        ("Wait... what? ok", ["Wait...", "what?", "ok"]),
+        ("Hello world. This is it", ["Hello world.", " This is it"]),
+        ("Pi is 3.14, e.g. this: yes", ["Pi is 3.14, e.g.", " this:", " yes"]),
+        ('He said "Stop!" Then left.', ['He said "Stop!"', " Then left."]),
+        ("Really?!  (Yes.) No", ["Really?!", "  (Yes.)", " No"]),
+        ("Wait... what? ok", ["Wait...", " what?", " ok"]),
         ("http://a.b/c?x=1 ok", ["http://a.b/c?x=1 ok"]),
-        ("line one\nline two\r\n\n  line three  ", ["line one", "line two", "line three"]),
+        (
+            "line one\nline two\r\n\n  line three  ",
+            ["line one", "\nline two", "\r\n\n  line three  "],
+        ),
+        ("First one.\n\n    Second.", ["First one.", "\n\n    Second."]),
+        ("  lead. trail  ", ["  lead.", " trail  "]),
+        ("a   \nb", ["a", "   \nb"]),
         ("你好。世界！「好」。结束", ["你好。", "世界！", "「好」。", "结束"]),
         ("他说：「走。」然后", ["他说：", "「走。」", "然后"]),
-        ("a。. b", ["a。", ".", "b"]),
+        ("a。. b", ["a。", ".", " b"]),
         ("a.。b", ["a.。", "b"]),
-        ("tab\tinside. x\u3000y\u2028z", ["tab\tinside.", "x\u3000y", "z"]),
+        ("tab\tinside. x\u3000y\u2028z", ["tab\tinside.", " x\u3000y", "\u2028z"]),
         ("   \n\t ", []),
         ("", []),
         ("no terminator", ["no terminator"]),
         ("end.", ["end."]),
         ("a.)x b", ["a.)x b"]),
-        ("a.)) b", ["a.))", "b"]),
+        ("a.)) b", ["a.))", " b"]),
     ],
 )
 def test_cases(text: str, expected: list[str]) -> None:
@@ -133,25 +136,28 @@ def test_ascii_batch_matches_reference() -> None:
     assert sentences == [s for e in expected for s in e]
 
 
-def test_only_whitespace_between_sentences_is_dropped() -> None:
+def test_sentences_concatenate_to_the_text() -> None:
+    """Nothing is dropped: the sentences are the text; each has content, ends with it (but the
+    last), and only whitespace comes before its content."""
     rng = random.Random(7)
     for _ in range(500):
         text = _random_text(rng)
-        rest = text
-        for s in split_sentences(text):
-            assert s and not s[0].isspace() and not s[-1].isspace()
-            gap, found, rest = rest.partition(s)
-            assert found and gap.strip() == ""
-        assert rest.strip() == ""
+        sentences = split_sentences(text)
+        if not text.strip():
+            assert sentences == []
+            continue
+        assert "".join(sentences) == text
+        assert all(s.strip() for s in sentences)
+        assert all(not s[-1].isspace() for s in sentences[:-1])
 
 
 def test_batch_edge_cases() -> None:
     s, c = split_sentences_batch([])
     assert s == [] and c.dtype == np.int64 and c.tolist() == []
     s, c = split_sentences_batch(["", " ", "a. b", ""])
-    assert s == ["a.", "b"] and c.tolist() == [0, 0, 2, 0]
+    assert s == ["a.", " b"] and c.tolist() == [0, 0, 2, 0]
     # lone surrogates (possible from JSON escapes) pass through unchanged
-    assert split_sentences("x\ud800. y") == ["x\ud800.", "y"]
+    assert split_sentences("x\ud800. y") == ["x\ud800.", " y"]
 
 
 def test_sub_batches_and_mixed_batches(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,9 +181,21 @@ def test_sub_batches_and_mixed_batches(monkeypatch: pytest.MonkeyPatch) -> None:
         "好。" + "」" * 20 + "下",
         "x " + "'" * 200_000 + ". y",
         "x." + '"' * 200_000 + " y",
+        "x" + " " * 200_000 + "\n y",
+        "\n" * 20 + "a\n" + "\n \t" * 20 + "\nb" + "\u2028" * 30,
     ],
-    ids=["ascii", "no-terminator", "at-start", "cjk", "long-run-plain", "long-run-boundary"],
+    ids=[
+        "ascii",
+        "no-terminator",
+        "at-start",
+        "cjk",
+        "long-run-plain",
+        "long-run-boundary",
+        "long-space-before-break",
+        "blank-lines",
+    ],
 )
-def test_long_closer_runs(text: str) -> None:
-    """Runs of closers longer than the sparse walk take the dense path; same rules."""
+def test_long_runs(text: str) -> None:
+    """Runs of closers, or of whitespace before a line break, longer than the sparse walk take
+    the dense path; same rules."""
     assert split_sentences(text) == reference_split(text)

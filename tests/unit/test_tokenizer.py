@@ -8,6 +8,7 @@ import pickle
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from megatron_glm.data.sentence_split import split_sentences_batch
 from megatron_glm.data.tokenizer import (
+    EOS_TOKEN,
     SPECIAL_TOKENS,
     GLMTokenizer,
     TokenizerError,
@@ -94,6 +97,64 @@ def test_leading_space_before_special_is_kept(tiny_tokenizer: GLMTokenizer) -> N
     assert tok.decode(ids) == " [MASK]"
 
 
+def test_megatron_reads_the_eod_id(
+    tiny_tokenizer_model: Path, tiny_tokenizer: GLMTokenizer
+) -> None:
+    """Megatron-LM loads the model with plain SentencePiece; its GPTSentencePieceTokenizer and
+    Llama2Tokenizer take ``eod = eos_id()`` (preprocess_data.py --append-eod appends it; it was
+    -1), its SentencePieceTokenizer takes ``eos`` = the id of ``id_to_piece(eos_id())``. Both
+    must be our eos, the piece <|endoftext|>, at the same id as ever."""
+    tok = tiny_tokenizer
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_model))
+    eod = sp.eos_id()
+    assert eod == tok.eos_id == tok.pad_id == 7
+    assert sp.id_to_piece(eod) == EOS_TOKEN == "<|endoftext|>"
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}  # _populate_vocab
+    assert vocab[sp.id_to_piece(sp.eos_id())] == tok.eos_id
+    # Megatron's --append-eod output reads back as the text and <|endoftext|>, as ours does
+    text = "Return the value.\n    Indented: yes"
+    ids = [*sp.encode_as_ids(text), eod]
+    assert ids == tok.encode(text + EOS_TOKEN)
+    assert tok.decode(ids) == text + EOS_TOKEN
+    # It is a control symbol: plain SentencePiece never makes it from text and decodes it to "";
+    # our tokenizer still does both, as when it was user-defined. The other specials are.
+    assert sp.is_control(eod) and sp.decode([eod]) == ""
+    assert eod not in sp.encode(f"a {EOS_TOKEN} b") and tok.encode(f"a {EOS_TOKEN} b").count(eod)
+    for token in SPECIAL_TOKENS[:-1]:
+        assert sp.encode(f"x {token}y").count(tok.special_ids()[token]) == 1
+
+
+def test_a_user_defined_eos_still_loads(
+    tmp_path: Path, small_corpus: Path, tiny_tokenizer: GLMTokenizer
+) -> None:
+    """Models trained before (<|endoftext|> user-defined, SentencePiece eos_id -1) load with the
+    same special ids and encode/decode the specials as models trained now do."""
+    model = _train_raw(
+        tmp_path,
+        small_corpus,
+        "old",
+        vocab_size=SMALL_VOCAB,
+        user_defined_symbols=list(SPECIAL_TOKENS),
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    )
+    old = GLMTokenizer(model)
+    assert spm.SentencePieceProcessor(model_file=str(model)).eos_id() == -1
+    assert old.special_ids() == tiny_tokenizer.special_ids()
+    text = f"{EOS_TOKEN}a {EOS_TOKEN}b [MASK] c{EOS_TOKEN}"
+    for tok in (old, tiny_tokenizer):
+        ids = tok.encode(text)
+        assert ids[0] == ids[-1] == tok.eos_id and ids.count(tok.eos_id) == 3
+        assert tok.decode(ids) == text
+        assert tok.encode_batch([text, "x"]) == [ids, tok.encode("x")]
+        assert tok.decode([tok.eos_id]) == EOS_TOKEN
+
+
 # ----------------------------------------------------------------------------- round trip
 
 
@@ -130,6 +191,37 @@ def test_encode_batch_matches_encode(tiny_tokenizer: GLMTokenizer, demo_corpus_p
     # no text starts with a special token: nothing is fixed, results are the same
     plain = [*texts[:50], "x [CLS]", "line\n[MASK] after a break", "[not special", "<|x"]
     assert tiny_tokenizer.encode_batch(plain) == [tiny_tokenizer.encode(t) for t in plain]
+
+
+def test_encode_pieces_decode_to_their_documents(
+    tiny_tokenizer: GLMTokenizer, demo_corpus_path: Path
+) -> None:
+    """Documents in pieces (sentences keeping the whitespace before them, special tokens at the
+    start of a first and of a later piece, one-piece documents): each document's ids decode to
+    it exactly; a first piece is encoded as encode() encodes it alone, a one-piece document is
+    encode() of the document; any thread count gives the same ids."""
+    tok = tiny_tokenizer
+    docs = [
+        *_texts(demo_corpus_path, 60),
+        "[MASK] starts. Then\n\n    indented.",
+        "x <|endoftext|> y. <|endoftext|>z<|endoftext|>",
+        "One.\n[gMASK] after a break.  <|endoftext|>",
+        " leading space. and\ttab  ",
+        "single",
+    ]
+    pieces, per_doc = split_sentences_batch(docs)
+    assert per_doc.max() > 5 and (per_doc == 1).any()
+    ids = tok.encode_pieces(pieces, per_doc)
+    assert tok.encode_pieces(pieces, per_doc, num_threads=1) == ids
+    assert len(ids) == len(pieces)
+    bounds = np.concatenate([[0], np.cumsum(per_doc)]).tolist()
+    for d, doc in enumerate(docs):
+        a, b = bounds[d], bounds[d + 1]
+        assert "".join(pieces[a:b]) == doc
+        assert tok.decode([i for x in ids[a:b] for i in x]) == doc, d
+        assert ids[a] == tok.encode(pieces[a]), d
+        if b - a == 1:
+            assert ids[a] == tok.encode(doc)
 
 
 def test_special_starts_compiled_and_fallback_agree(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,14 +305,16 @@ def test_pickle_round_trip(tiny_tokenizer: GLMTokenizer) -> None:
 # ----------------------------------------------------------------------------- bad models
 
 
-def _train_raw(tmp_path: Path, corpus: Path, name: str, **options: Any) -> Path:
+def _train_raw(
+    tmp_path: Path, corpus: Path, name: str, vocab_size: int = 300, **options: Any
+) -> Path:
     """A SentencePiece model trained directly (not by train_tokenizer), with given options."""
     sentences = [line for t in _texts(corpus) for line in t.splitlines() if line.strip()]
     prefix = tmp_path / name
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_prefix=str(prefix),
-        vocab_size=300,
+        vocab_size=vocab_size,
         num_threads=1,
         minloglevel=2,
         **options,
@@ -233,7 +327,7 @@ def test_missing_special_tokens_named(tmp_path: Path, small_corpus: Path) -> Non
     model = _train_raw(tmp_path, small_corpus, "missing", user_defined_symbols=kept)
     expected = (
         f"tokenizer model {model} lacks GLM special token(s) [sMASK], <|endofpiece|>; train it "
-        f"with tools/train_tokenizer.py, which reserves them as SentencePiece user-defined symbols"
+        f"with tools/train_tokenizer.py, which reserves them at ids 1..7"
     )
     with pytest.raises(TokenizerError, match=f"^{re.escape(expected)}$"):
         GLMTokenizer(model)
@@ -331,6 +425,25 @@ def test_bad_training_input(tmp_path: Path, content: bytes, message: str) -> Non
     with pytest.raises(TokenizerError, match=f"^{re.escape(message.format(path=path))}$"):
         train_tokenizer([path], tmp_path / "m", SMALL_VOCAB)
     assert not (tmp_path / "m.model").exists()
+
+
+@pytest.mark.parametrize("kind", ["cut short", "not gzip"])
+def test_damaged_gz_training_input(tmp_path: Path, small_corpus: Path, kind: str) -> None:
+    """A .gz cut in half, or plain text named .gz: an error naming the file and the last
+    complete line read (counted independently, with zlib), not an EOFError/BadGzipFile."""
+    path = tmp_path / "corpus.jsonl.gz"
+    if kind == "cut short":
+        gz = gzip.compress(small_corpus.read_bytes(), mtime=0)
+        path.write_bytes(gz[: len(gz) // 2])
+        last = zlib.decompressobj(wbits=31).decompress(path.read_bytes()).count(b"\n")
+        assert last > 10
+        why = "Compressed file ended before the end-of-stream marker was reached"
+    else:
+        path.write_bytes(small_corpus.read_bytes())
+        last, why = 0, "Not a gzipped file (b'{\"')"
+    message = f"{path}: cut short after line {last}: unreadable gzip data ({why})"
+    with pytest.raises(TokenizerError, match=f"^{re.escape(message)}$"):
+        train_tokenizer([path], tmp_path / "m", SMALL_VOCAB)
 
 
 @pytest.mark.parametrize(

@@ -186,7 +186,9 @@ def stage_costs(corpus: Path, tok: GLMTokenizer, max_chunks: int) -> list[tuple[
             gc.enable()
             timed("SP encode, 1 thread, gc on", sp.encode, prep.sequences, num_threads=1)
             gc.disable()
-            timed("tokenizer encode_batch (used)", tok.encode_batch, prep.sequences, 1)
+            timed(
+                "tokenizer encode_pieces (used)", tok.encode_pieces, prep.sequences, prep.per_doc, 1
+            )
             fresh = sp.encode(prep.sequences, num_threads=1)  # _flatten appends eod to its lists
             timed("flatten ids (compiled; used)", _flatten, ids, prep.per_doc, tok.eos_id, dtype)
             timed(
