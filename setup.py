@@ -32,6 +32,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "orjson>=3.9",
+        "protobuf>=4.21",
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

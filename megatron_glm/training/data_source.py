@@ -77,6 +77,7 @@ class PretrainData:
                 t.seed,
                 tokenizer.eos_id,
                 d.cache_dir,
+                vocab_size=tokenizer.vocab_size,  # every window served is range-checked
             )
 
         initialized = dist.is_initialized()

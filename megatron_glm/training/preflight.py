@@ -7,7 +7,9 @@ must divide into, and whether the data and tokenizer files exist. Finding those 
 so :func:`validate_for_launch` is the first thing ``pretrain.main`` calls, with ``WORLD_SIZE`` from
 the environment. Every error names the config field, or the file and what is wrong with it: the
 checkpoint to resume from is opened file by file (restricted unpickler, tensor bytes not read)
-so a truncated, corrupt or planted file is named here rather than in N tracebacks after start-up.
+and every dataset is checked (header, sizes, dtype, emptiness, token ids against the tokenizer's
+vocabulary: :func:`megatron_glm.data.indexed.check_dataset`), so a truncated, corrupt or planted
+file is named here rather than in N tracebacks after start-up.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from megatron_glm.config import RunConfig
 from megatron_glm.data.dataset import parse_split
+from megatron_glm.data.indexed import check_dataset
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.model import resolve_vocab_size
 from megatron_glm.training.checkpoint import check_checkpoint, check_layout, resolve_load_dir
@@ -128,8 +131,10 @@ def _check_data(cfg: RunConfig) -> None:
         raise _field_error("data.tokenizer_model", "is empty; give a SentencePiece .model path")
     if not Path(d.tokenizer_model).is_file():
         raise _field_error("data.tokenizer_model", f"{d.tokenizer_model} not found")
-    vocab = load_tokenizer(cfg).padded_vocab_size
-    resolve_vocab_size(cfg.model, vocab)  # names model.vocab_size if it disagrees
+    tokenizer = load_tokenizer(cfg)
+    resolve_vocab_size(cfg.model, tokenizer.padded_vocab_size)  # names model.vocab_size
+    for prefix in d.data_path:  # header, sizes, dtype, emptiness, token ids < vocabulary
+        check_dataset(prefix, tokenizer.vocab_size)
     if cfg.train.eval_interval > 0:
         weights = parse_split(d.split)
         if len(weights) < 2 or weights[1] <= 0:

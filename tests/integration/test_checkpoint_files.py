@@ -1,4 +1,4 @@
-"""Checkpoint files as untrusted input (issue 11): corrupt or planted files are named before launch.
+"""Checkpoints and datasets as untrusted input (issue 11): bad files are named before launch.
 
 One real checkpoint is written once (``python -m megatron_glm.pretrain``, one process, ZeRO-1,
 so it has DeepSpeed's model-states and optimizer-states files and our RNG and layout files).
@@ -16,12 +16,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from test_pretrain_cli import _no_run, _run_yaml, _single_process_env, tiny_corpus  # noqa: F401
 
 from megatron_glm import pretrain
+from megatron_glm.data.indexed import IndexedDatasetBuilder
 from megatron_glm.serialization import CheckpointFileError, load_file
 
 TAG = "global_step2"
@@ -205,3 +207,49 @@ def test_valid_checkpoint_passes_the_checks(
     monkeypatch.setattr(session, "run_pretraining", lambda *a, **k: called.append(True))
     assert pretrain.main(["--config", str(run), f"checkpoint.load={ckpt}"]) == 0
     assert called == [True]
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def _copy_dataset(prefix: str, dst: Path) -> Path:
+    for suffix in (".bin", ".idx"):
+        shutil.copy(prefix + suffix, str(dst) + suffix)
+    return dst
+
+
+def _write_dataset(dst: Path, docs: list[list[list[int]]]) -> Path:
+    with IndexedDatasetBuilder(dst, dtype=np.uint16) as builder:
+        for doc in docs:
+            builder.add_document(doc)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["truncated_bin", "id_beyond_vocab", "empty"])
+def test_bad_dataset_is_named_before_launch(
+    case: str,
+    tmp_path: Path,
+    tiny_corpus: tuple[str, str],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A truncated ``.bin``, token ids from another tokenizer and an empty corpus each stop the
+    launch with exit 2 naming the file (before: an IndexError in the embedding after start-up,
+    or a crash in the sample index)."""
+    prefix, tok = tiny_corpus
+    if case == "truncated_bin":
+        bad = _copy_dataset(prefix, tmp_path / "bad")
+        _truncate(Path(f"{bad}.bin"))
+        message = f"{bad}.bin: size "
+    elif case == "id_beyond_vocab":
+        bad = _write_dataset(tmp_path / "bad", [[[5, 6, 7], [8, 1600]], [[9, 10]]])
+        message = f"{bad}.bin: token id 1600 outside the vocabulary [0, 1500) at token 4"
+    else:
+        bad = _write_dataset(tmp_path / "bad", [])
+        message = f"{bad}.idx: empty dataset: no documents"
+    run = _run_yaml(tmp_path, str(bad), tok)
+    _single_process_env(monkeypatch)
+    _no_run(monkeypatch)
+    assert pretrain.main(["--config", str(run)]) == pretrain.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}"), err
