@@ -8,7 +8,8 @@
 Configuration and launch errors (unknown key, heads not dividing hidden, global batch not a
 multiple of micro batch x data-parallel size, missing data or tokenizer file) are reported with
 the field name and exit status 2 *before* any process group starts. A run stopped by SIGTERM,
-SIGUSR1, ``train.exit_duration_mins`` or ``train.exit_interval`` saves a checkpoint and exits 0.
+SIGINT, SIGUSR1, the loss of its ``deepspeed`` launcher (``training.signals``),
+``train.exit_duration_mins`` or ``train.exit_interval`` saves a checkpoint and exits 0.
 """
 
 from __future__ import annotations

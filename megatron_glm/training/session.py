@@ -32,7 +32,7 @@ from megatron_glm.training.distributed import DistEnv, destroy_distributed, init
 from megatron_glm.training.engine import initialize, initialize_pipeline
 from megatron_glm.training.loop import BatchSource, Trainer, TrainResult
 from megatron_glm.training.metrics import bubble_fraction
-from megatron_glm.training.signals import StopConditions
+from megatron_glm.training.signals import LauncherWatch, StopConditions
 
 SourceFactory = Callable[[int, int], tuple[BatchSource, int]]
 """(dp_rank, dp_size) -> (this rank's batch source, padded vocabulary size)."""
@@ -128,7 +128,10 @@ def train_in_group(
             f"resumed from {load_dir} at step {start.iteration} "
             f"({start.consumed_samples} samples consumed)"
         )
-    with StopConditions(cfg.train.exit_duration_mins) as stop:
+    stop_conditions = StopConditions(
+        cfg.train.exit_duration_mins, launcher=LauncherWatch.detect(), announce=env.rank == 0
+    )
+    with stop_conditions as stop:
         return trainer.train(
             start,
             stop=stop,

@@ -1,0 +1,231 @@
+"""Faults on the documented launch paths, with real processes on a tiny corpus (2 CPU ranks).
+
+* Signals to ``deepspeed --num_gpus 2 --module megatron_glm.pretrain``: SIGTERM to the
+  ``deepspeed`` command's pid only (``kill``, ``timeout``, a scheduler), then Ctrl-C (SIGINT to
+  the whole process group) on the rerun. Every rank saves after the current step and exits,
+  nothing of the job is left running, and the rerun resumes at the saved step. SIGINT to the pid
+  only reaches the ranks exactly as SIGTERM does (the runner dies, the ranks see their launcher
+  gone), so it is not launched a third time. That the resumed losses equal an uninterrupted
+  run's bitwise is checked by ``tests/distributed/test_training.py``
+  (``test_sigterm_saves_exits_zero_and_resumes``): the stop, save and resume code is the same;
+  what is new here is only how the stop request reaches the ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from megatron_glm.data.preprocess import preprocess_data
+from megatron_glm.training.distributed import free_port
+from megatron_glm.training.signals import (
+    LauncherWatch,
+    StopConditions,
+    _is_deepspeed_runner,
+    _runs_module,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DS_LAUNCH = "deepspeed.launcher.launch"
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(
+    tmp_path_factory: pytest.TempPathFactory, demo_corpus_path: Path, tiny_tokenizer_model: Path
+) -> tuple[str, str]:
+    """(data prefix, tokenizer .model): the 400-document test corpus, sentence-split."""
+    out = tmp_path_factory.mktemp("tiny_corpus")
+    summary = preprocess_data(
+        [demo_corpus_path],
+        out / "demo",
+        tiny_tokenizer_model,
+        split_sentences=True,
+        append_eod=True,
+        progress=False,
+    )
+    return summary.outputs["text"], str(tiny_tokenizer_model)
+
+
+def _run_yaml(tmp: Path, prefix: str, tok: str, **train: object) -> Path:
+    cfg = {
+        "model": yaml.safe_load((REPO / "configs" / "model" / "glm-tiny.yaml").read_text()),
+        "data": {"data_path": [prefix], "tokenizer_model": tok, "seq_length": 64},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 4, **train},
+        "logging": {"log_interval": 1, "progress_bar": False},
+    }
+    path = tmp / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _deepspeed(run: Path, *overrides: str) -> list[str]:
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    assert deepspeed is not None, "the deepspeed launcher is not installed next to python"
+    return [
+        deepspeed,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "megatron_glm.pretrain",
+        "--config",
+        str(run),
+        *overrides,
+    ]
+
+
+def _job_processes(marker: str) -> list[psutil.Process]:
+    """Live processes whose command line mentions ``marker`` (the run's unique config path)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if any(marker in arg for arg in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def reaper(tmp_path: Path) -> Iterator[str]:
+    """The marker of this test's processes; whatever still runs at teardown is SIGKILLed (a
+    stopped process included) so that a failing test leaves nothing behind."""
+    marker = str(tmp_path)
+    yield marker
+    for proc in _job_processes(marker):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _wait_gone(marker: str, timeout: float) -> list[str]:
+    """Command lines of the job's processes still alive after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := _job_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [" ".join(p.info["cmdline"])[:200] for p in left]
+
+
+STEP_LINE = re.compile(r"^step (\d+)/\d+ \|", re.MULTILINE)
+
+
+def _step_lines(log: str) -> list[int]:
+    """The steps of the log lines ``step N/TOTAL | ...`` (rank 0 logs every step)."""
+    return [int(m.group(1)) for m in STEP_LINE.finditer(log)]
+
+
+def _signal_after_two_steps(cmd: list[str], how: str) -> tuple[int | None, str, float]:
+    """Run ``cmd`` in its own session; after its second logged step send the signal ``how``
+    describes; return (the deepspeed command's status, the whole output, seconds from the signal
+    until every process holding the output pipe (ranks, launchers, loader workers) exited)."""
+    proc = subprocess.Popen(
+        cmd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    lines, steps = [], 0
+    for line in proc.stdout:
+        lines.append(line)
+        steps += bool(STEP_LINE.match(line))
+        if steps == 2:
+            break
+    t0 = time.monotonic()
+    if how == "SIGTERM to pid":
+        proc.send_signal(signal.SIGTERM)
+    elif how == "SIGINT to pid":
+        proc.send_signal(signal.SIGINT)
+    else:  # Ctrl-C in a terminal: SIGINT to every process of the foreground process group
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        rest, _ = proc.communicate(timeout=120)  # EOF once the last writer of the pipe exited
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, "".join(lines) + rest, time.monotonic() - t0
+
+
+def test_sigint_stops_like_sigterm_and_a_second_one_aborts() -> None:
+    with StopConditions(0.0) as stop:
+        assert stop.should_stop(torch.device("cpu")) is None
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.should_stop(torch.device("cpu")) == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the handler runs between bytecodes; never reached
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_only_deepspeeds_own_launchers_are_watched() -> None:
+    """Command lines as ``ps`` shows them under ``deepspeed --num_gpus 2 --module ...``."""
+    py = "/venv/bin/python3.11"
+    inner = [py, "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=", "--module"]
+    assert _runs_module(inner, "deepspeed.launcher.launch")
+    assert _runs_module([py, "/x/deepspeed/launcher/launch.py", "--node_rank=0"], DS_LAUNCH)
+    for runner in ([py, "/venv/bin/deepspeed", "--num_gpus", "2"], [py, "/venv/bin/ds", "x.py"]):
+        assert _is_deepspeed_runner(runner)
+    assert _is_deepspeed_runner([py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"])
+    rank = [py, "-u", "-m", "megatron_glm.pretrain", "--local_rank=0", "--config", "deepspeed"]
+    for other in (rank, ["/usr/bin/torchrun", "--nproc_per_node", "2"], ["-bash"]):
+        assert not _runs_module(other, DS_LAUNCH)
+        assert not _is_deepspeed_runner(other)
+    assert LauncherWatch.detect() is None  # pytest was not started by DeepSpeed
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xdist_group("faults")  # one job of this file at a time
+def test_signals_to_the_deepspeed_command_save_exit_and_resume(
+    tmp_path: Path, tiny_corpus: tuple[str, str], reaper: str
+) -> None:
+    """SIGTERM to the ``deepspeed`` pid, then Ctrl-C to the rerun's process group; the rerun
+    resumes where the first launch stopped."""
+    run = _run_yaml(tmp_path, *tiny_corpus, train_iters=2000)
+    save = tmp_path / "ckpt"
+    overrides = [f"checkpoint.save={save}", "data.num_workers=1"]
+    # (status of the deepspeed command, the rank-0 stop reasons that can be logged)
+    expected = {
+        "SIGTERM to pid": (-signal.SIGTERM, {"launcher gone"}),
+        "Ctrl-C": (-signal.SIGINT, {"SIGINT", "SIGTERM", "signal on another rank"}),
+    }
+    previous = 0
+    for how, (status, reasons) in expected.items():
+        code, log, seconds = _signal_after_two_steps(_deepspeed(run, *overrides), how)
+        assert code == status, f"{how}: status {code}\n{log[-4000:]}"
+        assert not _wait_gone(reaper, 10.0), f"{how}: processes left behind"
+        stopped = [ln for ln in log.splitlines() if ln.startswith("stopping after step ")]
+        assert len(stopped) == 1, f"{how}:\n{log[-4000:]}"
+        step_text, reason = stopped[0].removeprefix("stopping after step ").split(": ", 1)
+        step = int(step_text)
+        assert reason in reasons, f"{how}: {stopped[0]}"
+        assert previous + 2 <= step < 2000
+        assert f"saved checkpoint {save}/global_step{step}" in log, f"{how}:\n{log[-4000:]}"
+        assert (save / "latest").read_text() == f"global_step{step}", how
+        steps = _step_lines(log)
+        assert steps == list(range(previous + 1, step + 1)), f"{how}: steps {steps[:3]}..."
+        if previous:
+            assert f"resumed from {save} at step {previous} ({4 * previous} samples" in log, how
+        print(f"{how}: stopped after step {step}, job gone {seconds:.1f} s after the signal")
+        previous = step
