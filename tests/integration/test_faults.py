@@ -9,6 +9,7 @@
   run's bitwise is checked by ``tests/distributed/test_training.py``
   (``test_sigterm_saves_exits_zero_and_resumes``): the stop, save and resume code is the same;
   what is new here is only how the stop request reaches the ranks.
+* A config error under the ``deepspeed`` launcher is printed once, not once per rank.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pytest
 import torch
 import yaml
 
+from megatron_glm import pretrain
 from megatron_glm.data.preprocess import preprocess_data
 from megatron_glm.training.distributed import free_port
 from megatron_glm.training.signals import (
@@ -229,3 +231,47 @@ def test_signals_to_the_deepspeed_command_save_exit_and_resume(
             assert f"resumed from {save} at step {previous} ({4 * previous} samples" in log, how
         print(f"{how}: stopped after step {step}, job gone {seconds:.1f} s after the signal")
         previous = step
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xdist_group("faults")
+def test_config_error_under_the_launcher_is_printed_once(
+    tmp_path: Path, tiny_corpus: tuple[str, str], reaper: str
+) -> None:
+    run = _run_yaml(tmp_path, *tiny_corpus)
+    cmd = _deepspeed(run, "model.num_attention_heads=3")
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    message = (
+        "error: config field 'model.hidden_size': must be divisible by num_attention_heads (3)"
+    )
+    assert log.count(message) == 1, log[-4000:]
+    assert proc.returncode == pretrain.EXIT_CONFIG_ERROR, log[-4000:]
+    assert not _wait_gone(reaper, 10.0)
+
+
+@pytest.mark.parametrize(
+    ("environ", "prints_at_once"),
+    [
+        ({}, True),  # python -m megatron_glm.pretrain: a world of one
+        ({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}, True),  # a second node's first
+        ({"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "1"}, False),
+        ({"WORLD_SIZE": "4", "RANK": "3"}, False),  # no LOCAL_RANK: the rank stands in
+        ({"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "x"}, True),  # unreadable: say it
+    ],
+)
+def test_launch_errors_print_at_once_only_on_local_rank_zero(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    environ: dict[str, str],
+    prints_at_once: bool,
+) -> None:
+    """The others print too, but only if still alive after the grace (no launcher killed
+    them), so an error no local rank 0 reported is never lost."""
+    monkeypatch.setattr(pretrain, "QUIET_RANK_GRACE_S", 0.3)
+    t0 = time.monotonic()
+    pretrain.report_launch_error(ValueError("config field 'x': bad"), environ)
+    waited = time.monotonic() - t0
+    assert capsys.readouterr().err == "error: config field 'x': bad\n"
+    assert (waited < 0.3) == prints_at_once, waited
