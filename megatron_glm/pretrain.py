@@ -10,7 +10,9 @@ multiple of micro batch x data-parallel size, missing data or tokenizer file) ar
 the field name and exit status 2 *before* any process group starts, printed once per node
 (:func:`report_launch_error`). A run stopped by SIGTERM, SIGINT, SIGUSR1, the loss of its
 ``deepspeed`` launcher (``training.signals``), ``train.exit_duration_mins`` or
-``train.exit_interval`` saves a checkpoint and exits 0.
+``train.exit_interval`` saves a checkpoint and exits 0. A rank that made no progress for
+``train.distributed_timeout_minutes`` (plus a margin) is ended by its watchdog with status 4
+(``training.watchdog``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@
   (``test_sigterm_saves_exits_zero_and_resumes``): the stop, save and resume code is the same;
   what is new here is only how the stop request reaches the ranks.
 * A config error under the ``deepspeed`` launcher is printed once, not once per rank.
+* A frozen rank (SIGSTOP) ends the job within ``train.distributed_timeout_minutes`` plus a
+  margin, and the survivor names it; every process group honours that timeout; the watchdog's
+  diagnosis and its own exit, on a fake clock.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
@@ -31,6 +35,7 @@ import torch
 import yaml
 
 from megatron_glm import pretrain
+from megatron_glm.config import load_config
 from megatron_glm.data.preprocess import preprocess_data
 from megatron_glm.training.distributed import free_port
 from megatron_glm.training.signals import (
@@ -39,6 +44,7 @@ from megatron_glm.training.signals import (
     _is_deepspeed_runner,
     _runs_module,
 )
+from megatron_glm.training.watchdog import Store, Watchdog
 
 REPO = Path(__file__).resolve().parents[2]
 DS_LAUNCH = "deepspeed.launcher.launch"
@@ -275,3 +281,178 @@ def test_launch_errors_print_at_once_only_on_local_rank_zero(
     waited = time.monotonic() - t0
     assert capsys.readouterr().err == "error: config field 'x': bad\n"
     assert (waited < 0.3) == prints_at_once, waited
+
+
+# ----------------------------------------------------------------------------- frozen ranks
+
+
+def test_every_process_group_gets_the_configured_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's ``new_group()`` without ``timeout=`` takes torch's 30-minute default, not the
+    world group's: ours (ParallelDims) and DeepSpeed's (pipeline grid, ``deepspeed.comm``)
+    must all get ``train.distributed_timeout_minutes``, and torch's default comes back after."""
+    import deepspeed.comm
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+    from megatron_glm.parallel.dims import ParallelDims
+    from megatron_glm.training.distributed import DistEnv, destroy_distributed, init_distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # init_distributed writes them; restored after
+
+    def timeout(group: dist.ProcessGroup) -> timedelta:
+        return group._get_backend(torch.device("cpu")).options._timeout  # type: ignore[no-any-return]
+
+    init_distributed(DistEnv(0, 1, 0, None, None), timeout_minutes=0.25)
+    try:
+        dims = ParallelDims.build()
+        grid = PipelineParallelGrid(topology=dims.topology())
+        groups = {
+            "world": dist.group.WORLD,
+            "ours: tp": dims.tp_group,
+            "ours: dp": dims.dp_group,
+            "ours: pp": dims.pp_group,
+            "deepspeed: pipe dp": grid.get_data_parallel_group(),
+            "deepspeed: pipe stage": grid.get_pipe_parallel_group(),
+            "deepspeed.comm.new_group": deepspeed.comm.new_group([0]),
+        }
+        got = {name: timeout(group) for name, group in groups.items() if group is not None}
+    finally:
+        destroy_distributed()
+    assert got == dict.fromkeys(groups, timedelta(seconds=15))
+    assert c10d.default_pg_timeout == timedelta(minutes=30)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _watchdogs(world: int, timeout_s: float) -> tuple[list[Watchdog], _Clock, list[str], list[int]]:
+    """``world`` watchdogs sharing one in-memory store and a fake clock, ticked by hand."""
+    import torch.distributed as dist
+
+    store, clock, lines, exits = dist.HashStore(), _Clock(), [], []
+    dogs = [
+        Watchdog(r, world, timeout_s, lambda: store, write=lines.append, exit=exits.append)
+        for r in range(world)
+    ]
+    for dog in dogs:  # what the thread does before its first tick
+        dog._clock = clock
+        dog._open_store()
+        dog._publish()
+    return dogs, clock, lines, exits
+
+
+def test_watchdog_names_the_frozen_and_the_stuck_rank_then_ends_the_process() -> None:
+    """Rank 1 stops publishing (frozen), rank 2 publishes but stops progressing (stuck in a
+    read), ranks 0 and 3 wait. Only rank 0, the lowest live stalled rank, reports; every rank
+    stalled past the bound ends itself with exit status 4."""
+    dogs, clock, lines, exits = _watchdogs(4, timeout_s=60.0)
+    t = dogs[0].timing
+    assert (t.interval_s, t.warn_after_s, t.exit_after_s) == (3.0, 30.0, 70.0)
+    for dog in dogs:
+        for _ in range(5):
+            dog.progress("forward")
+    dogs[2]._progress -= 2  # rank 2 is two events behind: it never got its data
+    dogs[2]._phase = "data"
+    frozen = dogs[1]
+    while clock.now < 1000.0 + t.warn_after_s:
+        clock.now += t.interval_s
+        for dog in dogs:
+            if dog is not frozen:
+                dog.tick()
+    host, pid = dogs[0].host, dogs[0].pid
+    assert lines == [
+        "rank 0 made no progress for 30.0 s (last: forward); train.distributed_timeout_minutes=1",
+        f"rank 1 (pid {pid} on {host}): no heartbeat in the last 15.0 s: the process is frozen "
+        "(stopped, hung node or network) or dead",
+        f"rank 2 (pid {pid} on {host}): alive but behind, progress 3 < 5 (last: data): stuck in "
+        "a read, a computation or a collective",
+    ]
+    assert exits == []
+    while not exits:
+        clock.now += t.interval_s
+        for dog in dogs:
+            if dog is not frozen:
+                dog.tick()
+    assert exits == [4, 4, 4] and clock.now - 1000.0 == 72.0  # first tick past 70 s
+    host, pid = dogs[0].host, dogs[0].pid
+    for rank, line in zip((0, 2, 3), lines[-3:], strict=True):
+        assert line == (
+            f"rank {rank} made no progress for 72.0 s (last: {'data' if rank == 2 else 'forward'}"
+            "); train.distributed_timeout_minutes=1; no heartbeat from rank(s) 1: ending rank "
+            f"{rank} (pid {pid} on {host}) with exit status 4"
+        )
+
+
+def test_watchdog_without_its_store_blames_the_store_host() -> None:
+    def refuse() -> Store:
+        raise RuntimeError("connection refused")
+
+    lines: list[str] = []
+    dog = Watchdog(1, 2, 60.0, refuse, write=lines.append, exit=lambda code: None)
+    clock = _Clock()
+    dog._clock = clock
+    dog._open_store()
+    dog.progress("optimizer step")
+    clock.now += 31.0
+    dog.tick()
+    assert lines[0].startswith("rank 1 made no progress for 31.0 s (last: optimizer step)")
+    assert "(RuntimeError: connection refused): the store lives in rank 0's process" in lines[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xdist_group("faults")
+def test_a_frozen_rank_ends_the_job_within_the_timeout(
+    tmp_path: Path, tiny_corpus: tuple[str, str], reaper: str
+) -> None:
+    """Two ranks started the way launchers start them (RANK, WORLD_SIZE, MASTER_* set by hand;
+    no launcher that would kill the others), ``train.distributed_timeout_minutes=0.25``; rank 1
+    is SIGSTOPped after step 2. Rank 0 names it and exits non-zero within the timeout plus a
+    margin; rank 1, thawed afterwards, finds its peer gone and exits too."""
+    timeout_s = 15.0
+    run = _run_yaml(tmp_path, *tiny_corpus, train_iters=2000)
+    port = free_port()
+    cmd = [sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run)]
+    cmd += [f"train.distributed_timeout_minutes={timeout_s / 60}", "data.num_workers=0"]
+    procs = []
+    for rank in range(2):
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        out = subprocess.PIPE if rank == 0 else (tmp_path / "rank1.log").open("w")
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        )
+    assert procs[0].stdout is not None
+    seen = []
+    for line in procs[0].stdout:
+        seen.append(line)
+        if line.startswith("step 2/"):
+            break
+    procs[1].send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    rest, _ = procs[0].communicate(timeout=timeout_s + 60.0)
+    elapsed = time.monotonic() - t0
+    log = "".join(seen) + rest
+    print(f"job with a frozen rank ended {elapsed:.1f} s after SIGSTOP (timeout {timeout_s} s)")
+    assert procs[0].returncode != 0, log[-4000:]
+    assert elapsed < timeout_s + 60.0
+    assert f"rank 1 (pid {procs[1].pid} on " in log and "): no heartbeat in the last" in log, log[
+        -4000:
+    ]
+    procs[1].send_signal(signal.SIGCONT)
+    assert procs[1].wait(timeout=60.0) != 0
+    assert not _wait_gone(reaper, 10.0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_distributed_timeout_must_be_positive(value: str) -> None:
+    with pytest.raises(ValueError, match=r"^config field 'train\.distributed_timeout_minutes'"):
+        load_config(None, [f"train.distributed_timeout_minutes={value}"])
+    assert load_config(None, []).train.distributed_timeout_minutes == 30.0
