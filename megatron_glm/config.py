@@ -280,6 +280,10 @@ class TrainConfig:
     """fp16 only: overflows tolerated before the loss scale halves."""
     min_loss_scale: float = 1.0
     """fp16 only: the dynamic loss scale never drops below this."""
+    distributed_timeout_minutes: float = 30.0
+    """A collective (of every process group) fails after waiting this long, and a rank whose
+    training makes no progress for this long ends itself (``training.watchdog``): the bound on
+    how long a frozen or lost rank can hang the job (Megatron's --distributed-timeout-minutes)."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_iters"):
@@ -301,6 +305,7 @@ class TrainConfig:
         _require(self.loss_scale_window >= 1, "loss_scale_window", "must be >= 1")
         _require(self.hysteresis >= 1, "hysteresis", "must be >= 1")
         _require(self.min_loss_scale > 0, "min_loss_scale", "must be > 0")
+        _require(self.distributed_timeout_minutes > 0, "distributed_timeout_minutes", "must be > 0")
 
 
 @dataclass(kw_only=True)

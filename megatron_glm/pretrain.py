@@ -7,15 +7,22 @@
 
 Configuration and launch errors (unknown key, heads not dividing hidden, global batch not a
 multiple of micro batch x data-parallel size, missing data or tokenizer file) are reported with
-the field name and exit status 2 *before* any process group starts. A run stopped by SIGTERM,
-SIGUSR1, ``train.exit_duration_mins`` or ``train.exit_interval`` saves a checkpoint and exits 0.
+the field name and exit status 2 *before* any process group starts, printed once per node
+(:func:`report_launch_error`). A run stopped by SIGTERM, SIGINT, SIGUSR1, the loss of its
+``deepspeed`` launcher (``training.signals``), ``train.exit_duration_mins`` or
+``train.exit_interval`` saves a checkpoint and exits 0. A rank that made no progress for
+``train.distributed_timeout_minutes`` (plus a margin) is ended by its watchdog with status 4
+(``training.watchdog``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from collections.abc import Mapping
 
 import yaml
 
@@ -26,6 +33,9 @@ from megatron_glm.training.preflight import validate_for_launch
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
+QUIET_RANK_GRACE_S = 10.0
+"""How long a rank other than local rank 0 waits before printing a pre-launch error itself
+(:func:`report_launch_error`)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +79,36 @@ def describe_run(cfg: RunConfig, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def _is_local_rank_zero(environ: Mapping[str, str]) -> bool:
+    """LOCAL_RANK (else RANK, as :func:`read_dist_env` does) is 0, absent or unreadable."""
+    if "WORLD_SIZE" not in environ:
+        return True  # a world of one
+    value = environ.get("LOCAL_RANK", environ.get("RANK", "0")).strip()
+    return not value.isdigit() or int(value) == 0
+
+
+def report_launch_error(exc: Exception, environ: Mapping[str, str] | None = None) -> None:
+    """Print a pre-launch error once per node instead of once per rank.
+
+    Every rank of a launch checks the same config and files and fails the same way. Local rank
+    0 prints at once. The other ranks first wait up to :data:`QUIET_RANK_GRACE_S`: the
+    launchers we support (deepspeed, torchrun, ``srun --kill-on-bad-exit``, mpirun) end the
+    remaining ranks as soon as one exits non-zero, so they normally never print. One still
+    alive after the grace prints as well, so an error that only some ranks meet (a variable set
+    wrong on one rank, local rank 0 having passed) is never hidden; ranks started by hand
+    without a launcher therefore print it late, once each.
+
+    Once per node rather than once per job (global rank 0): a node can fail alone (a file
+    missing from its local disk, its own environment), and its local rank 0 is the only
+    process there that can say so; multi-node launchers show each node's output (pdsh prefixes
+    it with the host), so the message appears once for every node it concerns.
+    """
+    env = os.environ if environ is None else environ
+    if not _is_local_rank_zero(env):
+        time.sleep(QUIET_RANK_GRACE_S)
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, train. Returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -77,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         env = read_dist_env()
         validate_for_launch(cfg, env.world_size)
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_launch_error(exc)
         return EXIT_CONFIG_ERROR
     if args.dry_run:
         print(describe_run(cfg, env.world_size))

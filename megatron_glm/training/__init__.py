@@ -7,7 +7,7 @@
 - ``loop``: global-batch loss normalisation, validation, logging, checkpoints, stops.
 - ``checkpoint``: atomic publication, client state, per-rank RNG, resume.
 - ``metrics``: tokens/s, TFLOP/s, MFU against a peak table, TensorBoard scalars.
-- ``signals``: SIGTERM/SIGUSR1 and deadline, agreed on by all ranks.
+- ``signals``: SIGTERM/SIGINT/SIGUSR1, a lost launcher and a deadline, agreed on by all ranks.
 - ``data_source``: the real batch source (tokenizer, packed splits, blank infilling, loaders).
 - ``session``: one run end to end (``megatron_glm.pretrain`` calls it).
 """

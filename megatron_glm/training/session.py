@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -30,9 +30,10 @@ from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.training import checkpoint as ckpt
 from megatron_glm.training.distributed import DistEnv, destroy_distributed, init_distributed
 from megatron_glm.training.engine import initialize, initialize_pipeline
-from megatron_glm.training.loop import BatchSource, Trainer, TrainResult
+from megatron_glm.training.loop import Batch, BatchSource, Trainer, TrainResult
 from megatron_glm.training.metrics import bubble_fraction
-from megatron_glm.training.signals import StopConditions
+from megatron_glm.training.signals import LauncherWatch, StopConditions
+from megatron_glm.training.watchdog import Watchdog
 
 SourceFactory = Callable[[int, int], tuple[BatchSource, int]]
 """(dp_rank, dp_size) -> (this rank's batch source, padded vocabulary size)."""
@@ -57,6 +58,21 @@ def _real_data(cfg: RunConfig, local_rank: int) -> SourceFactory:
     return make
 
 
+class _ReportingSource:
+    """A :class:`BatchSource` that tells the watchdog each time a micro-batch has arrived (a
+    read stuck on a file system then shows as "last: data")."""
+
+    def __init__(self, inner: BatchSource, watchdog: Watchdog) -> None:
+        self.inner, self.watchdog = inner, watchdog
+
+    def train_batches(self, consumed_samples: int) -> Iterator[Batch]:
+        return self.watchdog.watch_batches(self.inner.train_batches(consumed_samples), "data")
+
+    def valid_batches(self) -> Iterable[Batch] | None:
+        batches = self.inner.valid_batches()
+        return None if batches is None else self.watchdog.watch_batches(batches, "valid data")
+
+
 def train_in_group(
     cfg: RunConfig,
     env: DistEnv,
@@ -64,8 +80,12 @@ def train_in_group(
     make_source: SourceFactory,
     *,
     log: Callable[[str], None] | None = None,
+    watchdog: Watchdog | None = None,
 ) -> TrainResult:
-    """Steps 2-4 plus the loop, inside an existing process group (tests reuse one group)."""
+    """Steps 2-4 plus the loop, inside an existing process group (tests reuse one group).
+
+    ``watchdog`` (optional) is told of every micro-batch read, forward and optimizer step.
+    """
     # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated, once per rank and
     # run; the warning is DeepSpeed's to fix and says nothing about this run.
     warnings.filterwarnings(
@@ -88,6 +108,8 @@ def train_in_group(
     dp_size, dp_rank = dims.dp_size, dims.dp_rank  # TP peers share a DP rank: same data, seed
     seed_everything(cfg.train.seed)
     source, vocab = make_source(dp_rank, dp_size)
+    if watchdog is not None:
+        source = _ReportingSource(source, watchdog)
     if dims.pp > 1:  # this stage's layers only, inside DeepSpeed's PipelineModule
         torch.manual_seed(cfg.train.seed + 1 + dp_rank)  # model init draws no global RNG
         eng = initialize_pipeline(cfg, vocab_size=vocab, dims=dims, device=device)
@@ -97,6 +119,8 @@ def train_in_group(
         )
         torch.manual_seed(cfg.train.seed + 1 + dp_rank)
         eng = initialize(glm, cfg, dims=dims, device=device)
+    if watchdog is not None:  # the hooks live as long as this engine; harmless once stopped
+        watchdog.attach(eng.module, eng.optimizer)
     trainer = Trainer(
         cfg,
         eng,
@@ -128,7 +152,10 @@ def train_in_group(
             f"resumed from {load_dir} at step {start.iteration} "
             f"({start.consumed_samples} samples consumed)"
         )
-    with StopConditions(cfg.train.exit_duration_mins) as stop:
+    stop_conditions = StopConditions(
+        cfg.train.exit_duration_mins, launcher=LauncherWatch.detect(), announce=env.rank == 0
+    )
+    with stop_conditions as stop:
         return trainer.train(
             start,
             stop=stop,
@@ -143,13 +170,17 @@ def run_pretraining(
     make_source: SourceFactory | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Start the process group, train, and tear the group down (also on errors).
+    """Start the process group, train under the progress watchdog, and tear the group down
+    (also on errors). Every collective and the watchdog are bounded by
+    ``train.distributed_timeout_minutes``.
 
     ``make_source`` defaults to the preprocessed corpora and tokenizer of ``cfg.data``.
     """
-    device = init_distributed(env)
+    timeout = cfg.train.distributed_timeout_minutes
+    device = init_distributed(env, timeout_minutes=timeout)
     try:
         factory = make_source or _real_data(cfg, env.local_rank)
-        return train_in_group(cfg, env, device, factory, log=log)
+        with Watchdog.for_process_group(env.rank, env.world_size, timeout) as watchdog:
+            return train_in_group(cfg, env, device, factory, log=log, watchdog=watchdog)
     finally:
         destroy_distributed()
