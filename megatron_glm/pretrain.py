@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_pretraining(cfg, env)
-    except NonFiniteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except NonFiniteError as exc:  # every rank agreed on it (all-reduced): rank 0 says it
+        if env.rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
     return 0
 

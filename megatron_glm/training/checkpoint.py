@@ -363,7 +363,7 @@ def check_checkpoint(load_dir: str, *, world_size: int, allow_missing_rng: bool 
             raise CheckpointFileError(
                 f"{tag_dir}: no RNG state for {len(missing)} of this run's {world_size} ranks "
                 f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): resuming "
-                "would reseed their dropout and data order silently, so the run would not "
+                "would reseed their dropout streams silently, so the run would not "
                 "continue exactly. Resume with the world size that wrote it, or set "
                 "checkpoint.allow_missing_rng=true to accept the drift"
             )

@@ -30,7 +30,7 @@ from megatron_glm.training.signals import STOP_SIGNALS
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker init: leave SIGTERM/SIGUSR1 to the training process.
+    """DataLoader worker init: leave SIGTERM/SIGINT/SIGUSR1 to the training process.
 
     A preemption signal often reaches the whole process group (SLURM, ``kill -- -PGID``, the
     deepspeed launcher's process-tree terminate). torch's worker handler exits on a SIGTERM not
