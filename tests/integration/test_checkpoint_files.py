@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from test_pretrain_cli import _no_run, _run_yaml, _single_process_env, tiny_corpus  # noqa: F401
+from test_pretrain_cli import _no_run, _run_yaml, _single_process_env
 
 from megatron_glm import pretrain
 from megatron_glm.data.indexed import IndexedDatasetBuilder
@@ -32,7 +32,7 @@ TAG = "global_step2"
 @pytest.fixture(scope="module")
 def real_checkpoint(
     tmp_path_factory: pytest.TempPathFactory,
-    tiny_corpus: tuple[str, str],  # noqa: F811
+    tiny_corpus: tuple[str, str],
 ) -> tuple[Path, Path]:
     """(run YAML, checkpoint directory) of a 2-step one-process ZeRO-1 run."""
     tmp = tmp_path_factory.mktemp("real_ckpt")
@@ -229,7 +229,7 @@ def _write_dataset(dst: Path, docs: list[list[list[int]]]) -> Path:
 def test_bad_dataset_is_named_before_launch(
     case: str,
     tmp_path: Path,
-    tiny_corpus: tuple[str, str],  # noqa: F811
+    tiny_corpus: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

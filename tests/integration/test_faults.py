@@ -32,11 +32,10 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
+from test_pretrain_cli import _run_yaml as cli_run_yaml
 
 from megatron_glm import pretrain
 from megatron_glm.config import load_config
-from megatron_glm.data.preprocess import preprocess_data
 from megatron_glm.training.distributed import free_port
 from megatron_glm.training.signals import (
     LauncherWatch,
@@ -50,33 +49,11 @@ REPO = Path(__file__).resolve().parents[2]
 DS_LAUNCH = "deepspeed.launcher.launch"
 
 
-@pytest.fixture(scope="module")
-def tiny_corpus(
-    tmp_path_factory: pytest.TempPathFactory, demo_corpus_path: Path, tiny_tokenizer_model: Path
-) -> tuple[str, str]:
-    """(data prefix, tokenizer .model): the 400-document test corpus, sentence-split."""
-    out = tmp_path_factory.mktemp("tiny_corpus")
-    summary = preprocess_data(
-        [demo_corpus_path],
-        out / "demo",
-        tiny_tokenizer_model,
-        split_sentences=True,
-        append_eod=True,
-        progress=False,
-    )
-    return summary.outputs["text"], str(tiny_tokenizer_model)
-
-
 def _run_yaml(tmp: Path, prefix: str, tok: str, **train: object) -> Path:
-    cfg = {
-        "model": yaml.safe_load((REPO / "configs" / "model" / "glm-tiny.yaml").read_text()),
-        "data": {"data_path": [prefix], "tokenizer_model": tok, "seq_length": 64},
-        "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 4, **train},
-        "logging": {"log_interval": 1, "progress_bar": False},
-    }
-    path = tmp / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The CLI tests' tiny run, logging every step without a progress bar."""
+    return cli_run_yaml(
+        tmp, prefix, tok, logging={"log_interval": 1, "progress_bar": False}, **train
+    )
 
 
 def _env() -> dict[str, str]:

@@ -15,36 +15,22 @@ import torch.distributed as dist
 import yaml
 
 from megatron_glm import pretrain
-from megatron_glm.data.preprocess import preprocess_data
 from megatron_glm.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def tiny_corpus(
-    tmp_path_factory: pytest.TempPathFactory, demo_corpus_path: Path, tiny_tokenizer_model: Path
-) -> tuple[str, str]:
-    """(data prefix, tokenizer .model): the 400-document test corpus, sentence-split."""
-    out = tmp_path_factory.mktemp("tiny_corpus")
-    summary = preprocess_data(
-        [demo_corpus_path],
-        out / "demo",
-        tiny_tokenizer_model,
-        split_sentences=True,
-        append_eod=True,
-        progress=False,
-    )
-    return summary.outputs["text"], str(tiny_tokenizer_model)
-
-
-def _run_yaml(tmp: Path, prefix: str, tok: str, **train: object) -> Path:
-    cfg = {
+def _run_yaml(
+    tmp: Path, prefix: str, tok: str, *, logging: dict[str, object] | None = None, **train: object
+) -> Path:
+    cfg: dict[str, object] = {
         "model": yaml.safe_load((REPO / "configs" / "model" / "glm-tiny.yaml").read_text()),
         "data": {"data_path": [prefix], "tokenizer_model": tok, "seq_length": 64},
         "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 4, **train},
     }
+    if logging is not None:
+        cfg["logging"] = logging
     path = tmp / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
