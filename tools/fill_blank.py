@@ -25,14 +25,19 @@ from megatron_glm.training.checkpoint import load_model_state
 
 
 def held_out_sentence(cfg: RunConfig, tok: GLMTokenizer, min_tokens: int = 8) -> np.ndarray:
-    """Token ids of the first test-split sentence with at least ``min_tokens`` tokens."""
+    """Token ids of the first test-split sentence with at least ``min_tokens`` tokens.
+
+    A sentence of a split dataset keeps the whitespace before it (so documents decode back
+    exactly); the demo fills the sentence alone, re-encoded without that layout.
+    """
     indexed = IndexedDataset(cfg.data.data_path[0])
     start, end = split_documents(indexed.num_documents, cfg.data.split)[2]
     for d in range(start, end):
         first = int(indexed.doc_idx[d])
         for i in range(first, int(indexed.doc_idx[d + 1])):
             ids = np.asarray(indexed[i], dtype=np.int64)
-            ids = ids[ids != tok.eos_id]
+            text = tok.decode(ids[ids != tok.eos_id].tolist()).strip()
+            ids = np.asarray(tok.encode(text), dtype=np.int64)
             if len(ids) >= min_tokens:
                 return ids
     raise ValueError(f"{cfg.data.data_path[0]}: test split has no sentence of {min_tokens}+ tokens")
