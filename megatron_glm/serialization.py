@@ -58,7 +58,13 @@ def load_file(
         raise CheckpointFileError(f"{path}: empty file (truncated checkpoint?)")
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            except RuntimeError as exc:
+                if not (mmap and "mmap can only be used" in str(exc)):
+                    raise
+                # torch's legacy (pre-zip) format cannot be memory-mapped: read it whole
+                return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointFileError(_refusal(path, exc)) from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
@@ -69,13 +75,21 @@ def load_file(
 
 
 def _refusal(path: Path, exc: pickle.UnpicklingError) -> str:
-    """Message for a file the restricted unpickler rejected (a planted or foreign object)."""
-    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
-    what = f"a pickled object of type {found.group(1)}" if found else "disallowed pickled data"
+    """Message for a file the restricted unpickler rejected: a named class or function (a
+    planted or foreign object), or a pickle stream it cannot read (corrupt or not torch's)."""
+    text = str(exc)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if found:
+        return (
+            f"{path}: refused to load: it contains a pickled object of type {found.group(1)}, "
+            "which is not a tensor or plain value (megatron_glm never loads pickled objects: "
+            "the file was planted or not written by this trainer)"
+        )
+    details = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")]
+    detail = details[0] if details else "restricted unpickler error"
     return (
-        f"{path}: refused to load: it contains {what}, which is not a tensor or plain value "
-        "(megatron_glm never loads pickled objects: the file was planted or not written by "
-        "this trainer)"
+        f"{path}: not a readable checkpoint file (corrupt, or a pickle stream the restricted "
+        f"loader refuses): {detail}"
     )
 
 
