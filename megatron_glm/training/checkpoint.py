@@ -257,15 +257,24 @@ def _local_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [getattr(p, "ds_tensor", p).detach() for p in module.parameters()]
 
 
-def _refuse_non_finite(engine: Engine, root: Path, tag: str) -> None:
-    """Collective (world): raise on every rank if any rank's parameters hold NaN or inf."""
-    bad = any(not bool(torch.isfinite(t).all()) for t in _local_tensors(engine.module) if t.numel())
+def _ranks_where(flag: bool, device: torch.device) -> list[int]:
+    """Collective (world): the ranks on which ``flag`` holds, the same list on every rank."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    flags = torch.zeros(world, dtype=torch.int32, device=engine.device)
-    flags[_rank()] = int(bad)
+    flags = torch.zeros(world, dtype=torch.int32, device=device)
+    flags[_rank()] = int(flag)
     if dist.is_initialized():
         dist.all_reduce(flags)
-    ranks = [r for r, f in enumerate(flags.tolist()) if f]
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
+def _refuse_non_finite(engine: Engine, root: Path, tag: str) -> None:
+    """Collective (world): raise on every rank if any rank's parameters hold NaN or inf.
+
+    One device-to-host copy for the whole model, not one per parameter."""
+    tensors = [t for t in _local_tensors(engine.module) if t.numel()]
+    finite = [torch.isfinite(t).all() for t in tensors]
+    bad = bool(not torch.stack(finite).all()) if finite else False
+    ranks = _ranks_where(bad, engine.device)
     if ranks:
         try:
             previous = read_latest(root)
@@ -289,8 +298,6 @@ def _saved_layout_record(load_dir: str, tag: str) -> dict[str, int] | None:
             raise ValueError("not a JSON object")
         record = {k: int(saved[k]) for k in ("iteration", "dp_size", "zero_stage")}
         record.update({k: int(saved.get(k, 1)) for k in ("tp", "pp")})
-        if "world_size" in saved:
-            record["world_size"] = int(saved["world_size"])
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointFileError(
             f"{path}: not a valid layout file ({type(exc).__name__}: {exc}); expected JSON with "
@@ -433,12 +440,7 @@ def load(
 
 def _agree_on_rng_files(engine: Engine, tag_dir: Path, have: bool, allow: bool) -> None:
     """Collective (world): refuse on every rank, or warn on each rank lacking its RNG file."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    flags = torch.zeros(world, dtype=torch.int32, device=engine.device)
-    flags[_rank()] = int(not have)
-    if dist.is_initialized():
-        dist.all_reduce(flags)
-    missing = [r for r, f in enumerate(flags.tolist()) if f]
+    missing = _ranks_where(not have, engine.device)
     if not missing:
         return
     names = ", ".join(rng_file(tag_dir, r).name for r in missing[:4])

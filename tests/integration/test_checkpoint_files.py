@@ -49,6 +49,14 @@ def real_checkpoint(
     return run, save
 
 
+@pytest.fixture
+def ckpt_copy(real_checkpoint: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """(run YAML, a private copy of the real checkpoint that a test may damage)."""
+    run, source = real_checkpoint
+    shutil.copytree(source, tmp_path / "ckpt")
+    return run, tmp_path / "ckpt"
+
+
 class Planted:
     """Pickles as a call of ``os.system``: what an attacker would plant in a checkpoint."""
 
@@ -119,14 +127,12 @@ CASES: dict[str, tuple[Damage, str]] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_corrupt_checkpoint_is_named_before_launch(
     case: str,
-    real_checkpoint: tuple[Path, Path],
+    ckpt_copy: tuple[Path, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    run, source = real_checkpoint
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(source, ckpt)
+    run, ckpt = ckpt_copy
     damage, message = CASES[case]
     damage(ckpt)
     assert _main(run, ckpt, monkeypatch) == pretrain.EXIT_CONFIG_ERROR
@@ -139,12 +145,10 @@ def test_corrupt_checkpoint_is_named_before_launch(
 
 @pytest.mark.slow
 def test_missing_rng_can_be_allowed_explicitly(
-    real_checkpoint: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ckpt_copy: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``checkpoint.allow_missing_rng=true`` lets the pre-launch check pass (the group warns)."""
-    run, source = real_checkpoint
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(source, ckpt)
+    run, ckpt = ckpt_copy
     (ckpt / TAG / "rng_rank00000.pt").unlink()
     called: list[bool] = []
     import megatron_glm.training.session as session
@@ -168,16 +172,14 @@ def test_missing_rng_can_be_allowed_explicitly(
 )
 def test_planted_pickle_is_refused_without_running(
     name: str,
-    real_checkpoint: tuple[Path, Path],
+    ckpt_copy: tuple[Path, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A file whose pickle calls ``os.system`` is refused naming it, and the call never runs
     (the same file does run under ``weights_only=False``: the plant is live)."""
-    run, source = real_checkpoint
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(source, ckpt)
+    run, ckpt = ckpt_copy
     marker = tmp_path / "pwned"
     path = ckpt / TAG / name
     torch.save({"module": {"x": torch.zeros(2)}, "payload": Planted(marker)}, path)

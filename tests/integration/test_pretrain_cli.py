@@ -218,37 +218,34 @@ def test_deepspeed_launcher_two_cpu_ranks(tmp_path: Path, tiny_corpus: tuple[str
     assert (save / "global_step3").is_dir() and (save / "global_step6").is_dir()
     assert list(tb.glob("events.out.tfevents.*")), "no TensorBoard event file"
     # eval_iters counts global batches: one process validates the same rows at step 0.
-    single = subprocess.run(
-        [
-            *(sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run)),
-            *(f"checkpoint.save={tmp_path / 'one'}", "train.exit_interval=1", "data.num_workers=0"),
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    one_proc = f"checkpoint.save={tmp_path / 'one'}", "train.exit_interval=1", "data.num_workers=0"
+    single = _one_process(["--config", str(run), *one_proc], env, tmp_path)
     assert single.returncode == 0, (single.stdout + single.stderr)[-4000:]
     assert "world 1, dp 1, grad accumulation 2" in single.stdout
     two_ranks, one_rank = (_validation_line(x, 0) for x in (log, single.stdout))
     assert two_ranks == one_rank, (two_ranks, one_rank)
     # Resuming this ZeRO-1 checkpoint with another data-parallel size is refused up front.
-    again = subprocess.run(
-        [sys.executable, "-m", "megatron_glm.pretrain", *cmd[cmd.index("--config") :]],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    again = _one_process(cmd[cmd.index("--config") :], env, tmp_path)
     assert again.returncode == pretrain.EXIT_CONFIG_ERROR, again.stdout + again.stderr
     assert again.stderr.startswith(
         f"error: config field 'train.zero_stage': checkpoint {save}/global_step6 was written "
         "with ZeRO-1 at data-parallel size 2, this run is ZeRO-1 at data-parallel size 1"
     ), again.stderr
+
+
+def _one_process(
+    args: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """``python -m megatron_glm.pretrain ARGS`` as a world of one, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_glm.pretrain", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _validation_line(log: str, step: int) -> str:
