@@ -2,8 +2,11 @@
 
 A run is described by one :class:`RunConfig` made of per-component sections (model, data,
 objective, parallel, optimizer, train, checkpoint, logging). Each section is a ``kw_only``
-dataclass whose fields carry their meaning in a docstring-style comment and whose
-``__post_init__`` rejects bad values with a ``ValueError`` naming the field and the rule.
+dataclass whose fields carry their meaning in an attribute docstring (the string after the field,
+shown by ``glm-pretrain --help``: :func:`fields_help`) and whose ``__post_init__`` rejects bad
+values with a :class:`ConfigError` naming the field and the rule. Every rule that needs only the
+config lives here; the pre-launch checks (``training.preflight``) add what needs the world size,
+the machine or the files, and library code only asserts what this module guarantees.
 
 YAML files are loaded with ``yaml.safe_load``. A section given as a string (``model: glm-tiny``)
 names a file: it is looked up next to the run file, then in ``configs/<section>/`` of every parent
@@ -27,12 +30,35 @@ import yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
 KernelChoice = Literal["auto", "triton", "torch"]
+DecayStyle = Literal["cosine", "linear", "constant"]
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule: ``config field 'train.zero_stage': <the rule>``.
+
+    The one error type for a bad field, wherever the rule lives (a section's ``__post_init__``,
+    the pre-launch checks, a library function handed a config value), so every such message has
+    the same shape and a caller can read ``field`` instead of parsing the text. A ``ValueError``,
+    so ``except ValueError`` (``pretrain.main``) catches it with every other input error.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"config field '{field}': {message}")
+        self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str]]:
+        return ConfigError, (self.field, self.message)  # survives pickling (DataLoader workers)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with ``field`` under a section: ``model.`` + ``hidden_size``."""
+        return ConfigError(prefix + self.field, self.message)
 
 
 def _require(cond: bool, name: str, rule: str) -> None:
     """Raise the uniform config error: which field, which rule."""
     if not cond:
-        raise ValueError(f"config field '{name}': {rule}")
+        raise ConfigError(name, rule)
 
 
 @dataclass(kw_only=True)
@@ -212,7 +238,7 @@ class OptimizerConfig:
     """Warmup length as a fraction of train_iters (used when warmup_iters is None)."""
     warmup_iters: int | None = None
     """Warmup length in steps; overrides warmup_ratio."""
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_style: DecayStyle = "cosine"
     """Decay after warmup."""
     weight_decay: float = 0.01
     """Decoupled weight decay (not applied to biases and LayerNorm weights)."""
@@ -288,6 +314,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_iters"):
             _require(getattr(self, name) > 0, name, "must be > 0")
+        _require(0 <= self.seed < 2**64, "seed", "must be in [0, 2**64)")
         _require(
             self.global_batch_size % self.micro_batch_size == 0,
             "global_batch_size",
@@ -364,20 +391,58 @@ class RunConfig:
     """Logs and TensorBoard."""
 
     def __post_init__(self) -> None:
+        """Rules across sections; each needs only the config (the world size is the launch's)."""
         _require(
             self.model.max_position_embeddings >= self.data.seq_length,
             "model.max_position_embeddings",
             f"must be >= data.seq_length ({self.data.seq_length})",
         )
+        self._check_tensor_parallel()
+        self._check_pipeline()
+
+    def _check_tensor_parallel(self) -> None:
+        """Every tensor that tensor parallelism splits must split evenly over ``parallel.tp``."""
+        m, tp = self.model, self.parallel.tp
         _require(
-            self.model.num_attention_heads % self.parallel.tp == 0,
+            m.num_attention_heads % tp == 0,
             "model.num_attention_heads",
-            f"must be divisible by parallel.tp ({self.parallel.tp})",
+            f"must be divisible by parallel.tp ({tp})",
+        )
+        assert m.ffn_hidden_size is not None  # ModelConfig resolved None to 4 * hidden_size
+        _require(
+            m.ffn_hidden_size % tp == 0,
+            "model.ffn_hidden_size",
+            f"{m.ffn_hidden_size} must be divisible by parallel.tp ({tp})",
         )
         _require(
-            self.model.num_layers % self.parallel.pp == 0 or self.parallel.pp == 1,
+            m.vocab_size % tp == 0,
+            "model.vocab_size",
+            f"{m.vocab_size} must be divisible by parallel.tp ({tp}); use 0 to take the "
+            "tokenizer's (padded to make_vocab_size_divisible_by x tp)",
+        )
+        _require(
+            not self.parallel.sequence_parallel or self.data.seq_length % tp == 0,
+            "data.seq_length",
+            f"{self.data.seq_length} must be divisible by parallel.tp ({tp}) with "
+            "parallel.sequence_parallel",
+        )
+
+    def _check_pipeline(self) -> None:
+        """Layers split evenly over the stages, and no ZeRO stage the pipeline engine refuses."""
+        pp, zero = self.parallel.pp, self.train.zero_stage
+        _require(
+            self.model.num_layers % pp == 0 or pp == 1,
             "model.num_layers",
-            f"must be divisible by parallel.pp ({self.parallel.pp})",
+            f"must be divisible by parallel.pp ({pp})",
+        )
+        _require(
+            pp == 1 or zero <= 1,
+            "train.zero_stage",
+            f"ZeRO-{zero} cannot be combined with parallel.pp={pp}: DeepSpeed's pipeline engine "
+            "accumulates each stage's gradients over the micro-batches of a step, which ZeRO-2 "
+            "(sharded gradients) and ZeRO-3 (sharded parameters) do not allow, and DeepSpeed "
+            "refuses it; use train.zero_stage=1 (sharded optimizer state) with pipeline "
+            "parallelism, or parallel.pp=1 with ZeRO-2/3",
         )
 
 
@@ -400,26 +465,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"config field '{key}': bad value {value!r}")
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0] if errors else ConfigError(key, f"bad value {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ValueError(f"config field '{key}': {value!r} is not one of {list(choices)}")
+            raise ConfigError(key, f"{value!r} is not one of {list(choices)}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)):
             value = [value]
         if not isinstance(value, list):
-            raise ValueError(f"config field '{key}': expected a list, got {value!r}")
+            raise ConfigError(key, f"expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         return _finite_float(value, key)
@@ -429,7 +494,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ValueError(f"config field '{key}': expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise ConfigError(key, f"expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
 def _finite_float(value: Any, key: str) -> float:
@@ -447,9 +512,9 @@ def _finite_float(value: Any, key: str) -> float:
         except ValueError:
             number = None
     if number is None:
-        raise ValueError(f"config field '{key}': expected float, got {value!r}")
+        raise ConfigError(key, f"expected float, got {value!r}")
     if not math.isfinite(number):
-        raise ValueError(f"config field '{key}': must be a finite number, got {value!r}")
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
     return number
 
 
@@ -474,11 +539,8 @@ def from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
             kwargs[key] = _coerce(value, tp, full)
     try:
         return cls(**kwargs)
-    except ValueError as exc:
-        msg = str(exc)
-        if prefix and msg.startswith("config field '"):
-            msg = msg.replace("config field '", f"config field '{prefix}", 1)
-        raise ValueError(msg) from None
+    except ConfigError as exc:  # a section names its fields relative to itself
+        raise exc.under(prefix) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -82,7 +82,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from megatron_glm.config import ObjectiveConfig
+from megatron_glm.config import ConfigError, ObjectiveConfig
 
 OBJECTIVES: tuple[str, ...] = ("span", "sentence", "document")
 """Task names; a row's ``objective`` code is the index in this tuple."""
@@ -165,10 +165,10 @@ def span_budget(cfg: ObjectiveConfig, seq_length: int) -> tuple[int, int]:
             if window < 1:
                 break
             return window, n_max
-    raise ValueError(
-        f"config field 'data.seq_length': {seq_length} is too short for blank infilling with "
-        f"mask_ratio={cfg.mask_ratio}, poisson_lambda={cfg.poisson_lambda}: no room for a "
-        "window and its span budget"
+    raise ConfigError(
+        "data.seq_length",
+        f"{seq_length} is too short for blank infilling with mask_ratio={cfg.mask_ratio}, "
+        f"poisson_lambda={cfg.poisson_lambda}: no room for a window and its span budget",
     )
 
 
@@ -289,8 +289,7 @@ class BlankInfilling:
     """
 
     def __init__(self, cfg: ObjectiveConfig, *, seq_length: int, ids: SpecialIds, seed: int):
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"config field 'train.seed': {seed} must be in [0, 2**64)")
+        assert 0 <= seed < 2**64, f"seed {seed} outside [0, 2**64) (TrainConfig checks train.seed)"
         self.cfg = cfg
         self.seq_length = seq_length
         self.ids = ids

@@ -146,8 +146,7 @@ def build_dataloader(
     ``num_workers > 0``. ``seed`` seeds torch's loader generator (worker base seeds) so that
     anything random outside blank infilling is reproducible too.
     """
-    if num_workers < 0:
-        raise ValueError(f"config field 'data.num_workers': must be >= 0, got {num_workers}")
+    assert num_workers >= 0, f"num_workers {num_workers} < 0 (DataConfig checks data.num_workers)"
     sampler = PretrainingSampler(
         len(dataset),
         consumed_samples=consumed_samples,
@@ -185,6 +184,8 @@ def inspection_dataset(
     """
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be in [0, 2**64), got {seed}")
     cfg = objective_config or ObjectiveConfig()
     infill = BlankInfilling(
         cfg, seq_length=seq_length, ids=SpecialIds.from_tokenizer(tokenizer), seed=seed

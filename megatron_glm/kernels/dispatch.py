@@ -39,7 +39,9 @@ from typing import Any, Literal
 
 import torch
 
-KernelChoice = Literal["auto", "triton", "torch"]
+from megatron_glm.config import ConfigError
+from megatron_glm.config import KernelChoice as KernelChoice  # re-exported: kernels.KernelChoice
+
 KernelBackend = Literal["torch", "triton"]
 
 logger = logging.getLogger(__name__)
@@ -63,9 +65,7 @@ def interpreting() -> bool:
 
 def _check_choice(choice: str) -> None:
     if choice not in _CHOICES:
-        raise ValueError(
-            f"config field 'model.kernels': {choice!r} is not one of auto, triton, torch"
-        )
+        raise ConfigError("model.kernels", f"{choice!r} is not one of auto, triton, torch")
 
 
 def _triton_unusable_reason(where: str, on_cuda: bool) -> str | None:
@@ -95,9 +95,8 @@ def resolve_backend(choice: str, device: torch.device, op: str) -> KernelBackend
     else:
         reason = _triton_unusable_reason(f"the tensors are on {device.type}", device.type == "cuda")
         if reason is not None:
-            raise ValueError(
-                f"config field 'model.kernels': 'triton' requested but {reason}; "
-                "use 'auto' or 'torch'"
+            raise ConfigError(
+                "model.kernels", f"'triton' requested but {reason}; use 'auto' or 'torch'"
             )
         backend = "triton"
     mode = " (interpreter)" if backend == "triton" and interpreting() else ""
@@ -120,8 +119,8 @@ def check_kernel_choice(choice: str) -> None:
         return
     reason = _triton_unusable_reason("no CUDA device is available", torch.cuda.is_available())
     if reason is not None:
-        raise ValueError(
-            f"config field 'model.kernels': 'triton' requested but {reason}; use 'auto' or 'torch'"
+        raise ConfigError(
+            "model.kernels", f"'triton' requested but {reason}; use 'auto' or 'torch'"
         )
 
 

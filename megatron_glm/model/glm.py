@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_glm.config import ModelConfig
+from megatron_glm.config import ConfigError, ModelConfig
 from megatron_glm.model.embedding import EmbeddingLayer
 from megatron_glm.model.transformer import FinalLayerNorm, GLMBlock
 from megatron_glm.parallel.dims import ParallelDims
@@ -59,16 +59,16 @@ def resolve_vocab_size(cfg: ModelConfig, vocab_size: int | None) -> int:
         raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
     if cfg.vocab_size == 0:
         if vocab_size is None:
-            raise ValueError(
-                "config field 'model.vocab_size' is 0 (= from the tokenizer) but no vocab_size "
-                "was passed to build the model"
+            raise ConfigError(
+                "model.vocab_size",
+                "0 (= from the tokenizer) but no vocab_size was passed to build the model",
             )
         return vocab_size
     if vocab_size is not None and vocab_size != cfg.vocab_size:
-        raise ValueError(
-            f"config field 'model.vocab_size' is {cfg.vocab_size} but the tokenizer's padded vocab "
-            f"is {vocab_size}; set model.vocab_size to 0 (take it from the tokenizer) or to "
-            f"{vocab_size}"
+        raise ConfigError(
+            "model.vocab_size",
+            f"{cfg.vocab_size} but the tokenizer's padded vocab is {vocab_size}; set "
+            f"model.vocab_size to 0 (take it from the tokenizer) or to {vocab_size}",
         )
     return cfg.vocab_size
 

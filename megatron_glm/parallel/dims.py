@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from megatron_glm.config import ConfigError
+
 if TYPE_CHECKING:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -218,11 +220,12 @@ class ParallelDims:
         ]
 
     def check_divisible(self, name: str, value: int) -> None:
-        """Raise ValueError unless config field ``name`` (= ``value``) splits evenly over TP."""
+        """Raise ConfigError unless config field ``name`` (= ``value``) splits evenly over TP.
+
+        ``RunConfig`` enforces this for a run; this guards a model built from a ``ModelConfig``
+        and a layout directly (library use, tests)."""
         if value % self.tp:
-            raise ValueError(
-                f"config field '{name}' ({value}) must be divisible by parallel.tp ({self.tp})"
-            )
+            raise ConfigError(name, f"{value} must be divisible by parallel.tp ({self.tp})")
 
     def describe(self) -> str:
         """One log line: the layout and this rank's coordinates."""

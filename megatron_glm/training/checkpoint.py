@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_glm.config import ModelConfig, from_dict
+from megatron_glm.config import ConfigError, ModelConfig, from_dict
 from megatron_glm.model import tensor_parallel_layout
 from megatron_glm.parallel.reshard import (
     checkpoint_files,
@@ -324,22 +324,24 @@ def check_layout(load_dir: str, *, dp_size: int, zero_stage: int, tp: int = 1, p
     s_tp, s_pp = saved["tp"], saved["pp"]
     if (s_tp, s_pp) != (tp, pp):
         pp_flag = f" --pp {pp}" if max(pp, s_pp) > 1 else ""
-        raise ValueError(
-            f"config field 'parallel.tp': checkpoint {load_dir}/{tag} was written with tp {s_tp}, "
-            f"pp {s_pp}, this run is tp {tp}, pp {pp}; convert it first with "
+        raise ConfigError(
+            "parallel.tp",
+            f"checkpoint {load_dir}/{tag} was written with tp {s_tp}, pp {s_pp}, this run is "
+            f"tp {tp}, pp {pp}; convert it first with "
             f"python tools/reshard_checkpoint.py --load {load_dir} --tp {tp}{pp_flag} "
-            "--save NEW_DIR (optimizer state restarts)"
+            "--save NEW_DIR (optimizer state restarts)",
         )
     s_dp, s_zero = saved["dp_size"], saved["zero_stage"]
     partitioned = s_zero > 0 or zero_stage > 0
     if partitioned and (s_dp, s_zero) != (dp_size, zero_stage):
-        raise ValueError(
-            f"config field 'train.zero_stage': checkpoint {load_dir}/{tag} was written with "
-            f"ZeRO-{s_zero} at data-parallel size {s_dp}, this run is ZeRO-{zero_stage} at "
+        raise ConfigError(
+            "train.zero_stage",
+            f"checkpoint {load_dir}/{tag} was written with ZeRO-{s_zero} at data-parallel size "
+            f"{s_dp}, this run is ZeRO-{zero_stage} at "
             f"data-parallel size {dp_size}; DeepSpeed cannot re-partition ZeRO optimizer state. "
             "Resume with the same layout, or rewrite its weights with python "
             f"tools/reshard_checkpoint.py --load {load_dir} --tp {tp} --save NEW_DIR and set "
-            "checkpoint.load=NEW_DIR (optimizer state restarts)"
+            "checkpoint.load=NEW_DIR (optimizer state restarts)",
         )
 
 
@@ -385,9 +387,7 @@ def resolve_load_dir(load: str | None, save: str | None) -> str | None:
     """
     if load is not None:
         if read_latest(load) is None:
-            raise ValueError(
-                f"config field 'checkpoint.load': {load} has no '{LATEST}' file (no checkpoint)"
-            )
+            raise ConfigError("checkpoint.load", f"{load} has no '{LATEST}' file (no checkpoint)")
         return load
     if save is not None and read_latest(save) is not None:
         return save

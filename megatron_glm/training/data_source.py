@@ -20,7 +20,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_glm.config import RunConfig
+from megatron_glm.config import ConfigError, RunConfig
 from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
 from megatron_glm.data.dataset import build_pretrain_datasets
 from megatron_glm.data.loader import GLMPretrainDataset, build_dataloader
@@ -88,13 +88,12 @@ class PretrainData:
         if local_rank != 0:
             train, valid, _ = build()
         if train is None:
-            raise ValueError(
-                f"config field 'data.split': '{d.split}' leaves the training split empty"
-            )
+            raise ConfigError("data.split", f"'{d.split}' leaves the training split empty")
         if t.eval_interval > 0 and valid is None:
-            raise ValueError(
-                f"config field 'data.split': '{d.split}' leaves the validation split without "
-                f"documents for this corpus but train.eval_interval={t.eval_interval}"
+            raise ConfigError(
+                "data.split",
+                f"'{d.split}' leaves the validation split without documents for this corpus but "
+                f"train.eval_interval={t.eval_interval}",
             )
         self.train = GLMPretrainDataset(train, infilling)
         self.valid = GLMPretrainDataset(valid, infilling) if valid is not None else None

@@ -25,13 +25,11 @@ identical LR.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from megatron_glm.config import OptimizerConfig
-
-DecayStyle = Literal["cosine", "linear", "constant"]
+from megatron_glm.config import DecayStyle, OptimizerConfig
 
 
 def warmup_steps(train_iters: int, warmup_ratio: float, warmup_iters: int | None) -> int:
@@ -63,9 +61,10 @@ def annealing_lr(
         return peak_lr * (
             min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * ratio))
         )
-    if decay_style == "linear":
-        return peak_lr * (1.0 - (1.0 - min_lr_ratio) * ratio)
-    raise ValueError(f"config field 'optimizer.decay_style': unknown style {decay_style!r}")
+    assert decay_style == "linear", (
+        f"unknown decay_style {decay_style!r} (OptimizerConfig checks it)"
+    )
+    return peak_lr * (1.0 - (1.0 - min_lr_ratio) * ratio)
 
 
 class AnnealingLR:

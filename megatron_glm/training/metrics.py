@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from megatron_glm.config import ConfigError
+
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     # Device-name substring -> matmul dtype -> dense peak TFLOP/s. First match wins, so the more
     # specific names come first (an "H100 PCIe" must not match the SXM "H100" row).
@@ -42,7 +44,7 @@ def matmul_dtype(precision: str, allow_tf32: bool) -> str:
     if precision in ("bf16", "fp16"):
         return precision
     if precision != "fp32":
-        raise ValueError(f"config field 'train.precision': unknown precision {precision!r}")
+        raise ConfigError("train.precision", f"unknown precision {precision!r}")
     return "tf32" if allow_tf32 else "fp32"
 
 

@@ -56,7 +56,7 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 from torch import Tensor, nn
 
-from megatron_glm.config import ModelConfig
+from megatron_glm.config import ConfigError, ModelConfig
 from megatron_glm.model import GLMModel, glm_loss, init_layer
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.layers import VocabParallelEmbedding
@@ -320,9 +320,10 @@ def check_partition_method(method: str, num_layers: int) -> None:
     except Exception as exc:  # RuntimeError: no match; the ``regex`` module's error: bad pattern
         what = "selects no layer" if isinstance(exc, RuntimeError) else f"is not a regex ({exc})"
         kinds = ", ".join(dict.fromkeys(names))
-        raise ValueError(
-            f"config field 'parallel.partition_method': {method!r} {what}; the pipeline's "
-            f"layers are {kinds}: use e.g. type:GLMBlock, or parameters or uniform"
+        raise ConfigError(
+            "parallel.partition_method",
+            f"{method!r} {what}; the pipeline's layers are {kinds}: use e.g. type:GLMBlock, or "
+            "parameters or uniform",
         ) from None
 
 

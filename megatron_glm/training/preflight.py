@@ -1,11 +1,19 @@
-"""Checks that need the world size or the filesystem, run before any process group starts.
+"""Checks that need the world size, the machine or the filesystem, run before any process group.
 
-``RunConfig`` validates each field on load (ranges, heads dividing hidden, unknown keys). What it
-cannot know is the launch: the data-parallel size (world size / (tp * pp)) that the global batch
-must divide into, and whether the data and tokenizer files exist. Finding those out after
-``init_process_group`` would mean N ranks failing with N tracebacks (or hanging in a collective),
-so :func:`validate_for_launch` is the first thing ``pretrain.main`` calls, with ``WORLD_SIZE`` from
-the environment. Every error names the config field, or the file and what is wrong with it: the
+``RunConfig`` enforces every rule that needs only the config, on load (ranges, heads and vocab
+dividing over tp, layers over pp, ZeRO with a pipeline, unknown keys): this module does not
+repeat them. What the config cannot know is the launch: the data-parallel size (world size /
+(tp * pp)) that the global batch must divide into, whether the machine has the CUDA device that
+fp16 and CPU offload need, and whether the data, tokenizer and checkpoint files exist and hold
+what they should. Two rules that read only the config are checked here because their code cannot
+live in the leaf ``config`` module: a ``type:REGEX`` partition is matched by DeepSpeed's own
+matcher (``training.pipeline.check_partition_method``), and the validation split is parsed by the
+data package's ``parse_split``.
+
+Finding these out after ``init_process_group`` would mean N ranks failing with N tracebacks (or
+hanging in a collective), so :func:`validate_for_launch` is the first thing ``pretrain.main``
+calls, with ``WORLD_SIZE`` from the environment. Every error names the config field
+(:class:`~megatron_glm.config.ConfigError`), or the file and what is wrong with it: the
 checkpoint to resume from is opened file by file (restricted unpickler, tensor bytes not read)
 and every dataset is checked (header, sizes, dtype, emptiness, token ids against the tokenizer's
 vocabulary: :func:`megatron_glm.data.indexed.check_dataset`), so a truncated, corrupt or planted
@@ -18,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_glm.config import RunConfig
+from megatron_glm.config import ConfigError, RunConfig
 from megatron_glm.data.dataset import parse_split
 from megatron_glm.data.indexed import check_dataset
 from megatron_glm.data.tokenizer import GLMTokenizer
@@ -26,15 +34,11 @@ from megatron_glm.model import resolve_vocab_size
 from megatron_glm.training.checkpoint import check_checkpoint, check_layout, resolve_load_dir
 
 
-def _field_error(name: str, rule: str) -> ValueError:
-    return ValueError(f"config field '{name}': {rule}")
-
-
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     """World size / (tp * pp), which must divide evenly."""
     model_parallel = cfg.parallel.tp * cfg.parallel.pp
     if world_size % model_parallel:
-        raise _field_error(
+        raise ConfigError(
             "parallel.tp",
             f"tp * pp = {model_parallel} does not divide the world size {world_size}",
         )
@@ -48,52 +52,23 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
     """
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
-    if cfg.parallel.pp > 1 and cfg.train.zero_stage > 1:
-        raise _field_error(
-            "train.zero_stage",
-            f"ZeRO-{cfg.train.zero_stage} cannot be combined with parallel.pp="
-            f"{cfg.parallel.pp}: DeepSpeed's pipeline engine accumulates each stage's gradients "
-            "over the micro-batches of a step, which ZeRO-2 (sharded gradients) and ZeRO-3 "
-            "(sharded parameters) do not allow, and DeepSpeed refuses it; use train.zero_stage=1 "
-            "(sharded optimizer state) with pipeline parallelism, or parallel.pp=1 with ZeRO-2/3",
-        )
     if cfg.parallel.pp > 1:
         from megatron_glm.training.pipeline import check_partition_method  # imports DeepSpeed
 
         check_partition_method(cfg.parallel.partition_method, cfg.model.num_layers)
-    if cfg.parallel.sequence_parallel and cfg.data.seq_length % cfg.parallel.tp:
-        raise _field_error(
-            "data.seq_length",
-            f"{cfg.data.seq_length} must be divisible by parallel.tp ({cfg.parallel.tp}) with "
-            "parallel.sequence_parallel",
-        )
-    if cfg.model.vocab_size % cfg.parallel.tp:
-        raise _field_error(
-            "model.vocab_size",
-            f"{cfg.model.vocab_size} must be divisible by parallel.tp ({cfg.parallel.tp}); "
-            "use 0 to take the tokenizer's (padded to make_vocab_size_divisible_by x tp)",
-        )
-    assert cfg.model.ffn_hidden_size is not None
-    if cfg.model.ffn_hidden_size % cfg.parallel.tp:
-        raise _field_error(
-            "model.ffn_hidden_size",
-            f"{cfg.model.ffn_hidden_size} must be divisible by parallel.tp ({cfg.parallel.tp})",
-        )
     dp = data_parallel_size(cfg, world_size)
     t = cfg.train
     if t.global_batch_size % (t.micro_batch_size * dp):
-        raise _field_error(
+        raise ConfigError(
             "train.global_batch_size",
             f"{t.global_batch_size} is not micro_batch_size ({t.micro_batch_size}) x "
             f"gradient accumulation x data-parallel size ({dp}); use a multiple of "
             f"{t.micro_batch_size * dp}",
         )
-    if t.precision in ("fp16", "bf16") and t.zero_stage == 0 and t.cpu_offload:
-        raise _field_error("train.cpu_offload", "needs train.zero_stage >= 1")
     if t.precision == "fp16" and not torch.cuda.is_available():
-        raise _field_error("train.precision", "fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        raise ConfigError("train.precision", "fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     if t.cpu_offload and not torch.cuda.is_available():
-        raise _field_error("train.cpu_offload", "offloading to CPU needs a CUDA device")
+        raise ConfigError("train.cpu_offload", "offloading to CPU needs a CUDA device")
     load_dir = resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)  # checkpoint.load
     if load_dir is not None:
         check_layout(
@@ -118,19 +93,19 @@ def load_tokenizer(cfg: RunConfig) -> GLMTokenizer:
 def _check_data(cfg: RunConfig) -> None:
     d = cfg.data
     if not d.data_path:
-        raise _field_error("data.data_path", "is empty; give the prefix of a preprocessed corpus")
+        raise ConfigError("data.data_path", "is empty; give the prefix of a preprocessed corpus")
     for prefix in d.data_path:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
-                raise _field_error(
+                raise ConfigError(
                     "data.data_path",
                     f"{prefix}{suffix} not found (preprocess the corpus with "
                     "tools/preprocess_data.py; give the prefix without .bin/.idx)",
                 )
     if not d.tokenizer_model:
-        raise _field_error("data.tokenizer_model", "is empty; give a SentencePiece .model path")
+        raise ConfigError("data.tokenizer_model", "is empty; give a SentencePiece .model path")
     if not Path(d.tokenizer_model).is_file():
-        raise _field_error("data.tokenizer_model", f"{d.tokenizer_model} not found")
+        raise ConfigError("data.tokenizer_model", f"{d.tokenizer_model} not found")
     tokenizer = load_tokenizer(cfg)
     resolve_vocab_size(cfg.model, tokenizer.padded_vocab_size)  # names model.vocab_size
     for prefix in d.data_path:  # header, sizes, dtype, emptiness, token ids < vocabulary
@@ -138,7 +113,7 @@ def _check_data(cfg: RunConfig) -> None:
     if cfg.train.eval_interval > 0:
         weights = parse_split(d.split)
         if len(weights) < 2 or weights[1] <= 0:
-            raise _field_error(
+            raise ConfigError(
                 "data.split",
                 f"'{d.split}' gives the validation split no documents but "
                 f"train.eval_interval={cfg.train.eval_interval}; use e.g. 969,30,1 "

@@ -83,7 +83,7 @@ def _no_run(monkeypatch: pytest.MonkeyPatch) -> None:
         (
             ["model.vocab_size=30592"],
             1,
-            "config field 'model.vocab_size' is 30592 but the tokenizer's padded vocab is 1536",
+            "config field 'model.vocab_size': 30592 but the tokenizer's padded vocab is 1536",
         ),
         (
             ["optimizer.lr=.inf"],

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
 
 from megatron_glm.config import (
+    ConfigError,
     ModelConfig,
     RunConfig,
     apply_overrides,
@@ -92,6 +94,26 @@ def test_unknown_key_names_closest() -> None:
         (["parallel.tp=4"], "config field 'model.num_attention_heads': must be divisible by"),
         (["train.zero_stage=5"], "config field 'train.zero_stage'"),
         (["model.num_layers=two"], "config field 'model.num_layers': expected int"),
+        # rules across sections that need no world size: refused on load, not at launch
+        (
+            ["parallel.tp=2", "model.ffn_hidden_size=91"],
+            "config field 'model.ffn_hidden_size': 91 must be divisible by parallel.tp (2)",
+        ),
+        (
+            ["parallel.tp=2", "model.vocab_size=129"],
+            "config field 'model.vocab_size': 129 must be divisible by parallel.tp (2); use 0",
+        ),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_length=31"],
+            "config field 'data.seq_length': 31 must be divisible by parallel.tp (2) with "
+            "parallel.sequence_parallel",
+        ),
+        (
+            ["parallel.pp=2", "train.zero_stage=2"],
+            "config field 'train.zero_stage': ZeRO-2 cannot be combined with parallel.pp=2",
+        ),
+        (["train.seed=-1"], "config field 'train.seed': must be in [0, 2**64)"),
+        (["train.seed=18446744073709551616"], "config field 'train.seed': must be in [0, 2**64)"),
     ],
 )
 def test_validation_names_field(override: list[str], message: str) -> None:
@@ -132,3 +154,20 @@ def test_partition_method_validated() -> None:
     assert cfg.parallel.partition_method == "type:GLMBlock"
     with pytest.raises(ValueError, match=r"config field 'parallel\.partition_method': one of"):
         load_config(None, ["parallel.partition_method=balanced"])
+
+
+def test_config_error_names_the_field_and_stays_a_value_error() -> None:
+    err = ConfigError("train.zero_stage", "must be 0, 1, 2 or 3")
+    assert isinstance(err, ValueError)
+    assert (err.field, err.message) == ("train.zero_stage", "must be 0, 1, 2 or 3")
+    assert str(err) == "config field 'train.zero_stage': must be 0, 1, 2 or 3"
+    again = pickle.loads(pickle.dumps(err))  # DataLoader workers re-raise pickled errors
+    assert type(again) is ConfigError and str(again) == str(err) and again.field == err.field
+    # A section names its fields relative to itself; loading it inside a run adds the section.
+    with pytest.raises(ConfigError) as alone:
+        ModelConfig(hidden_size=65)
+    assert alone.value.field == "hidden_size"
+    with pytest.raises(ConfigError) as inside:
+        load_config(None, ["model.hidden_size=65"])
+    assert inside.value.field == "model.hidden_size"
+    assert str(inside.value).startswith("config field 'model.hidden_size': must be divisible")

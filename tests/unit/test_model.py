@@ -339,10 +339,10 @@ def test_build_errors() -> None:
     with pytest.raises(ValueError) as exc:
         build_model(tiny(vocab_size=0), seed=0)
     assert str(exc.value) == (
-        "config field 'model.vocab_size' is 0 (= from the tokenizer) but no vocab_size was passed "
+        "config field 'model.vocab_size': 0 (= from the tokenizer) but no vocab_size was passed "
         "to build the model"
     )
-    with pytest.raises(ValueError, match=r"'model\.vocab_size' is 256 but the tokenizer's padded"):
+    with pytest.raises(ValueError, match=r"'model\.vocab_size': 256 but the tokenizer's padded"):
         build_model(tiny(vocab_size=256), vocab_size=VOCAB, seed=0)
     with pytest.raises(ValueError, match=r"'model\.kernels': 'triton' requested"):
         build_model(tiny(kernels="triton"), vocab_size=VOCAB, seed=0)

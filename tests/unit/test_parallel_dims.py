@@ -76,7 +76,7 @@ def test_divisibility_errors_name_the_field() -> None:
     with pytest.raises(ValueError) as exc:
         d.check_divisible("model.num_attention_heads", 6)
     assert str(exc.value) == (
-        "config field 'model.num_attention_heads' (6) must be divisible by parallel.tp (4)"
+        "config field 'model.num_attention_heads': 6 must be divisible by parallel.tp (4)"
     )
 
 

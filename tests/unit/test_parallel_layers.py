@@ -73,7 +73,7 @@ def test_layer_size_errors() -> None:
     with pytest.raises(ValueError) as exc:
         GLMModel(tiny(num_attention_heads=2, hidden_size=32), VOCAB, dims=dims)
     assert str(exc.value) == (
-        "config field 'model.num_attention_heads' (2) must be divisible by parallel.tp (4)"
+        "config field 'model.num_attention_heads': 2 must be divisible by parallel.tp (4)"
     )
 
 
