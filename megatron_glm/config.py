@@ -17,9 +17,14 @@ error naming the key and the closest valid one.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import itertools
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -68,23 +73,26 @@ class ModelConfig:
     name: str = "glm"
     """Human-readable name, e.g. ``glm-large``; used in logs only."""
     num_layers: int = 2
-    """Number of transformer blocks."""
+    """Number of transformer blocks (a multiple of parallel.pp)."""
     hidden_size: int = 64
-    """Width h of the residual stream."""
+    """Width h of the residual stream (features per token)."""
     num_attention_heads: int = 2
-    """Attention heads; must divide hidden_size (and later be divisible by tp)."""
+    """Attention heads; must divide hidden_size (head size = hidden_size / heads) and be
+    divisible by parallel.tp."""
     ffn_hidden_size: int | None = None
-    """MLP inner width; None means 4 * hidden_size."""
+    """MLP inner width (features); null (None) means 4 * hidden_size. Divisible by parallel.tp."""
     vocab_size: int = 0
-    """Padded vocabulary size; 0 means take it from the tokenizer at start-up."""
+    """Padded vocabulary size (embedding rows); 0 means take it from the tokenizer at start-up.
+    Otherwise it must equal the tokenizer's padded size and be divisible by parallel.tp."""
     max_position_embeddings: int = 512
-    """Rows of the position and block-position tables; at least the sequence length."""
+    """Rows of the position and block-position tables: the longest row (tokens) the model
+    accepts; at least data.seq_length."""
     hidden_dropout: float = 0.1
-    """Dropout on the embedding output and on each residual branch."""
+    """Dropout probability on the embedding output and on each residual branch, in [0, 1)."""
     attention_dropout: float = 0.1
-    """Dropout on the attention probabilities."""
+    """Dropout probability on the attention probabilities, in [0, 1)."""
     layernorm_epsilon: float = 1e-5
-    """LayerNorm epsilon."""
+    """Epsilon added to the variance in every LayerNorm (a floor against division by zero)."""
     init_method_std: float = 0.02
     """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
     activation_checkpointing: bool = False
@@ -92,7 +100,8 @@ class ModelConfig:
     kernels: KernelChoice = "auto"
     """Fused-op implementation: auto (Triton on CUDA, torch elsewhere), triton or torch."""
     make_vocab_size_divisible_by: int = 128
-    """The padded vocab is a multiple of this times tp."""
+    """The tokenizer's vocabulary is padded up to a multiple of this times parallel.tp
+    (Megatron's rule: aligned matmul shapes, equal shards)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
@@ -123,17 +132,19 @@ class DataConfig:
     data_path: list[str] = field(default_factory=list)
     """Indexed-dataset prefixes (without .bin/.idx), e.g. ``data/corpus_text_sentence``."""
     data_weights: list[float] | None = None
-    """Blending weights, one per prefix; None means proportional to their sizes."""
+    """Blending weights, one positive number per data_path prefix (normalised to sum to 1);
+    null (None) means proportional to each corpus's tokens."""
     tokenizer_model: str = ""
     """Path to the SentencePiece ``.model`` with GLM's special tokens."""
     split: str = "969,30,1"
     """Train/valid/test weights over documents, comma separated."""
     seq_length: int = 512
-    """Static row length S of every micro-batch (part A + part B + padding)."""
+    """Static row length S in tokens of every micro-batch (part A + part B + padding)."""
     num_workers: int = 2
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank; 0 builds batches in the training process."""
     cache_dir: str | None = None
-    """Where index caches go; None means next to the data."""
+    """Directory for the index caches (document shuffles, sample maps); null (None) means next
+    to the data."""
 
     def __post_init__(self) -> None:
         _require(self.seq_length > 1, "seq_length", "must be > 1")
@@ -172,9 +183,9 @@ class ObjectiveConfig:
     mask_ratio: float = 0.15
     """Fraction of tokens the span task masks."""
     poisson_lambda: float = 3.0
-    """Mean of the Poisson span-length distribution."""
+    """Mean span length in tokens (lambda of the Poisson span-length distribution)."""
     max_span_length: int = 40
-    """Span lengths are truncated to 1..max_span_length."""
+    """Longest span in tokens: span lengths are truncated to 1..max_span_length."""
     sentence_ratio: float = 0.15
     """Fraction of tokens the sentence task masks (whole sentences)."""
     document_min_ratio: float = 0.5
@@ -206,11 +217,12 @@ class ParallelConfig:
     """Parallel layout; data parallelism takes the rest of the world size."""
 
     tp: int = 1
-    """Tensor-parallel size."""
+    """Tensor-parallel size: ranks that split each layer's weights (Megatron's column/row split)."""
     pp: int = 1
-    """Pipeline-parallel size."""
+    """Pipeline-parallel size: stages the layers are split across (DeepSpeed's pipeline engine)."""
     sequence_parallel: bool = False
-    """Split LayerNorm/dropout regions along the sequence across TP ranks."""
+    """Split LayerNorm/dropout regions along the sequence across TP ranks (needs tp > 1, and
+    data.seq_length divisible by tp): saves activation memory."""
     partition_method: str = "parameters"
     """How PipelineModule assigns layers to stages: parameters | uniform | type:REGEX."""
 
@@ -231,25 +243,26 @@ class OptimizerConfig:
     """AdamW and the LR schedule (GLM's AnnealingLR: linear warmup, then decay)."""
 
     lr: float = 1e-4
-    """Peak learning rate."""
+    """Peak learning rate, reached at the end of warmup."""
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of the peak."""
     warmup_ratio: float = 0.01
     """Warmup length as a fraction of train_iters (used when warmup_iters is None)."""
     warmup_iters: int | None = None
-    """Warmup length in steps; overrides warmup_ratio."""
+    """Warmup length in optimizer steps; overrides warmup_ratio."""
     decay_style: DecayStyle = "cosine"
-    """Decay after warmup."""
+    """Shape of the decay from lr to min_lr_ratio * lr after warmup: cosine, linear, or constant
+    (no decay)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (not applied to biases and LayerNorm weights)."""
     adam_beta1: float = 0.9
-    """Adam beta1."""
+    """Adam's decay rate of the first-moment (running mean of gradients) estimate, in [0, 1)."""
     adam_beta2: float = 0.95
-    """Adam beta2."""
+    """Adam's decay rate of the second-moment (running mean of squared gradients) estimate."""
     adam_eps: float = 1e-8
-    """Adam epsilon."""
+    """Adam's epsilon, added to the root of the second moment (a floor against division by 0)."""
     clip_grad: float = 1.0
-    """Global gradient-norm clipping threshold; 0 disables."""
+    """Global gradient-norm (L2 over all parameters) clipping threshold; 0 disables."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "lr", "must be > 0")
@@ -278,17 +291,18 @@ class TrainConfig:
     global_batch_size: int = 4
     """Rows per optimizer step over all data-parallel ranks (a multiple of micro * dp)."""
     train_iters: int = 100
-    """Optimizer steps of the run."""
+    """Optimizer steps of the run (also the length of the LR schedule)."""
     seed: int = 1234
-    """Seed of everything: init, data order, masking, dropout."""
+    """Seed of everything: init, data order, masking, dropout; in [0, 2**64)."""
     precision: Precision = "fp32"
-    """fp32, bf16, or fp16 with dynamic loss scaling."""
+    """Training precision: fp32, bf16, or fp16 with dynamic loss scaling (fp16 needs CUDA)."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3."""
+    """DeepSpeed ZeRO stage: 0 none, 1 shards the optimizer state over data-parallel ranks, 2 also
+    the gradients, 3 also the parameters (2 and 3 not with parallel.pp > 1)."""
     cpu_offload: bool = False
-    """Offload optimizer state to CPU (ZeRO >= 1)."""
+    """Keep the optimizer state in CPU memory (ZeRO-Offload; needs zero_stage >= 1 and CUDA)."""
     eval_interval: int = 0
-    """Validate every this many steps; 0 disables."""
+    """Validate every this many optimizer steps; 0 disables."""
     eval_iters: int = 10
     """Global batches per validation (Megatron's meaning: the same rows at any data-parallel
     size, so validation figures compare across layouts)."""
@@ -340,11 +354,12 @@ class CheckpointConfig:
     """Where checkpoints go and when."""
 
     save: str | None = None
-    """Directory to save checkpoints in; None disables saving."""
+    """Directory to save checkpoints in; null (None) disables saving."""
     load: str | None = None
-    """Directory to resume from; None means auto-resume from ``save`` if it has ``latest``."""
+    """Directory to resume from; null (None) means auto-resume from ``save`` if it has a
+    ``latest`` file."""
     save_interval: int = 0
-    """Save every this many steps (and at the end); 0 saves only at the end."""
+    """Save every this many optimizer steps (and at the end); 0 saves only at the end."""
     allow_missing_rng: bool = False
     """Resume even if some rank has no RNG file in the checkpoint (another world size wrote it):
     those ranks warn and start fresh dropout streams, so the resume is not exact. Off, such a
@@ -359,9 +374,9 @@ class LoggingConfig:
     """Console, TensorBoard and progress output."""
 
     log_interval: int = 10
-    """Print a log line every this many steps."""
+    """Print a log line every this many optimizer steps."""
     tensorboard_dir: str | None = None
-    """TensorBoard event directory; None disables."""
+    """TensorBoard event directory; null (None) disables."""
     progress_bar: bool = True
     """Show a tqdm bar on rank 0."""
 
@@ -374,21 +389,21 @@ class RunConfig:
     """One training run: every section, validated together."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    """Architecture."""
+    """Architecture: sizes, dropout, initialisation, fused kernels."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Corpora, tokenizer, split, sequence length."""
+    """Corpora and their blend, tokenizer, train/valid/test split, sequence length."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    """Blank-infilling task mix."""
+    """Blank-infilling objectives: the span/sentence/document mix and span statistics."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """tp / pp layout."""
+    """Tensor and pipeline parallel sizes; data parallelism takes the rest of the world size."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    """AdamW + LR schedule."""
+    """AdamW and the learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Batches, steps, precision, ZeRO."""
+    """Batch sizes, run length, seed, precision, ZeRO, loss scaling, evaluation, stops."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Saving and resuming."""
+    """Where checkpoints are saved and resumed from, and how often."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    """Logs and TensorBoard."""
+    """Console log lines, TensorBoard and the progress bar."""
 
     def __post_init__(self) -> None:
         """Rules across sections; each needs only the config (the world size is the launch's)."""
@@ -444,6 +459,140 @@ class RunConfig:
             "refuses it; use train.zero_stage=1 (sharded optimizer state) with pipeline "
             "parallelism, or parallel.pp=1 with ZeRO-2/3",
         )
+
+
+# ----------------------------------------------------------------------------- field docs
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of dataclass ``cls``: the string literal after each field.
+
+    Python keeps no attribute docstrings at run time, so they are read from the class source
+    with ``ast`` (once per class). Fields inherited from dataclass bases are included. Without
+    source (a frozen application) the result is empty and ``--help`` lists bare fields.
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = next(n for n in tree.body if isinstance(n, ast.ClassDef)).body
+        for stmt, after in itertools.pairwise(body):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[stmt.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+@dataclass(frozen=True)
+class FieldHelp:
+    """One leaf field of a config, as ``--help`` shows it."""
+
+    name: str
+    """Dotted name, e.g. ``train.zero_stage``: the YAML path and the override key."""
+    type: str
+    """The accepted values, e.g. ``int | null`` or ``{fp32,bf16,fp16}``."""
+    default: str
+    """The default as YAML text."""
+    doc: str
+    """The field's attribute docstring ('' when it has none)."""
+
+
+def config_fields(cls: type = RunConfig, prefix: str = "") -> list[FieldHelp]:
+    """Every leaf field of ``cls``, depth first in declaration order, sections flattened."""
+    out: list[FieldHelp] = []
+    types_, docs = _field_types(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        name, tp = f"{prefix}{f.name}", types_[f.name]
+        if _is_dataclass_type(tp):
+            out += config_fields(tp, prefix=f"{name}.")
+            continue
+        default = _default_text(f)
+        out.append(FieldHelp(name, _type_text(tp), default, docs.get(f.name, "")))
+    return out
+
+
+def undocumented_fields(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Dotted names of the fields (sections included) that have no attribute docstring."""
+    missing = []
+    types_, docs = _field_types(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not docs.get(f.name, "").strip():
+            missing.append(f"{prefix}{f.name}")
+        if _is_dataclass_type(types_[f.name]):
+            missing += undocumented_fields(types_[f.name], prefix=f"{prefix}{f.name}.")
+    return missing
+
+
+def fields_help(cls: type = RunConfig, width: int = 88) -> str:
+    """The config reference ``glm-pretrain --help`` prints: each section, then its fields with
+    type, default and docstring, so the help cannot drift from the code."""
+    fields = config_fields(cls)
+    lines = textwrap.wrap(
+        f"config fields ({len(fields)}), by section: the keys of the --config YAML; each is also "
+        "a dotted override, section.field=value (the value parsed as YAML)",
+        width=width,
+    )
+    docs, section = field_docs(cls), None
+    for fh in fields:
+        head = fh.name.split(".")[0] if "." in fh.name else ""
+        if head != section:  # fields come section by section (declaration order)
+            section = head
+            title = f"{head or '(top level)'}: {docs.get(head, '')}"
+            lines += ["", *textwrap.wrap(title, width=width, subsequent_indent=" " * 4)]
+        lines.append(f"  {fh.name}: {fh.type} = {fh.default}")
+        for paragraph in fh.doc.split("\n\n"):
+            lines += textwrap.wrap(
+                " ".join(paragraph.split()),
+                width=width,
+                initial_indent=" " * 6,
+                subsequent_indent=" " * 6,
+                break_on_hyphens=False,
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _type_text(tp: Any) -> str:
+    """``int | null``, ``list[str]``, ``{fp32,bf16,fp16}``: what a YAML value may be."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_text(a) for a in args)
+    if origin is list:
+        return f"list[{_type_text(args[0])}]"
+    return str(getattr(tp, "__name__", tp))
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    """A field's default as YAML text; ``(required)`` when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return _yaml_text(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _yaml_text(f.default_factory())
+    return "(required)"
+
+
+def _yaml_text(value: Any) -> str:
+    """A default as the YAML one would write for it (``null``, ``true``, ``[]``, ``''``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value or "''"
+    return repr(value)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import pickle
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,9 +17,11 @@ from megatron_glm.config import (
     ModelConfig,
     RunConfig,
     apply_overrides,
+    field_docs,
     from_dict,
     load_config,
     to_dict,
+    undocumented_fields,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -171,3 +178,75 @@ def test_config_error_names_the_field_and_stays_a_value_error() -> None:
         load_config(None, ["model.hidden_size=65"])
     assert inside.value.field == "model.hidden_size"
     assert str(inside.value).startswith("config field 'model.hidden_size': must be divisible")
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, type, str]]:
+    """(dotted name, owning class, field name) of every leaf field, sections flattened."""
+    out = []
+    for f in dataclasses.fields(cls):
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            out += _leaf_fields(sub, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        else:
+            out.append((f"{prefix}{f.name}", cls, f.name))
+    return out
+
+
+def test_help_lists_every_field_with_type_default_and_docstring() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_glm.pretrain", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    flat = " ".join(text.split())
+    leaves = _leaf_fields(RunConfig)
+    assert len(leaves) > 60
+    assert f"config fields ({len(leaves)}), by section" in text
+    lines = text.splitlines()
+    for dotted, owner, name in leaves:
+        doc = field_docs(owner)[name]
+        first_line = " ".join(doc.splitlines()[0].split())
+        assert first_line and first_line in flat, dotted
+        assert " ".join(doc.split()) in flat, dotted  # the whole docstring, rewrapped
+        (at,) = [i for i, ln in enumerate(lines) if ln.startswith(f"  {dotted}: ")]
+        section = dotted.split(".")[0]
+        header = next(ln for ln in reversed(lines[:at]) if ln and not ln.startswith(" "))
+        assert header.startswith(f"{section}: "), (dotted, header)  # grouped under its section
+    for line in (
+        "  train.precision: {fp32,bf16,fp16} = fp32",
+        "  model.ffn_hidden_size: int | null = null",
+        "  data.data_path: list[str] = []",
+        "  optimizer.lr: float = 0.0001",
+        "  parallel.sequence_parallel: bool = false",
+        "  data.tokenizer_model: str = ''",
+    ):
+        assert line in lines, line
+
+
+@dataclass(kw_only=True)
+class _PartlyDocumented:
+    documented: int = 1
+    """Has a docstring."""
+    bare: int = 2
+    also_documented: str = "x"
+    """Two lines
+    of docstring."""
+
+
+def test_every_config_field_has_a_docstring() -> None:
+    """Adding a field without a docstring fails here (and it would be bare in --help)."""
+    assert undocumented_fields(RunConfig) == []
+    assert undocumented_fields(_PartlyDocumented) == ["bare"]
+    assert field_docs(_PartlyDocumented) == {
+        "documented": "Has a docstring.",
+        "also_documented": "Two lines\nof docstring.",
+    }
