@@ -4,7 +4,7 @@
     deepspeed --num_gpus N --module megatron_glm.pretrain --config RUN.yaml ...
     torchrun --nproc_per_node N -m megatron_glm.pretrain --config RUN.yaml ...
     glm-pretrain --config RUN.yaml ...            (console script)
-    glm-pretrain --help       (every config field: type, default, docstring; config.fields_help)
+    glm-pretrain --help       (every config field: type, default, docstring; config_docs)
 
 Configuration and launch errors (unknown key, heads not dividing hidden, global batch not a
 multiple of micro batch x data-parallel size, missing data or tokenizer file) are reported with
@@ -27,7 +27,8 @@ from collections.abc import Mapping
 
 import yaml
 
-from megatron_glm.config import RunConfig, fields_help, load_config, to_dict
+from megatron_glm.config import RunConfig, load_config, to_dict
+from megatron_glm.config_docs import fields_help
 from megatron_glm.training.checkpoint import NonFiniteError
 from megatron_glm.training.distributed import read_dist_env
 from megatron_glm.training.preflight import validate_for_launch
@@ -42,7 +43,7 @@ QUIET_RANK_GRACE_S = 10.0
 class _ParserWithFields(argparse.ArgumentParser):
     """``--help`` ends with every config field, its type, default and docstring.
 
-    Generated from the config dataclasses (:func:`megatron_glm.config.fields_help`), so the
+    Generated from the config dataclasses (:func:`megatron_glm.config_docs.fields_help`), so the
     help cannot drift from the code; built only when help is printed (it reads source).
     """
 

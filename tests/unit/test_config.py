@@ -17,12 +17,11 @@ from megatron_glm.config import (
     ModelConfig,
     RunConfig,
     apply_overrides,
-    field_docs,
     from_dict,
     load_config,
     to_dict,
-    undocumented_fields,
 )
+from megatron_glm.config_docs import field_docs, undocumented_fields
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
