@@ -1,4 +1,4 @@
-"""DeepSpeed seam: safe checkpoint loading.
+"""DeepSpeed seam: safe checkpoint loading; the pipeline engine's private internals (below).
 
 Why this exists. DeepSpeed 0.19's ``TorchCheckpointEngine.load`` calls
 ``torch.load(path, weights_only=False)`` on every model-states, optimizer-states and pipeline
@@ -25,14 +25,150 @@ registering its own classes with ``torch.serialization.add_safe_globals``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
+import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
+from torch import Tensor, nn
 
 from megatron_glm.serialization import load_file
+
+# ============================================================================ pipeline engine
+# Private names of DeepSpeed 0.19's PipelineEngine / PipelineModule / ZeRO-1/2 optimizer that the
+# pipeline path (``training.pipeline``, ``training.step``) relies on; nothing outside this module
+# touches them. ``tests/unit/test_compat_pipeline.py`` checks each behaviour relied on.
+
+
+def wrap_optimizer_step(engine: Any, before: Callable[[Any], None]) -> None:
+    """Make ``engine`` (a ``PipelineEngine``) call ``before(engine)`` at the start of its
+    ``OptimizerStep`` instruction, then DeepSpeed's own step.
+
+    Why: ``train_batch`` runs the optimizer step inside the schedule, after every backward and
+    gradient all-reduce of the step and before anything returns to the caller. That is the only
+    point where the loop can publish the last stage's loss to every stage and decide, on every
+    rank alike, to skip a non-finite update (and take the ZeRO-0 fp32 gradient norm). The engine
+    dispatches instructions through ``self._INSTRUCTION_MAP`` (a class attribute looked up on the
+    instance), so an instance-level copy with one entry replaced changes this engine only.
+
+    Upstream change that removes it: a public pre-optimizer-step hook on ``PipelineEngine`` (or
+    ``train_batch`` leaving the step to the caller).
+    """
+    table = dict(type(engine)._INSTRUCTION_MAP)
+    if schedule.OptimizerStep not in table:
+        raise RuntimeError("DeepSpeed's PipelineEngine has no OptimizerStep instruction any more")
+    original = table[schedule.OptimizerStep]
+
+    def optimizer_step(self: Any, **kwargs: Any) -> None:
+        before(self)
+        original(self, **kwargs)
+
+    table[schedule.OptimizerStep] = optimizer_step
+    engine._INSTRUCTION_MAP = table
+
+
+class MaterializingPipelineModule(PipelineModule):
+    """A ``PipelineModule`` that calls ``materialize(index, module)`` on each of this stage's
+    layers just before DeepSpeed registers them.
+
+    Why: the layers are created on the meta device (no memory; ``partition_method=parameters``
+    still counts their parameters), and only this stage's share should ever be allocated and
+    initialised. DeepSpeed decides the share inside ``__init__`` (``_partition_layers`` sets
+    ``_local_start`` / ``_local_stop``) and registers the layers in ``_build``, with no public
+    hook in between, so ``_build`` is overridden and reads those private bounds and
+    ``_layer_specs``. A layer is an ``nn.Module`` or a ``LayerSpec`` whose ``build()`` returns
+    the same (meta) module at every call.
+
+    Upstream change that removes it: a public per-layer build/initialisation hook, or
+    PipelineModule accepting meta-device layers and materialising only the local ones.
+    """
+
+    def __init__(
+        self, layers: Sequence[Any], *, materialize: Callable[[int, nn.Module], None], **kwargs: Any
+    ) -> None:
+        self._materialize = materialize
+        super().__init__(layers, **kwargs)
+
+    def _build(self) -> None:
+        for index in range(self._local_start, self._local_stop):
+            spec = self._layer_specs[index]
+            self._materialize(index, spec.build() if isinstance(spec, LayerSpec) else spec)
+        super()._build()
+
+
+def find_layer_type(names: Sequence[str], pattern: str) -> list[int]:
+    """Indices of the layers whose class name matches ``pattern``, as DeepSpeed's
+    ``partition_method=type:PATTERN`` selects them.
+
+    Why: a pattern that selects no layer is found by DeepSpeed only once every rank builds its
+    PipelineModule inside the process group; the launch checks want the same answer up front,
+    from names alone. ``PipelineModule._find_layer_type`` (private) only reads ``_layer_specs``
+    and each entry's ``__name__``, so it runs over plain name holders and cannot disagree with
+    the partitioning. Raises ``RuntimeError`` when nothing matches and the ``regex`` module's
+    error for an invalid pattern (as DeepSpeed does).
+
+    Upstream change that removes it: a public (static) layer-type matcher.
+    """
+    holder = SimpleNamespace(_layer_specs=[SimpleNamespace(__name__=n) for n in names])
+    return list(PipelineModule._find_layer_type(holder, pattern))
+
+
+def reduce_zero_grad_norm_once(engine: Any) -> None:
+    """Make ZeRO-1/2's gradient norm issue the same collectives on every pipeline stage.
+
+    Why: ``DeepSpeedZeroOptimizer.scaled_global_norm`` takes one norm per optimizer param group
+    and all-reduces each over the model-parallel group, which with a pipeline spans the stages.
+    The stages build their groups from different layers, and empty groups are dropped (by
+    ``engine.param_groups`` and again by ``deepspeed.initialize``), so a stage holding only the
+    embedding (``partition_method=parameters`` on a 2-layer model: no bias or LayerNorm gain,
+    so no no-decay group) has one group where the next stage has two. The stages then issue
+    different numbers of all-reduces and deadlock (stage 0 already waits in the loss broadcast
+    that ends ``train_batch`` while stage 1 waits in its second norm all-reduce).
+
+    Here the per-group norms are taken over this stage only (reduced over DP as before) and
+    their sum of squares is all-reduced over the model-parallel group once: the same norm
+    (``sqrt`` of the sum of every group's squares on every stage), one collective whatever the
+    group count. A non-finite group makes DeepSpeed's combined norm ``inf``; ``inf`` survives
+    the sum, so every stage sees the overflow alike.
+
+    It relies on two names internal to DeepSpeed 0.19's ZeRO-1/2 optimizer:
+    ``scaled_global_norm`` and ``model_parallel_group``, which ``_model_parallel_all_reduce``
+    skips when ``None``; both are asserted so a DeepSpeed change fails loudly instead of hanging.
+
+    Upstream change that removes it: ZeRO's norm reducing once per step over the model-parallel
+    group (not once per param group), or keeping empty param groups.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return  # ZeRO-0 (ours or BF16_Optimizer): one norm over all groups already
+    for name in ("model_parallel_group", "scaled_global_norm"):
+        assert hasattr(optimizer, name), f"DeepSpeed's ZeRO optimizer has no {name} any more"
+    group = optimizer.model_parallel_group
+    per_group = optimizer.scaled_global_norm  # the bound original
+
+    def scaled_global_norm(norm_type: int = 2) -> Tensor:
+        optimizer.model_parallel_group = None
+        try:
+            local = per_group(norm_type)  # this stage's norm over all its groups, DP-reduced
+        finally:
+            optimizer.model_parallel_group = group
+        squares = local.float() ** 2  # inf stays inf
+        if group is not None:
+            torch.distributed.all_reduce(squares, group=group)
+        return squares.sqrt()
+
+    optimizer.scaled_global_norm = scaled_global_norm
+
+
+# ============================================================================ checkpoint loading
 
 DEEPSPEED_SAFE_GLOBALS: tuple[Any, ...] = (
     LossScaler,

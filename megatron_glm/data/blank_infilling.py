@@ -83,9 +83,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from megatron_glm.config import ConfigError, ObjectiveConfig
-
-OBJECTIVES: tuple[str, ...] = ("span", "sentence", "document")
-"""Task names; a row's ``objective`` code is the index in this tuple."""
+from megatron_glm.objectives import OBJECTIVES
 
 _INDEX_BITS = 40  # sample index bits of a row key; the epoch takes the bits above
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from megatron_glm.kernels import fused_cross_entropy
+from megatron_glm.objectives import NUM_OBJECTIVES
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.mappings import copy_to_tensor_parallel_region
 
@@ -85,7 +86,7 @@ def glm_loss(
     targets: Tensor,
     loss_mask: Tensor,
     objective: Tensor,
-    num_objectives: int = 3,
+    num_objectives: int = NUM_OBJECTIVES,
     *,
     dims: ParallelDims | None = None,
     kernels: str | None = None,

@@ -3,8 +3,16 @@
 - ``preflight``: launch-time config checks, run before any process group exists.
 - ``distributed``: process group from the launcher's environment (deepspeed, torchrun, python).
 - ``engine``: DeepSpeed config dict, AdamW with weight-decay groups, the loss-computing module.
+- ``step``: the step runners (data-parallel, pipeline), chosen once; global-batch loss
+  normalisation.
+- ``pipeline``: the GLM's layers in DeepSpeed's PipelineModule, the last stage's loss, the
+  optimizer-step hook.
+- ``losses``: what a kind of training minimises (a batch -> loss sums); pretraining's.
+- ``loss_stats``: loss sums of a step or an evaluation, reduced in one collective.
+- ``batches``: the batch contract as the trainer sees it (micro-batch dicts, batch sources).
+- ``evaluation``: validation losses and their log line.
 - ``lr_schedule``: GLM's AnnealingLR (warmup, then cosine/linear decay to a floor).
-- ``loop``: global-batch loss normalisation, validation, logging, checkpoints, stops.
+- ``loop``: the training loop: steps, validation, logging, checkpoints, stops.
 - ``checkpoint``: atomic publication, client state, per-rank RNG, resume.
 - ``metrics``: tokens/s, TFLOP/s, MFU against a peak table, TensorBoard scalars.
 - ``signals``: SIGTERM/SIGINT/SIGUSR1, a lost launcher and a deadline, agreed on by all ranks.

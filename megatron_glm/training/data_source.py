@@ -25,7 +25,7 @@ from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
 from megatron_glm.data.dataset import build_pretrain_datasets
 from megatron_glm.data.loader import GLMPretrainDataset, build_dataloader
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.training.loop import Batch
+from megatron_glm.training.batches import Batch
 from megatron_glm.training.signals import STOP_SIGNALS
 
 

@@ -14,7 +14,10 @@ skip an update whose loss was non-finite in every precision, not only under fp16
 
 The loss lives inside the engine's module (:class:`GLMPretrainModule`): under ZeRO-3 the tied
 head weight is gathered by DeepSpeed's hooks only while the engine's forward runs, so computing
-``glm_loss`` outside ``engine(...)`` would see a partitioned (empty) weight.
+the loss outside ``engine(...)`` would see a partitioned (empty) weight.
+
+Which module the engine wraps (the whole GLM, or this stage's ``PipelineModule``) is the step
+runner's choice (``training.step``); :func:`initialize` is the same for both.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from megatron_glm.config import OptimizerConfig, RunConfig
-from megatron_glm.model import GLMModel, LossOutput, glm_loss
+from megatron_glm.model import GLMModel
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.random import ModelParallelRNG
+from megatron_glm.training.batches import MODEL_INPUTS, Batch
+from megatron_glm.training.losses import BatchLoss, LossSums, PretrainLoss
 from megatron_glm.training.lr_schedule import AnnealingLR, build_scheduler
 
 STEPS_PER_PRINT = 2**31 - 1
@@ -101,7 +106,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     parameters added later without a name convention. Empty groups are dropped (DeepSpeed drops
     them too), so pipeline stages can hold different numbers of groups: a stage of the
     embedding alone has no 1-D parameter. ZeRO's per-group collectives across the stages are
-    made independent of that count by ``pipeline.reduce_zero_grad_norm_once``.
+    made independent of that count by ``compat.deepspeed.reduce_zero_grad_norm_once``.
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -155,23 +160,25 @@ def build_optimizer(
 
 
 class GLMPretrainModule(nn.Module):
-    """The engine's module: GLM forward + ``glm_loss``, returning the loss sums.
+    """The engine's module: GLM forward + a :class:`BatchLoss` (pretraining's by default),
+    returning the loss sums.
 
     It adopts the GLM's ``layers`` as its own child (the GLM object itself is kept outside the
     module tree), so parameter names and checkpoints are exactly ``GLMModel``'s (``layers.0...``)
     and a saved state dict loads into a plain :class:`GLMModel`.
     """
 
-    def __init__(self, glm: GLMModel) -> None:
+    def __init__(self, glm: GLMModel, loss: BatchLoss | None = None) -> None:
         super().__init__()
         self.layers = glm.layers
         object.__setattr__(self, "glm", glm)
+        self.loss: BatchLoss = loss or PretrainLoss()
 
-    def forward(self, batch: dict[str, Tensor]) -> LossOutput:
-        """Sums of one micro-batch (see :class:`megatron_glm.model.LossOutput`)."""
+    def forward(self, batch: Batch) -> LossSums:
+        """Sums of one micro-batch (see :class:`megatron_glm.training.losses.LossSums`)."""
         glm: GLMModel = self.glm  # type: ignore[assignment]
-        hidden = glm(batch["tokens"], batch["position_ids"], batch["sep"], batch["valid_len"])
-        return glm_loss(glm, hidden, batch["targets"], batch["loss_mask"], batch["objective"])
+        hidden = glm(*(batch[k] for k in MODEL_INPUTS))
+        return self.loss(glm, hidden, batch)
 
 
 @dataclass
@@ -179,14 +186,14 @@ class Engine:
     """What the loop drives: DeepSpeed's engine, our optimizer and schedule, the layout."""
 
     engine: Any
-    """``deepspeed.DeepSpeedEngine``."""
+    """``deepspeed.DeepSpeedEngine`` (a ``PipelineEngine`` when ``dims.pp > 1``)."""
     optimizer: SkippableAdamW
     """The inner torch optimizer (DeepSpeed may wrap it in a ZeRO/fp16 optimizer)."""
     scheduler: AnnealingLR
     """Stepped by the loop after each applied update."""
     module: nn.Module
     """The engine's module: :class:`GLMPretrainModule` (parameters possibly partitioned under
-    ZeRO-3), or this stage's ``PipelineModule`` when ``pipeline`` is set."""
+    ZeRO-3), or this stage's ``PipelineModule`` when ``dims.pp > 1``."""
     dims: ParallelDims
     """The layout (DeepSpeed's ``mpu``); loss sums are reduced over ``dims.dp_group``."""
     model_rng: ModelParallelRNG
@@ -195,34 +202,28 @@ class Engine:
     dp_size: int
     grad_accum: int
     device: torch.device
-    pipeline: PipelineParts | None = None
-    """Set when ``dims.pp > 1``: the loss object and optimizer-step hook of the pipeline."""
-
-
-@dataclass
-class PipelineParts:
-    """What the loop needs beyond DeepSpeed's ``PipelineEngine`` (see ``training.pipeline``)."""
-
-    loss: Any
-    """``training.pipeline.PipelineLoss``: DeepSpeed's ``loss_fn``; the loop sets its scale."""
-    hook: Any
-    """``training.pipeline.StepHook``: the step's global loss statistics and grad norm."""
-    parts: list[int]
-    """Stage boundaries over the layer indices: stage s runs ``[parts[s], parts[s + 1])``."""
 
 
 def initialize(
-    glm: GLMModel, cfg: RunConfig, *, dims: ParallelDims, device: torch.device
+    module: nn.Module,
+    cfg: RunConfig,
+    *,
+    dims: ParallelDims,
+    device: torch.device,
+    model_rng: ModelParallelRNG,
 ) -> Engine:
-    """Wrap ``glm`` (float32, on ``device``, built with ``dims``) in a DeepSpeed engine.
+    """Wrap ``module`` (float32, on ``device``, built with ``dims``) in a DeepSpeed engine.
 
+    ``module`` is a :class:`GLMPretrainModule` or, with ``dims.pp > 1``, this stage's
+    ``PipelineModule`` (DeepSpeed then returns a ``PipelineEngine``). Without a pipeline
     ``dims`` is DeepSpeed's ``mpu``: ZeRO partitions over ``dims.dp_group`` and the gradient
     norm (clipping) is all-reduced over the model-parallel group, counting replicated
-    parameters once.
+    parameters once. With one, DeepSpeed derives its ``mpu`` (a ``PipelineParallelGrid``) from
+    the PipelineModule's topology, which is ``dims.topology()``: the same ranks in the same
+    groups as ``dims``.
     """
     import deepspeed
 
-    module = GLMPretrainModule(glm)
     optimizer = build_optimizer(
         module, cfg.optimizer, device=device, cpu_offload=cfg.train.cpu_offload
     )
@@ -231,7 +232,7 @@ def initialize(
         model=module,
         optimizer=optimizer,
         config=deepspeed_config(cfg, dims.dp_size),
-        mpu=dims,
+        mpu=None if dims.pp > 1 else dims,
         dist_init_required=False,
     )
     return Engine(
@@ -240,7 +241,7 @@ def initialize(
         scheduler=scheduler,
         module=module,
         dims=dims,
-        model_rng=glm.rng,
+        model_rng=model_rng,
         dp_rank=dims.dp_rank,
         dp_size=dims.dp_size,
         grad_accum=gradient_accumulation_steps(cfg, dims.dp_size),
@@ -251,58 +252,3 @@ def initialize(
 def uses_manual_grad_norm(ds: Any) -> bool:
     """True where the gradient norm is ours to compute: DeepSpeed reports none at ZeRO-0 fp32."""
     return ds.zero_optimization_stage() == 0 and not (ds.fp16_enabled() or ds.bfloat16_enabled())
-
-
-def initialize_pipeline(
-    cfg: RunConfig, *, vocab_size: int, dims: ParallelDims, device: torch.device
-) -> Engine:
-    """Build this stage of the GLM (``dims.pp > 1``) and wrap it in DeepSpeed's PipelineEngine.
-
-    DeepSpeed derives its ``mpu`` (a ``PipelineParallelGrid``) from the PipelineModule's
-    topology, which is ``dims.topology()``: the same ranks in the same groups as ``dims``.
-    """
-    import deepspeed
-
-    from megatron_glm.training.pipeline import (
-        StepHook,
-        build_pipeline,
-        install_step_hook,
-        reduce_zero_grad_norm_once,
-    )
-
-    pipe, rng = build_pipeline(
-        cfg.model,
-        vocab_size=vocab_size,
-        dims=dims,
-        device=device,
-        seed=cfg.train.seed,
-        partition_method=cfg.parallel.partition_method,
-    )
-    optimizer = build_optimizer(
-        pipe, cfg.optimizer, device=device, cpu_offload=cfg.train.cpu_offload
-    )
-    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.train_iters)
-    engine, _, _, _ = deepspeed.initialize(
-        model=pipe,
-        optimizer=optimizer,
-        config=deepspeed_config(cfg, dims.dp_size),
-        dist_init_required=False,
-    )
-    reduce_zero_grad_norm_once(engine)  # stages may hold different numbers of param groups
-    manual_norm = uses_manual_grad_norm(engine)
-    clip = cfg.optimizer.clip_grad if clips_itself(cfg) else 0.0
-    hook = StepHook(pipe.loss_fn, optimizer, manual_norm=manual_norm, clip_grad=clip)
-    install_step_hook(engine, hook)
-    return Engine(
-        engine=engine,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        module=pipe,
-        dims=dims,
-        model_rng=rng,
-        dp_rank=dims.dp_rank,
-        dp_size=dims.dp_size,
-        grad_accum=gradient_accumulation_steps(cfg, dims.dp_size),
-        device=device,
-        pipeline=PipelineParts(loss=pipe.loss_fn, hook=hook, parts=[int(x) for x in pipe.parts]),
-    )

@@ -1,28 +1,12 @@
-"""The training loop: global-batch loss normalisation, validation, logging, checkpoints, stops.
+"""The training loop: steps, validation, logging, checkpoints and stops around a step runner.
 
-Loss normalisation (DESIGN.md: ``loss = sum(CE * mask) / sum(mask)`` over the *global* batch).
-A step takes ``A = global / (micro * dp)`` micro-batches on each of ``D`` data-parallel ranks.
-All ``A`` micro-batches of the step are fetched first and the loss-token count ``N`` is summed
-locally and all-reduced over DP. Each micro-batch ``m`` then back-propagates
+The loop drives a :class:`~megatron_glm.training.step.StepRunner` (data-parallel or pipeline,
+chosen once by ``step.build_runner``; the loss normalisation is documented there) and does the
+bookkeeping common to every kind of step: the learning-rate schedule, log lines and TensorBoard
+scalars, validation (``training.evaluation``), checkpoints and stop conditions.
 
-    L_m = S_m * A * D / N          (S_m = sum(CE * mask) of micro-batch m)
-
-DeepSpeed divides every backward loss by ``A`` (``scale_wrt_gas``) and averages gradients over
-the ``D`` ranks, so the applied gradient is ``(1/D) sum_ranks (1/A) sum_m grad(L_m) =
-grad(sum_all S_m) / N``: exactly the gradient of the global-batch mean, independent of how rows
-are split across micro-batches and ranks (the ZeRO-0..3 x {1, 2} process tests check this).
-Micro-batches with many loss tokens weigh more, unlike averaging per-micro-batch means.
-
-Tensor parallelism: the ``tp`` ranks of a TP group read the same rows and compute the same sums
-(``glm_loss`` is replicated over TP), so every count and statistic is reduced over
-``dims.dp_group`` only; over the world it would be counted ``tp`` times and the gradient would
-come out ``tp`` times too small.
-
-Non-finite losses: the step's loss sum is all-reduced *before* the optimizer step; if it is not
-finite, every rank's :class:`SkippableAdamW` skips the update (in every precision). DeepSpeed
-also skips, on its own, an update whose gradients are not finite although the loss was (its
-ZeRO optimizers check the gradient norm in every precision; under fp16 this is the dynamic loss
-scaler's overflow). Every skipped update counts toward ``train.max_nonfinite_steps`` consecutive
+Non-finite steps: a runner reports an update it skipped (non-finite loss, or gradients DeepSpeed
+found non-finite). Every skipped update counts toward ``train.max_nonfinite_steps`` consecutive
 ones, after which the run stops with :class:`NonFiniteLossError` naming the step, without
 writing a checkpoint -- except fp16 overflows while the loss scale can still shrink, which are
 the scaler calibrating itself, not divergence. No checkpoint is written while the last step was
@@ -34,20 +18,17 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
-import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from megatron_glm.config import RunConfig, to_dict
-from megatron_glm.parallel.layers import grad_norm as model_grad_norm
 from megatron_glm.training import checkpoint as ckpt
+from megatron_glm.training.batches import Batch, BatchSource
 from megatron_glm.training.checkpoint import NonFiniteError
-from megatron_glm.training.distributed import all_reduce
-from megatron_glm.training.engine import Engine, uses_manual_grad_norm
+from megatron_glm.training.evaluation import evaluate
+from megatron_glm.training.loss_stats import LossStats
 from megatron_glm.training.metrics import (
     ScalarWriter,
     StepStats,
@@ -55,77 +36,17 @@ from megatron_glm.training.metrics import (
     device_peak_tflops,
     format_log_line,
     memory_mib,
-    perplexity,
     step_scalars,
     throughput,
 )
 from megatron_glm.training.signals import StopConditions
+from megatron_glm.training.step import StepOutput, StepRunner
 
-OBJECTIVE_NAMES: tuple[str, ...] = ("span", "sentence", "document")
-"""Objective ids 0, 1, 2 of the batch contract's ``objective`` column."""
-
-Batch = dict[str, Tensor]
-
-
-class BatchSource(Protocol):
-    """This rank's micro-batches (batch contract dicts, on CPU)."""
-
-    def train_batches(self, consumed_samples: int) -> Iterator[Batch]:
-        """The training stream from a global position (rows consumed by all DP ranks)."""
-        ...
-
-    def valid_batches(self) -> Iterable[Batch] | None:
-        """The same validation micro-batches at every call (this rank's share of ``eval_iters``
-        global batches), or None."""
-        ...
+__all__ = ["Batch", "BatchSource", "NonFiniteLossError", "TrainResult", "Trainer"]
 
 
 class NonFiniteLossError(NonFiniteError):
     """Too many consecutive skipped updates (non-finite loss or gradients); names the step."""
-
-
-@dataclass
-class StepOutput:
-    """Global (all-reduced) results of one optimizer step."""
-
-    loss_sum: float
-    num_tokens: float
-    objective_sum: list[float]
-    objective_count: list[float]
-    finite: bool
-    applied: bool
-    grad_norm: float | None
-    loss_scale: float
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.num_tokens
-
-
-@dataclass
-class EvalResult:
-    """Validation loss over ``eval_iters`` micro-batches per rank, all-reduced."""
-
-    loss: float
-    objective_loss: dict[str, float | None]
-
-    def line(self, iteration: int) -> str:
-        per = " | ".join(
-            f"{k} {v:.4f} ppl {perplexity(v):.2f}" if v is not None else f"{k} n/a"
-            for k, v in self.objective_loss.items()
-        )
-        return (
-            f"validation at step {iteration} | loss {self.loss:.4f} ppl "
-            f"{perplexity(self.loss):.2f} | {per}"
-        )
-
-    def scalars(self) -> dict[str, float]:
-        out = {"valid/loss": self.loss, "valid/ppl": perplexity(self.loss)}
-        for k, v in self.objective_loss.items():
-            if v is not None:
-                out[f"valid/loss_{k}"] = v
-                out[f"valid/ppl_{k}"] = perplexity(v)
-        return out
 
 
 @dataclass
@@ -148,200 +69,18 @@ class TrainResult:
     """Pipeline runs: max |embedding - output head| over the tied copies at the end."""
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _manual_grad_norm(eng: Engine) -> float:
-    """L2 norm of the whole model's (already DP-averaged) gradient; DeepSpeed reports none at
-    ZeRO-0 fp32. Under TP a rank holds shards: replicated tensors count once (TP rank 0) and the
-    squares are summed over the model-parallel group, as in DeepSpeed's own clipping norm."""
-    return float(model_grad_norm(eng.module.parameters(), eng.dims))
-
-
-def _loss_scale(eng: Engine) -> float:
-    opt = eng.engine.optimizer
-    for attr in ("cur_scale", "loss_scale"):
-        value = getattr(opt, attr, None)
-        if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
-            return float(value)
-    return 1.0
-
-
-def _global_token_count(eng: Engine, micro_batches: list[Batch]) -> float:
-    """``N``: loss tokens of the step over all micro-batches and DP ranks (known up front)."""
-    if len(micro_batches) != eng.grad_accum:
-        raise ValueError(
-            f"train_step: got {len(micro_batches)} micro-batches, need {eng.grad_accum}"
-        )
-    count = torch.zeros(1, dtype=torch.float64, device=eng.device)
-    for mb in micro_batches:
-        count += mb["loss_mask"].to(torch.float64).sum().to(eng.device)
-    all_reduce(count, group=eng.dims.dp_group)
-    num_tokens = float(count.item())
-    if num_tokens <= 0:
-        raise RuntimeError("the global batch has no loss tokens (loss_mask is all zero)")
-    return num_tokens
-
-
-def train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
-    """Forward/backward over the step's micro-batches and one (possibly skipped) update.
-
-    See the module docstring for the loss scaling that makes the update the global-batch mean.
-    """
-    if eng.pipeline is not None:
-        return pipeline_train_step(eng, micro_batches)
-    ds = eng.engine
-    num_tokens = _global_token_count(eng, micro_batches)
-    factor = eng.grad_accum * eng.dp_size / num_tokens
-    stats = torch.zeros(7, dtype=torch.float64, device=eng.device)  # [sum, obj sum x3, obj cnt x3]
-    manual_norm = uses_manual_grad_norm(ds)
-    grad_norm: float | None = None
-    finite = True
-    for i, mb in enumerate(micro_batches):
-        out = ds(_to_device(mb, eng.device))
-        ds.backward(out.sum_loss * factor)
-        stats[0] += out.sum_loss.detach().to(torch.float64)
-        stats[1:4] += out.per_objective_sum.to(torch.float64)
-        stats[4:7] += out.per_objective_count.to(torch.float64)
-        if i == len(micro_batches) - 1:
-            all_reduce(stats, group=eng.dims.dp_group)
-            finite = bool(torch.isfinite(stats[0]))
-            eng.optimizer.skip_next_step = not finite
-            if manual_norm and finite:
-                grad_norm = _manual_grad_norm(eng)
-                # ZeRO-0 fp32: DeepSpeed checks no gradient; a non-finite one must not apply.
-                eng.optimizer.skip_next_step = not math.isfinite(grad_norm)
-        ds.step()
-    # DeepSpeed may skip the inner step itself (fp16 overflow) without consuming the flag.
-    eng.optimizer.skip_next_step = False
-    values = stats.tolist()
-    return _step_output(
-        eng, values[0], values[1:4], values[4:7], num_tokens, manual_norm, grad_norm
-    )
-
-
-def _step_output(
-    eng: Engine,
-    loss_sum: float,
-    objective_sum: list[float],
-    objective_count: list[float],
-    num_tokens: float,
-    manual_norm: bool,
-    grad_norm: float | None,
-) -> StepOutput:
-    """The step's record, with DeepSpeed's grad norm where it computed one (non-manual norm)."""
-    ds = eng.engine
-    finite = math.isfinite(loss_sum)
-    # Skipped by DeepSpeed (its ZeRO/fp16 optimizers' gradient check) or by ours (non-finite
-    # loss, or a non-finite gradient norm where the norm is ours): ``last_step_skipped`` is only
-    # stale when DeepSpeed skipped the inner step, and then ``was_step_applied`` is False.
-    applied = finite and bool(ds.was_step_applied()) and not eng.optimizer.last_step_skipped
-    if not applied:
-        grad_norm = None
-    elif not manual_norm:
-        value = ds.get_global_grad_norm()
-        grad_norm = None if value is None else float(value)
-    return StepOutput(
-        loss_sum=loss_sum,
-        num_tokens=num_tokens,
-        objective_sum=objective_sum,
-        objective_count=objective_count,
-        finite=finite,
-        applied=applied,
-        grad_norm=grad_norm,
-        loss_scale=_loss_scale(eng),
-    )
-
-
-def pipeline_train_step(eng: Engine, micro_batches: list[Batch]) -> StepOutput:
-    """One step through DeepSpeed's 1F1B schedule (``PipelineEngine.train_batch``).
-
-    Every stage holds the step's micro-batches (the first stage feeds the inputs, the last the
-    labels); ``N`` is counted from them before the schedule runs, so the last stage scales each
-    micro-batch's loss sum by ``A * D / N`` exactly as :func:`train_step` does. The statistics,
-    the skip decision and (ZeRO-0 fp32) the grad norm come from the optimizer-step hook.
-    """
-    from megatron_glm.training.pipeline import micro_batch_iterator
-
-    assert eng.pipeline is not None
-    ds, hook = eng.engine, eng.pipeline.hook
-    num_tokens = _global_token_count(eng, micro_batches)
-    eng.pipeline.loss.begin(eng.grad_accum * eng.dp_size / num_tokens, eng.device)
-    hook.stats = None
-    ds.train_batch(data_iter=micro_batch_iterator(micro_batches, eng.device))
-    eng.optimizer.skip_next_step = False
-    assert hook.stats is not None, "the pipeline ran no optimizer step"
-    values = hook.stats.tolist()  # [sum, tokens, obj sum x3, obj tokens x3]
-    return _step_output(
-        eng, values[0], values[2:5], values[5:8], num_tokens, hook.manual_norm, hook.grad_norm
-    )
-
-
-@torch.no_grad()
-def _pipeline_eval_stats(eng: Engine, batches: Iterable[Batch]) -> Tensor:
-    """Validation sums through DeepSpeed's inference schedule, on every rank."""
-    from megatron_glm.training.pipeline import micro_batch_iterator
-
-    assert eng.pipeline is not None
-    ds, loss = eng.engine, eng.pipeline.loss
-    micro = list(batches)
-    loss.begin(1.0, eng.device)
-    ds.eval_batch(
-        micro_batch_iterator(micro, eng.device),
-        compute_loss=True,
-        reduce_output=None,
-        bcast_loss=False,
-        num_micro_batches=len(micro),
-    )
-    return loss.reduce(ds.is_last_stage())
-
-
-@torch.no_grad()
-def evaluate(eng: Engine, batches: Iterable[Batch]) -> EvalResult:
-    """Validation loss (dropout off), all-reduced over DP; per objective too."""
-    if eng.pipeline is not None:
-        return _eval_result(_pipeline_eval_stats(eng, batches).tolist())
-    ds = eng.engine
-    ds.eval()
-    stats = torch.zeros(8, dtype=torch.float64, device=eng.device)  # [sum, n, obj sum, obj cnt]
-    try:
-        for mb in batches:
-            out = ds(_to_device(mb, eng.device))
-            stats[0] += out.sum_loss.to(torch.float64)
-            stats[1] += out.num_tokens.to(torch.float64)
-            stats[2:5] += out.per_objective_sum.to(torch.float64)
-            stats[5:8] += out.per_objective_count.to(torch.float64)
-    finally:
-        ds.train()
-    all_reduce(stats, group=eng.dims.dp_group)
-    return _eval_result(stats.tolist())
-
-
-def _eval_result(v: list[float]) -> EvalResult:
-    """``[sum, tokens, obj sum x3, obj tokens x3]`` (global) -> losses."""
-    if v[1] <= 0:
-        raise RuntimeError("validation batches have no loss tokens")
-    per = {
-        name: (v[2 + k] / v[5 + k] if v[5 + k] > 0 else None)
-        for k, name in enumerate(OBJECTIVE_NAMES)
-    }
-    return EvalResult(loss=v[0] / v[1], objective_loss=per)
-
-
 class _Window:
     """Accumulates steps between two log lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, objectives: tuple[str, ...]) -> None:
+        self.objectives = objectives
         self.reset()
 
     def reset(self) -> None:
         self.steps = 0
         self.seconds = 0.0
-        self.loss_sum = 0.0
-        self.tokens = 0.0
-        self.obj_sum = [0.0, 0.0, 0.0]
-        self.obj_count = [0.0, 0.0, 0.0]
+        self.stats = LossStats.zeros(self.objectives)
+        """Sums of the finite steps."""
         self.grad_norms: list[float] = []
         self.skipped = 0
         self.lr = math.nan
@@ -353,13 +92,13 @@ class _Window:
         if not out.applied:
             self.skipped += 1
         if out.finite:
-            self.loss_sum += out.loss_sum
-            self.tokens += out.num_tokens
-            for k in range(3):
-                self.obj_sum[k] += out.objective_sum[k]
-                self.obj_count[k] += out.objective_count[k]
+            self.stats = self.stats + out.stats
         if out.grad_norm is not None and math.isfinite(out.grad_norm):
             self.grad_norms.append(out.grad_norm)
+
+    @property
+    def loss(self) -> float:
+        return self.stats.loss if self.stats.num_tokens > 0 else math.nan
 
 
 @dataclass
@@ -393,7 +132,7 @@ class _RunState:
 
 
 class Trainer:
-    """Runs ``cfg`` on an initialised :class:`Engine` with a :class:`BatchSource`.
+    """Runs ``cfg`` with a :class:`StepRunner` (its engine built) and a :class:`BatchSource`.
 
     ``flops_per_token`` comes from the model (``megatron_glm.model.flops_per_token``).
     Console output (rank 0 only) goes through ``log``; it defaults to ``print``.
@@ -402,7 +141,7 @@ class Trainer:
     def __init__(
         self,
         cfg: RunConfig,
-        eng: Engine,
+        runner: StepRunner,
         source: BatchSource,
         *,
         flops_per_token: float,
@@ -411,7 +150,8 @@ class Trainer:
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.eng = eng
+        self.runner = runner
+        self.eng = runner.eng
         self.source = source
         self.flops_per_token = flops_per_token
         self.world_size = world_size
@@ -436,7 +176,7 @@ class Trainer:
         batches = self.source.valid_batches()
         if batches is None:
             return None
-        result = evaluate(self.eng, batches)
+        result = evaluate(self.runner, batches)
         self.log(result.line(iteration))
         if self.rank == 0:
             writer.write(result.scalars(), iteration)
@@ -459,16 +199,13 @@ class Trainer:
             iteration=iteration,
             train_iters=self.cfg.train.train_iters,
             consumed_samples=consumed,
-            loss=window.loss_sum / window.tokens if window.tokens > 0 else math.nan,
-            objective_loss={
-                name: (window.obj_sum[k] / window.obj_count[k] if window.obj_count[k] else None)
-                for k, name in enumerate(OBJECTIVE_NAMES)
-            },
+            loss=window.loss,
+            objective_loss=window.stats.objective_losses(),
             lr=window.lr,
             grad_norm=(
                 sum(window.grad_norms) / len(window.grad_norms) if window.grad_norms else None
             ),
-            loss_scale=_loss_scale(self.eng),
+            loss_scale=self.runner.loss_scale(),
             speed=speed,
             memory_mib=memory_mib(self.eng.device),
             seconds_per_step=window.seconds / window.steps,
@@ -532,7 +269,7 @@ class Trainer:
             # A run resumed at its end builds no stream: the data is sized for train_iters.
             done = run.iteration >= t.train_iters
             stream = iter(()) if done else self.source.train_batches(run.consumed)
-            window = _Window()
+            window = _Window(self.runner.objectives)
             while run.iteration < t.train_iters:
                 self._one_step(run, stream, window)
                 self._report(run, window, writer)
@@ -558,7 +295,7 @@ class Trainer:
         t0 = time.perf_counter()
         micro = [next(stream) for _ in range(self.eng.grad_accum)]
         lr = float(self.eng.scheduler.get_last_lr()[0])  # the LR this step uses
-        out = train_step(self.eng, micro)
+        out = self.runner.train_step(micro)
         window.add(out, time.perf_counter() - t0, lr)
         run.iteration += 1
         run.consumed += self.cfg.train.global_batch_size
@@ -639,15 +376,13 @@ class Trainer:
         return reason is not None or run.iteration == self.cfg.train.train_iters or periodic
 
     def _check_tied_weights(self, run: _RunState) -> None:
-        """Pipeline: the embedding (first stage) and head (last stage) copies must be equal."""
-        if self.eng.pipeline is None:
+        """Where tied weights have several copies (pipeline: embedding on the first stage, head
+        on the last), they must be equal."""
+        diff = self.runner.tied_weights_max_diff()
+        if diff is None:
             return
-        from megatron_glm.training.pipeline import tied_weights_max_diff
-
-        diff = torch.tensor([tied_weights_max_diff(self.eng.module)], device=self.eng.device)
-        all_reduce(diff, op="max")
-        run.result.tied_weights_max_diff = float(diff.item())
-        self.log(f"tied embedding / output head copies: max |difference| {diff.item():.3g}")
+        run.result.tied_weights_max_diff = diff
+        self.log(f"tied embedding / output head copies: max |difference| {diff:.3g}")
 
     def _summarise(self, history: list[tuple[int, float]]) -> None:
         if len(history) < 2:

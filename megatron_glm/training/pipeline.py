@@ -36,41 +36,42 @@ the last stage's backward loss by ``A`` (micro-batches) and averages over ``D`` 
 update is the gradient of the global-batch mean (as without PP, see ``loop``).
 
 Optimizer-step hook. DeepSpeed runs the optimizer step inside ``train_batch``. Every rank's
-``OptimizerStep`` instruction is wrapped (:class:`StepHook`): one all-reduce over the world
+``OptimizerStep`` instruction is wrapped (:class:`StepHook`, installed by
+``compat.deepspeed.wrap_optimizer_step``): one all-reduce over the world
 publishes the last stage's loss statistics to every rank, the non-finite-loss skip flag is set on
 every rank alike, and at ZeRO-0 fp32 (where DeepSpeed keeps no norm) the gradient norm is taken
 before clipping, as the unpipelined loop does. Under ZeRO-1 the gradient norm is all-reduced over
-the stages once per step (:func:`reduce_zero_grad_norm_once`), not once per optimizer param
-group: the stages' group counts differ with the partition, and unequal collectives deadlock.
+the stages once per step (``compat.deepspeed.reduce_zero_grad_norm_once``), not once per optimizer
+param group: the stages' group counts differ with the partition, and unequal collectives deadlock.
+
+Every private DeepSpeed name this relies on lives in :mod:`megatron_glm.compat.deepspeed`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 from torch import Tensor, nn
 
+from megatron_glm.compat.deepspeed import MaterializingPipelineModule, find_layer_type
 from megatron_glm.config import ConfigError, ModelConfig
-from megatron_glm.model import GLMModel, glm_loss, init_layer
+from megatron_glm.model import GLMModel, init_layer
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.layers import VocabParallelEmbedding
 from megatron_glm.parallel.layers import grad_norm as model_grad_norm
 from megatron_glm.parallel.random import ModelParallelRNG
+from megatron_glm.training.batches import MODEL_INPUTS, Batch, to_device
+from megatron_glm.training.loss_stats import LossAccumulator, LossStats
+from megatron_glm.training.losses import BatchLoss
 
 TIED_KEY = "word_embeddings"
 """DeepSpeed tie key of the embedding / output head."""
 TIED_ATTR = "word_embeddings.weight"
 """The tied parameter, by the same name in :class:`EmbeddingLayer` and :class:`TiedHead`."""
-NUM_STATS = 8
-"""Loss statistics per step: [sum, tokens, sum per objective x3, tokens per objective x3]."""
-
-Batch = dict[str, Tensor]
 
 
 class TiedHead(nn.Module):
@@ -100,53 +101,48 @@ class _Prebuilt(TiedLayerSpec):
 
 
 class PipelineLoss:
-    """DeepSpeed's ``loss_fn`` on the last stage: ``glm_loss`` sums, scaled, statistics kept.
+    """DeepSpeed's ``loss_fn`` on the last stage: a :class:`BatchLoss`, scaled, statistics kept.
 
-    ``scale`` is set by the loop before each ``train_batch`` (``A * D / N``; 1 for evaluation);
-    :attr:`stats` accumulates the unscaled sums of the micro-batches since :meth:`begin`.
+    ``scale`` is set by the step runner before each ``train_batch`` (``A * D / N``; 1 for
+    evaluation); :attr:`stats` accumulates the unscaled sums of the micro-batches since
+    :meth:`begin`. DeepSpeed prints this class's name as the pipeline's loss.
     """
 
-    def __init__(self, dims: ParallelDims, kernels: str) -> None:
+    def __init__(self, dims: ParallelDims, kernels: str, loss: BatchLoss) -> None:
         self.dims = dims
         self.kernels = kernels
+        self.loss = loss
         self.scale = 1.0
-        self.stats = torch.zeros(NUM_STATS, dtype=torch.float64)
+        self.stats = LossAccumulator(loss.objectives, "cpu")
 
     def begin(self, scale: float, device: torch.device) -> None:
         """Start a step (or an evaluation) whose backward losses are ``sum * scale``."""
         self.scale = scale
-        self.stats = torch.zeros(NUM_STATS, dtype=torch.float64, device=device)
+        self.stats = LossAccumulator(self.loss.objectives, device)
 
     def __call__(self, outputs: tuple[Tensor, Tensor], labels: Sequence[Tensor]) -> Tensor:
         hidden, weight = outputs  # [b, s, h], [vocab/tp, h]
-        targets, loss_mask, objective = labels
-        out = glm_loss(
-            weight, hidden, targets, loss_mask, objective, dims=self.dims, kernels=self.kernels
-        )
-        self.stats[0] += out.sum_loss.detach().to(torch.float64)
-        self.stats[1] += out.num_tokens.to(torch.float64)
-        self.stats[2:5] += out.per_objective_sum.to(torch.float64)
-        self.stats[5:8] += out.per_objective_count.to(torch.float64)
+        batch = dict(zip(self.loss.label_keys, labels, strict=True))
+        out = self.loss(weight, hidden, batch, dims=self.dims, kernels=self.kernels)
+        self.stats.add(out)
         return out.sum_loss * self.scale
 
-    def reduce(self, is_last_stage: bool) -> Tensor:
+    def reduce(self, is_last_stage: bool) -> LossStats:
         """Collective (world): the step's global statistics on every rank.
 
         Each sum exists on every TP rank of every last-stage replica; TP rank 0 contributes.
         """
-        mine = is_last_stage and self.dims.tp_rank == 0
-        total = self.stats.clone() if mine else torch.zeros_like(self.stats)
-        torch.distributed.all_reduce(total)
-        return total
+        return self.stats.reduce_from(is_last_stage and self.dims.tp_rank == 0)
 
 
 class StepHook:
-    """Runs as DeepSpeed's ``OptimizerStep`` instruction inside ``train_batch``.
+    """Runs at the start of DeepSpeed's ``OptimizerStep`` instruction inside ``train_batch``
+    (``compat.deepspeed.wrap_optimizer_step``).
 
     Every rank executes it once per step, after its stage's last backward and the gradient
     all-reduces (tied and data-parallel), so the world all-reduce of the loss statistics is
-    safe here, and every rank sets the same skip flag before the step it then delegates to
-    DeepSpeed. At ZeRO-0 fp32 it also takes the gradient norm (and clips, ``clip_grad > 0``).
+    safe here, and every rank sets the same skip flag before DeepSpeed's step runs. At ZeRO-0
+    fp32 it also takes the gradient norm (and clips, ``clip_grad > 0``).
     """
 
     def __init__(
@@ -158,13 +154,13 @@ class StepHook:
         self.clip_grad = clip_grad
         """> 0: clip to this norm here (``engine.clips_itself``); needs ``manual_norm``."""
         assert manual_norm or clip_grad == 0.0
-        self.stats: Tensor | None = None
+        self.stats: LossStats | None = None
         self.grad_norm: float | None = None
 
-    def __call__(self, engine: Any, **kwargs: Any) -> None:
+    def __call__(self, engine: Any) -> None:
         stats = self.loss.reduce(engine.is_last_stage())
         self.stats = stats
-        finite = math.isfinite(float(stats[0]))
+        finite = stats.finite
         self.optimizer.skip_next_step = not finite
         self.grad_norm = None
         if self.manual_norm and finite:
@@ -176,8 +172,6 @@ class StepHook:
             self.optimizer.skip_next_step = not math.isfinite(norm)
             if self.clip_grad > 0 and math.isfinite(norm):
                 clip_by_norm(params, norm, self.clip_grad)
-        original = type(engine)._INSTRUCTION_MAP[schedule.OptimizerStep]
-        original(engine, **kwargs)
 
 
 @torch.no_grad()
@@ -193,66 +187,7 @@ def clip_by_norm(params: Sequence[Tensor], norm: float, max_norm: float) -> None
                 p.grad.mul_(coef)
 
 
-def reduce_zero_grad_norm_once(engine: Any) -> None:
-    """Make ZeRO-1/2's gradient norm issue the same collectives on every pipeline stage.
-
-    ``DeepSpeedZeroOptimizer.scaled_global_norm`` takes one norm per optimizer param group and
-    all-reduces each over the model-parallel group, which with a pipeline spans the stages. The
-    stages build their groups from different layers, and empty groups are dropped (by
-    ``engine.param_groups`` and again by ``deepspeed.initialize``), so a stage holding only the
-    embedding (``partition_method=parameters`` on a 2-layer model: no bias or LayerNorm gain,
-    so no no-decay group) has one group where the next stage has two. The stages then issue
-    different numbers of all-reduces and deadlock (stage 0 already waits in the loss broadcast
-    that ends ``train_batch`` while stage 1 waits in its second norm all-reduce).
-
-    Here the per-group norms are taken over this stage only (reduced over DP as before) and
-    their sum of squares is all-reduced over the model-parallel group once: the same norm
-    (``sqrt`` of the sum of every group's squares on every stage), one collective whatever the
-    group count. A non-finite group makes DeepSpeed's combined norm ``inf``; ``inf`` survives
-    the sum, so every stage sees the overflow alike.
-
-    This relies on two names private to DeepSpeed 0.19 (``scaled_global_norm`` and
-    ``model_parallel_group``, which ``_model_parallel_all_reduce`` skips when ``None``): kept
-    here, next to the other pipeline-engine patch, and asserted so a DeepSpeed change fails
-    loudly instead of hanging.
-    """
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    optimizer = engine.optimizer
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
-        return  # ZeRO-0 (ours or BF16_Optimizer): one norm over all groups already
-    for name in ("model_parallel_group", "scaled_global_norm"):
-        assert hasattr(optimizer, name), f"DeepSpeed's ZeRO optimizer has no {name} any more"
-    group = optimizer.model_parallel_group
-    per_group = optimizer.scaled_global_norm  # the bound original
-
-    def scaled_global_norm(norm_type: int = 2) -> Tensor:
-        optimizer.model_parallel_group = None
-        try:
-            local = per_group(norm_type)  # this stage's norm over all its groups, DP-reduced
-        finally:
-            optimizer.model_parallel_group = group
-        squares = local.float() ** 2  # inf stays inf
-        if group is not None:
-            torch.distributed.all_reduce(squares, group=group)
-        return squares.sqrt()
-
-    optimizer.scaled_global_norm = scaled_global_norm
-
-
-def install_step_hook(engine: Any, hook: StepHook) -> None:
-    """Make ``engine`` run ``hook`` as its ``OptimizerStep`` instruction.
-
-    PipelineEngine dispatches instructions through its ``_INSTRUCTION_MAP`` looked up on the
-    instance, so an instance-level copy replaces the one instruction for this engine only.
-    """
-    table = dict(type(engine)._INSTRUCTION_MAP)
-    assert schedule.OptimizerStep in table, "DeepSpeed's pipeline engine changed"
-    table[schedule.OptimizerStep] = hook
-    engine._INSTRUCTION_MAP = table
-
-
-class GLMPipelineModule(PipelineModule):
+class GLMPipelineModule(MaterializingPipelineModule):
     """PipelineModule whose local layers are materialised and initialised at build time."""
 
     def __init__(
@@ -266,29 +201,24 @@ class GLMPipelineModule(PipelineModule):
         seed: int,
         cfg: ModelConfig,
     ) -> None:
-        self._device = device
-        self._seed = seed
-        self._cfg = cfg
+        std = cfg.init_method_std
+        out_std = std / math.sqrt(2.0 * cfg.num_layers)
+        last = len(specs) - 1
+
+        def materialize(index: int, module: nn.Module) -> None:
+            """This stage's layer ``index`` (on the meta device) -> ``device``, initialised."""
+            module.to_empty(device=device)
+            glm_index = 0 if index == last else index  # the head shares the embedding's seed
+            init_layer(module, layer_index=glm_index, seed=seed, std=std, output_std=out_std)
+
         super().__init__(
             specs,
+            materialize=materialize,
             topology=dims.topology(),
             loss_fn=loss,
             partition_method=partition_method,
             activation_checkpoint_interval=0,  # blocks checkpoint themselves (model config)
         )
-
-    def _build(self) -> None:
-        """Materialise this stage's layers (still on the meta device) before DeepSpeed adds them."""
-        std = self._cfg.init_method_std
-        out_std = std / math.sqrt(2.0 * self._cfg.num_layers)
-        last = len(self._layer_specs) - 1
-        for index in range(self._local_start, self._local_stop):
-            spec = self._layer_specs[index]
-            module = spec.module if isinstance(spec, _Prebuilt) else spec
-            module.to_empty(device=self._device)
-            glm_index = 0 if index == last else index  # the head shares the embedding's seed
-            init_layer(module, layer_index=glm_index, seed=self._seed, std=std, output_std=out_std)
-        super()._build()
 
 
 def pipeline_layer_names(num_layers: int) -> list[str]:
@@ -303,20 +233,18 @@ def check_partition_method(method: str, num_layers: int) -> None:
     """Raise ValueError (naming the field) for a ``type:REGEX`` that selects no layer.
 
     DeepSpeed would raise only once every rank builds its PipelineModule, inside the process
-    group. The match is DeepSpeed's own ``PipelineModule._find_layer_type`` (private, hence kept
-    here) run over the layer classes' names, so the check cannot disagree with the partitioning;
-    it reads only ``_layer_specs`` and takes an object's ``__name__``, so plain name holders do.
-    ``parameters`` and ``uniform`` need no check: with ``num_layers`` divisible by ``pp`` (the
-    config's rule) the ``num_layers + 3`` layers outnumber the stages and DeepSpeed's
-    partitions never leave a stage without layers, and every layer holds parameters.
+    group. The match is DeepSpeed's own (``compat.deepspeed.find_layer_type``) run over the
+    layer classes' names, so the check cannot disagree with the partitioning. ``parameters``
+    and ``uniform`` need no check: with ``num_layers`` divisible by ``pp`` (the config's rule)
+    the ``num_layers + 3`` layers outnumber the stages and DeepSpeed's partitions never leave a
+    stage without layers, and every layer holds parameters.
     """
     if not method.lower().startswith("type:"):
         return
     pattern = method.lower().split(":")[1]  # DeepSpeed lower-cases and takes this piece
     names = pipeline_layer_names(num_layers)
-    holder = SimpleNamespace(_layer_specs=[SimpleNamespace(__name__=n) for n in names])
     try:
-        PipelineModule._find_layer_type(holder, pattern)
+        find_layer_type(names, pattern)
     except Exception as exc:  # RuntimeError: no match; the ``regex`` module's error: bad pattern
         what = "selects no layer" if isinstance(exc, RuntimeError) else f"is not a regex ({exc})"
         kinds = ", ".join(dict.fromkeys(names))
@@ -335,10 +263,12 @@ def build_pipeline(
     device: torch.device,
     seed: int,
     partition_method: str = "parameters",
+    loss: BatchLoss,
 ) -> tuple[GLMPipelineModule, ModelParallelRNG]:
     """Collective: this stage's part of the GLM as a PipelineModule, and the model's TP stream.
 
-    The weights equal those of ``build_model(cfg, vocab_size=..., seed=seed)`` layer by layer.
+    The weights equal those of ``build_model(cfg, vocab_size=..., seed=seed)`` layer by layer;
+    ``loss`` runs on the last stage (:class:`PipelineLoss`).
     """
     with torch.device("meta"):
         glm = GLMModel(cfg, vocab_size, dims=dims)  # validates vocab/heads against tp
@@ -353,11 +283,10 @@ def build_pipeline(
         s.typename.__name__ if isinstance(s, TiedLayerSpec) else type(s).__name__ for s in specs
     ]
     assert names == pipeline_layer_names(cfg.num_layers), names  # what preflight checks against
-    loss = PipelineLoss(dims, cfg.kernels)
     pipe = GLMPipelineModule(
         specs,
         dims=dims,
-        loss=loss,
+        loss=PipelineLoss(dims, cfg.kernels, loss),
         partition_method=partition_method,
         device=device,
         seed=seed,
@@ -367,12 +296,14 @@ def build_pipeline(
     return pipe, glm.rng
 
 
-def micro_batch_iterator(micro_batches: Sequence[Batch], device: torch.device) -> Iterator[Any]:
-    """DeepSpeed's ``(inputs, labels)`` pairs: the first stage reads inputs, the last labels."""
+def micro_batch_iterator(
+    micro_batches: Sequence[Batch], device: torch.device, label_keys: Sequence[str]
+) -> Iterator[Any]:
+    """DeepSpeed's ``(inputs, labels)`` pairs: the first stage reads inputs, the last labels
+    (the loss's ``label_keys``, in that order)."""
     for mb in micro_batches:
-        b = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        inputs = (b["tokens"], b["position_ids"], b["sep"], b["valid_len"])
-        yield inputs, (b["targets"], b["loss_mask"], b["objective"])
+        b = to_device(mb, device)
+        yield tuple(b[k] for k in MODEL_INPUTS), tuple(b[k] for k in label_keys)
 
 
 def tied_weights_max_diff(pipe: PipelineModule) -> float:
@@ -397,9 +328,7 @@ __all__ = [
     "build_pipeline",
     "check_partition_method",
     "head_forward",
-    "install_step_hook",
     "micro_batch_iterator",
     "pipeline_layer_names",
-    "reduce_zero_grad_norm_once",
     "tied_weights_max_diff",
 ]

@@ -5,18 +5,18 @@ Order matters for exact resume and for clean failure:
 1. the process group starts (config and launch checks already passed in ``pretrain.main``);
 2. python/numpy/torch are seeded with ``train.seed`` on every rank; the model's weights come
    from per-parameter generators (``megatron_glm.model``) and do not consume these RNGs;
-3. after the model is built, torch's RNG is re-seeded per data-parallel rank
-   (``seed + 1 + dp_rank``) so ranks draw different dropout masks (TP peers share it; the
-   model's own TP stream differs per TP rank and pipeline stage). With ``parallel.pp > 1`` each
-   rank builds only its stage's layers, inside DeepSpeed's PipelineModule
-   (``training.pipeline``);
+3. torch's RNG is re-seeded per data-parallel rank (``seed + 1 + dp_rank``) so ranks draw
+   different dropout masks (TP peers share it; the model's own TP stream differs per TP rank and
+   pipeline stage); the model's weights come from per-parameter generators and draw none of it.
+   Then the step runner builds the model and its engine (``training.step.build_runner``: with
+   ``parallel.pp > 1`` each rank builds only its stage's layers, inside DeepSpeed's
+   PipelineModule, ``training.pipeline``);
 4. a checkpoint, if any, is loaded last: it overwrites weights, optimizer, schedule and every
    RNG, so a resumed run continues exactly where the saved one was.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from megatron_glm.config import RunConfig
-from megatron_glm.model import build_model, flops_per_token, num_parameters
+from megatron_glm.model import flops_per_token, num_parameters
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.training import checkpoint as ckpt
+from megatron_glm.training.batches import Batch, BatchSource
 from megatron_glm.training.distributed import DistEnv, destroy_distributed, init_distributed
-from megatron_glm.training.engine import initialize, initialize_pipeline
-from megatron_glm.training.loop import Batch, BatchSource, Trainer, TrainResult
-from megatron_glm.training.metrics import bubble_fraction
+from megatron_glm.training.loop import Trainer, TrainResult
 from megatron_glm.training.signals import LauncherWatch, StopConditions
+from megatron_glm.training.step import build_runner
 from megatron_glm.training.watchdog import Watchdog
 
 SourceFactory = Callable[[int, int], tuple[BatchSource, int]]
@@ -110,20 +110,14 @@ def train_in_group(
     source, vocab = make_source(dp_rank, dp_size)
     if watchdog is not None:
         source = _ReportingSource(source, watchdog)
-    if dims.pp > 1:  # this stage's layers only, inside DeepSpeed's PipelineModule
-        torch.manual_seed(cfg.train.seed + 1 + dp_rank)  # model init draws no global RNG
-        eng = initialize_pipeline(cfg, vocab_size=vocab, dims=dims, device=device)
-    else:
-        glm = build_model(
-            cfg.model, vocab_size=vocab, device=device, seed=cfg.train.seed, dims=dims
-        )
-        torch.manual_seed(cfg.train.seed + 1 + dp_rank)
-        eng = initialize(glm, cfg, dims=dims, device=device)
+    torch.manual_seed(cfg.train.seed + 1 + dp_rank)  # model init draws no global RNG
+    runner = build_runner(cfg, vocab_size=vocab, dims=dims, device=device)
+    eng = runner.eng
     if watchdog is not None:  # the hooks live as long as this engine; harmless once stopped
         watchdog.attach(eng.module, eng.optimizer)
     trainer = Trainer(
         cfg,
-        eng,
+        runner,
         source,
         flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_length),
         world_size=env.world_size,
@@ -137,13 +131,9 @@ def train_in_group(
         f"grad accumulation {eng.grad_accum}, ZeRO-{cfg.train.zero_stage}, "
         f"{cfg.train.precision} | device {device}"
     )
-    if eng.pipeline is not None:
-        parts = eng.pipeline.parts
-        split = " ".join(f"[{a}, {b})" for a, b in itertools.pairwise(parts))
-        trainer.log(
-            f"pipeline: {dims.pp} stages, {eng.grad_accum} micro-batches per step (1F1B, bubble "
-            f"{100 * bubble_fraction(dims.pp, eng.grad_accum):.1f}%), layers per stage {split}"
-        )
+    schedule = runner.describe()
+    if schedule is not None:
+        trainer.log(schedule)
     load_dir = ckpt.resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)
     start = None
     if load_dir is not None:

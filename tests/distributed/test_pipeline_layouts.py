@@ -6,7 +6,7 @@ the default ``partition_method=parameters`` gives pipeline stage 0 the embedding
 512 x 64 x 2 position tables outweigh a block), so stage 0 has one optimizer param group (no
 bias or LayerNorm gain) where stage 1 has two; ``uniform`` leaves stage 1 the final LayerNorm
 and the head, no block. Before ZeRO's gradient norm was reduced once per step
-(``training.pipeline.reduce_zero_grad_norm_once``) pp 2 + ZeRO-1 + ``parameters`` deadlocked
+(``compat.deepspeed.reduce_zero_grad_norm_once``) pp 2 + ZeRO-1 + ``parameters`` deadlocked
 at step 1.
 
 Launches go through ``test_training``'s worker script (same directory, imported as a module the
