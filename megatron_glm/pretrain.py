@@ -14,6 +14,14 @@ the field name and exit status 2 *before* any process group starts, printed once
 ``train.exit_interval`` saves a checkpoint and exits 0. A rank that made no progress for
 ``train.distributed_timeout_minutes`` (plus a margin) is ended by its watchdog with status 4
 (``training.watchdog``).
+
+Output: what the command itself says (a pre-launch error, the ``--dry-run`` description, the
+final non-finite error) is printed here; everything the library says during the run goes through
+:mod:`logging`, set up once in :func:`main` by :func:`megatron_glm.logs.setup_logging` (rank 0's
+INFO lines on stdout, warnings of every rank on stderr; ``GLM_LOG_ALL_RANKS=1`` shows every
+rank's INFO lines).
+
+From Python, :func:`run_pretraining` does what this command does after parsing its arguments.
 """
 
 from __future__ import annotations
@@ -24,14 +32,19 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import yaml
 
 from megatron_glm.config import RunConfig, load_config, to_dict
 from megatron_glm.config_docs import fields_help
+from megatron_glm.logs import all_ranks_requested, setup_logging
 from megatron_glm.training.checkpoint import NonFiniteError
-from megatron_glm.training.distributed import read_dist_env
+from megatron_glm.training.distributed import DistEnv, read_dist_env
 from megatron_glm.training.preflight import validate_for_launch
+
+if TYPE_CHECKING:
+    from megatron_glm.training.loop import TrainResult
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
@@ -122,6 +135,22 @@ def report_launch_error(exc: Exception, environ: Mapping[str, str] | None = None
     print(f"error: {exc}", file=sys.stderr, flush=True)
 
 
+def run_pretraining(cfg: RunConfig, env: DistEnv | None = None) -> TrainResult:
+    """Pretrain ``cfg`` from Python, as ``glm-pretrain`` does after parsing its command line.
+
+    ``env`` defaults to the launcher's variables (:func:`read_dist_env`; none set: a world of
+    one). The launch checks run first, so a bad field or a missing file raises ValueError (or
+    OSError) naming it before any process group starts; a diverged run raises
+    :class:`NonFiniteError`. Console output goes through :mod:`logging`: call
+    :func:`megatron_glm.setup_logging` first to see it (a library does not configure logging).
+    """
+    env = read_dist_env() if env is None else env
+    validate_for_launch(cfg, env.world_size)
+    from megatron_glm.training import session  # imports deepspeed: keep it late
+
+    return session.run_pretraining(cfg, env)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, train. Returns the process exit status."""
     args = build_parser().parse_args(argv)
@@ -129,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         env = read_dist_env()
         validate_for_launch(cfg, env.world_size)
+        all_ranks = all_ranks_requested()
     except (ValueError, OSError) as exc:
         report_launch_error(exc)
         return EXIT_CONFIG_ERROR
@@ -137,12 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megatron_glm.training.session import run_pretraining  # imports deepspeed: keep it late
 
-    try:
-        run_pretraining(cfg, env)
-    except NonFiniteError as exc:  # every rank agreed on it (all-reduced): rank 0 says it
-        if env.rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NONFINITE
+    with setup_logging(env.rank, all_ranks=all_ranks):
+        try:
+            run_pretraining(cfg, env)
+        except NonFiniteError as exc:  # every rank agreed on it (all-reduced): rank 0 says it
+            if env.rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_NONFINITE
     return 0
 
 

@@ -20,6 +20,7 @@ from megatron_glm.data.dataset import split_documents
 from megatron_glm.data.indexed import IndexedDataset
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.generation.blank_fill import fill_blank
+from megatron_glm.logs import setup_logging
 from megatron_glm.model import build_model
 from megatron_glm.training.checkpoint import load_model_state
 
@@ -88,4 +89,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     sys.exit(main())

@@ -17,6 +17,7 @@ import sys
 from megatron_glm.data.blank_infilling import OBJECTIVES, format_row, row_to_json
 from megatron_glm.data.loader import inspection_dataset
 from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,4 +57,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     sys.exit(main())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_glm.data.demo_corpus import DEFAULT_MIN_CHARS, write_demo_corpus
+from megatron_glm.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,4 +34,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     main()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_glm.data.indexed import IndexedDataset, merge_datasets
+from megatron_glm.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,4 +22,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_glm.data.preprocess import preprocess_data
+from megatron_glm.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,4 +60,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     main()

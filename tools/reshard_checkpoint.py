@@ -20,6 +20,7 @@ import argparse
 from pathlib import Path
 
 from megatron_glm.config import ModelConfig, from_dict, load_config
+from megatron_glm.logs import setup_logging
 from megatron_glm.model import tensor_parallel_layout
 from megatron_glm.parallel.reshard import reshard_checkpoint, resolve_tag, saved_config
 
@@ -65,4 +66,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     main()

@@ -31,7 +31,7 @@ BATCH_KEYS: tuple[str, ...] = (
     "valid_len",
     "objective",
 )
-"""Keys of a pretraining micro-batch (DESIGN.md, "Batch contract") plus ``objective``."""
+"""Keys of a pretraining micro-batch (docs/design.md, "Batch contract") plus ``objective``."""
 
 
 class GLMPretrainDataset(Dataset):

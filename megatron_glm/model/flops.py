@@ -5,7 +5,7 @@ adds nothing). ``matmul_parameters`` (N_matmul) counts the weights that take par
 multiplication per token: per block QKV ``3h^2``, attention output ``h^2``, MLP ``2 h f``, plus
 the tied head ``V h`` (used as a matmul once, in the output projection; the embedding *lookup* is a
 gather and costs no FLOPs). Biases, LayerNorms and the position tables are excluded: they are
-elementwise or lookups. Then (DESIGN.md)::
+elementwise or lookups. Then (docs/design.md, "Metrics")::
 
     flops_per_token = 6 * N_matmul + 12 * L * h * S
 

@@ -138,8 +138,9 @@ class GLMModel(nn.Module):
         """Hidden states after the final LayerNorm, ``[b, s, h]``.
 
         ``tokens`` int64 ``[b, s]``, ``position_ids`` int64 ``[b, 2, s]``, ``sep`` and
-        ``valid_len`` int64 ``[b]`` (DESIGN.md, "Batch contract"); ``attention_mask`` an optional
-        explicit bool mask that replaces the (sep, valid_len) rule (slow finetuning fallback).
+        ``valid_len`` int64 ``[b]`` (docs/design.md, "Batch contract"); ``attention_mask`` an
+        optional explicit bool mask that replaces the (sep, valid_len) rule (slow finetuning
+        fallback).
         """
         self._check_inputs(tokens, position_ids, sep, valid_len)
         state: tuple[Tensor, ...] = (tokens, position_ids, sep, valid_len)

@@ -18,7 +18,8 @@ on every TP rank (reduce them over data parallelism only).
 
 Sums, not means, are returned: the training loop all-reduces ``sum_loss`` and ``num_tokens``
 across data parallelism and gradient accumulation and divides once, which is what
-"loss = sum(CE * mask) / sum(mask) over the global batch" (DESIGN.md) requires.
+"loss = sum(CE * mask) / sum(mask) over the global batch" (docs/design.md, "Loss
+normalisation") requires.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Throughput, MFU, memory, the console log line and TensorBoard scalars.
 
-Definitions (DESIGN.md, "Training loop"):
+Definitions (docs/design.md, "Metrics"):
 
 - tokens/s counts every position of every row, ``global_batch_size * seq_length`` per step, padding
   included: that is what the model computes on, and it matches ``flops_per_token``, which is

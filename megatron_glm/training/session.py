@@ -17,6 +17,7 @@ Order matters for exact resume and for clean failure:
 
 from __future__ import annotations
 
+import logging
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +35,10 @@ from megatron_glm.training.loop import Trainer, TrainResult
 from megatron_glm.training.signals import LauncherWatch, StopConditions
 from megatron_glm.training.step import build_runner
 from megatron_glm.training.watchdog import Watchdog
+
+logger = logging.getLogger(__name__)
+"""The run's console lines (layout, model, steps, validation, checkpoints): INFO, shown on rank 0
+once the entry point has called :func:`megatron_glm.logs.setup_logging`."""
 
 SourceFactory = Callable[[int, int], tuple[BatchSource, int]]
 """(dp_rank, dp_size) -> (this rank's batch source, padded vocabulary size)."""
@@ -85,6 +90,7 @@ def train_in_group(
     """Steps 2-4 plus the loop, inside an existing process group (tests reuse one group).
 
     ``watchdog`` (optional) is told of every micro-batch read, forward and optimizer step.
+    ``log`` receives the run's console lines; by default they are logged at INFO (:data:`logger`).
     """
     # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated, once per rank and
     # run; the warning is DeepSpeed's to fix and says nothing about this run.
@@ -122,7 +128,7 @@ def train_in_group(
         flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_length),
         world_size=env.world_size,
         rank=env.rank,
-        log=log,
+        log=log or logger.info,
     )
     trainer.log(dims.describe())
     trainer.log(

@@ -31,9 +31,9 @@ is armed before the first progress event, so start-up and checkpoint loading are
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
 
 EXIT_NO_PROGRESS = 4
 """Exit status of a process the watchdog ended (config errors are 2, non-finite losses 3)."""
@@ -136,7 +138,7 @@ class Watchdog:
         self.rank, self.world_size = rank, world_size
         self.timing = Timing.from_timeout(timeout_s)
         self._connect = connect
-        self._write = write or _stderr
+        self._write = write or _warn
         self._exit, self._clock = exit, clock
         self._store: Store | None = None
         self._store_error: str | None = None
@@ -359,6 +361,6 @@ def _ranks(ranks: list[int]) -> str:
     return ", ".join(map(str, ranks))
 
 
-def _stderr(msg: str) -> None:
-    sys.stderr.write(f"[watchdog] {msg}\n")
-    sys.stderr.flush()
+def _warn(msg: str) -> None:
+    """A WARNING: shown on every rank (each watchdog judges from where it stands), on stderr."""
+    logger.warning("[watchdog] %s", msg)

@@ -112,6 +112,7 @@ def _worker(spec: dict[str, Any]) -> int:
     in-group checks that pre-launch checks would otherwise pre-empt).
     """
     from megatron_glm.config import load_config
+    from megatron_glm.logs import setup_logging
     from megatron_glm.serialization import CheckpointFileError
     from megatron_glm.training.checkpoint import NonFiniteError
     from megatron_glm.training.distributed import (
@@ -123,6 +124,7 @@ def _worker(spec: dict[str, Any]) -> int:
     from megatron_glm.training.session import train_in_group
 
     env = read_dist_env()
+    setup_logging(env.rank)  # an entry point, like pretrain.main: rank 0's lines on stdout
     configs = [load_config(None, TINY + o) for o in spec["runs"]]
     reshards = spec.get("reshard", {})  # run index -> [[src, dst, tp, pp], ...] after that run
     preflight = not spec.get("skip_preflight", False)

@@ -43,6 +43,7 @@ from megatron_glm.kernels.flash_attention import (
     default_blocks,
     flash_glm_attention,
 )
+from megatron_glm.logs import setup_logging
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMOKE_SIZES = "1x24"
@@ -255,4 +256,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     main()

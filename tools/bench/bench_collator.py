@@ -33,6 +33,7 @@ from infilling_reference import random_window, reference_infill  # noqa: E402
 
 from megatron_glm.config import ObjectiveConfig  # noqa: E402
 from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfilling, SpecialIds  # noqa: E402
+from megatron_glm.logs import setup_logging  # noqa: E402
 
 IDS = SpecialIds(mask=3, smask=4, gmask=5, sop=6, eop=7, pad=2, eos=2)
 TASKS = (*OBJECTIVES, "mixed")
@@ -117,4 +118,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     main()

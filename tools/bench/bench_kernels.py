@@ -53,6 +53,7 @@ from megatron_glm.kernels import (
 )
 from megatron_glm.kernels.attention import glm_attention_mask
 from megatron_glm.kernels.flash_attention import flash_glm_attention
+from megatron_glm.logs import setup_logging
 
 T = "triton"
 """Every call names the Triton path explicitly (``auto`` would pick torch in a CPU smoke run)."""
@@ -299,4 +300,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     main()

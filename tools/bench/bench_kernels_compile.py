@@ -37,6 +37,7 @@ from megatron_glm.kernels import flash_attention as fa
 from megatron_glm.kernels import fused_bias_dropout_add as bda
 from megatron_glm.kernels import fused_bias_gelu as gelu
 from megatron_glm.kernels import layernorm as ln
+from megatron_glm.logs import setup_logging
 
 
 @dataclass
@@ -184,4 +185,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     main()

@@ -55,6 +55,7 @@ from megatron_glm.data.preprocess import (
 )
 from megatron_glm.data.sentence_split import split_sentences_batch
 from megatron_glm.data.tokenizer import GLMTokenizer, train_tokenizer
+from megatron_glm.logs import setup_logging
 
 ROOT = Path(__file__).resolve().parents[2]
 _SUMMARY = re.compile(r"([\d.]+) s \(([\d.]+) s CPU\), ([\d.]+) MB/s with")
@@ -278,4 +279,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(info_stream="stderr")  # stdout is the result
     main()

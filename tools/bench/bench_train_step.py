@@ -49,7 +49,6 @@ On CPU ``auto`` resolves every op to its torch reference.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Callable
@@ -64,6 +63,7 @@ from torch import Tensor, nn
 from megatron_glm.config import ModelConfig, ObjectiveConfig, RunConfig, load_config
 from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
 from megatron_glm.data.dataset import Window
+from megatron_glm.logs import setup_logging
 from megatron_glm.model import build_model, flops_per_token, glm_loss
 from megatron_glm.training.metrics import Throughput, matmul_dtype, peak_tflops, throughput
 
@@ -523,9 +523,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = require_device(args.smoke)
-    # The dispatcher logs each op's resolved backend once (and any fallback to the reference):
-    # shown on stderr so a run says which kernels it timed.
-    logging.basicConfig(level=logging.INFO, format="  %(message)s", stream=sys.stderr)
     if args.smoke:
         args.batches, args.dtype, args.warmup, args.iters = [2], "fp32", 1, 2
         works = [smoke_workload()]
@@ -551,4 +548,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # stdout is the table; the dispatcher's choice of each op's backend (and any fallback to the
+    # reference) goes to stderr, so a run says which kernels it timed.
+    setup_logging(info_stream="stderr")
     main()
