@@ -63,7 +63,7 @@ def _require(cond: bool, name: str, rule: str) -> None:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Architecture of a GLM (DESIGN.md, "Model sizes")."""
+    """Architecture of a GLM (docs/design.md, "Model sizes")."""
 
     name: str = "glm"
     """Human-readable name, e.g. ``glm-large``; used in logs only."""
@@ -165,7 +165,8 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    """GLM's blank-infilling objective mix (DESIGN.md, "Data"; the paper's section 2)."""
+    """GLM's blank-infilling objective mix (docs/design.md, "Blank infilling"; the paper's
+    section 2)."""
 
     span_prob: float = 0.5
     """Probability that a row uses the span (token-level [MASK]) task."""

@@ -15,6 +15,7 @@ skipped, and :func:`checkpoint.save` refuses non-finite weights in any case.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -41,6 +42,8 @@ from megatron_glm.training.metrics import (
 )
 from megatron_glm.training.signals import StopConditions
 from megatron_glm.training.step import StepOutput, StepRunner
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Batch", "BatchSource", "NonFiniteLossError", "TrainResult", "Trainer"]
 
@@ -135,7 +138,8 @@ class Trainer:
     """Runs ``cfg`` with a :class:`StepRunner` (its engine built) and a :class:`BatchSource`.
 
     ``flops_per_token`` comes from the model (``megatron_glm.model.flops_per_token``).
-    Console output (rank 0 only) goes through ``log``; it defaults to ``print``.
+    Console output goes through ``log``; it defaults to this module's logger at INFO, whose
+    handler (``megatron_glm.logs.setup_logging``) shows rank 0 only unless every rank is asked for.
     """
 
     def __init__(
@@ -156,14 +160,13 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.rank = rank
-        self._log_fn = log or (lambda msg: print(msg, flush=True))
+        self._log_fn = log or logger.info
         self._bar: tqdm | None = None
         self.peak = device_peak_tflops(cfg.train.precision)
 
     def log(self, msg: str) -> None:
-        """Rank 0 prints; the tqdm bar, if any, is redrawn below the message."""
-        if self.rank != 0:
-            return
+        """One console line; which ranks show it is the logging setup's choice (rank 0 by
+        default), and the tqdm bar (rank 0 only) is redrawn below it."""
         if self._bar is not None:
             self._bar.clear()
         self._log_fn(msg)

@@ -10,13 +10,14 @@ is that list plus the tied output head::
     N+1     FinalLayerNorm                            (hidden, sep, valid_len) -> hidden
     N+2     TiedHead         (tied "word_embeddings")  hidden -> (hidden, head weight)
 
-``sep`` and ``valid_len`` (the whole attention mask, DESIGN.md) travel with the hidden states, so
-every stage masks attention without a side channel; ``position_ids`` are used by the embedding
-only. The loss (:class:`PipelineLoss`, DeepSpeed's ``loss_fn``) runs on the last stage with the
-labels ``(targets, loss_mask, objective)`` that DeepSpeed hands the last stage from the same data
-iterator the first stage reads. Layer indices 0..N+1 are exactly ``GLMModel.layers`` indices, and
-DeepSpeed's per-layer checkpoint files (``layer_XX-model_YY-model_states.pt``) hold exactly that
-layer's ``state_dict``, so a pipeline checkpoint converts to an unpipelined one by renaming.
+``sep`` and ``valid_len`` (the whole attention mask, docs/design.md, "Batch contract") travel with
+the hidden states, so every stage masks attention without a side channel; ``position_ids`` are used
+by the embedding only. The loss (:class:`PipelineLoss`, DeepSpeed's ``loss_fn``) runs on the last
+stage with the labels ``(targets, loss_mask, objective)`` that DeepSpeed hands the last stage from
+the same data iterator the first stage reads. Layer indices 0..N+1 are exactly ``GLMModel.layers``
+indices, and DeepSpeed's per-layer checkpoint files (``layer_XX-model_YY-model_states.pt``) hold
+exactly that layer's ``state_dict``, so a pipeline checkpoint converts to an unpipelined one by
+renaming.
 
 Tied weights. The output head is the word embedding. The first stage owns the embedding, the last
 a :class:`TiedHead` holding one more copy of the same ``[vocab/tp, h]`` shard (DeepSpeed's

@@ -10,7 +10,8 @@ names) to the same runners, or adds a third runner, without touching the loop. C
 no runner hook: DeepSpeed's engine saves and loads the pipeline's per-layer files itself
 (``training.checkpoint`` takes the runner's :class:`~megatron_glm.training.engine.Engine`).
 
-Loss normalisation (DESIGN.md: ``loss = sum(CE * mask) / sum(mask)`` over the *global* batch).
+Loss normalisation (docs/design.md, "Loss normalisation": ``loss = sum(CE * mask) / sum(mask)``
+over the *global* batch).
 A step takes ``A = global / (micro * dp)`` micro-batches on each of ``D`` data-parallel ranks.
 All ``A`` micro-batches of the step are fetched first and the loss-token count ``N`` is summed
 locally and all-reduced over DP. Each micro-batch ``m`` then back-propagates
