@@ -92,7 +92,7 @@ class _BiasDropoutAdd(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(seed)
         ctx.p = p
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_dtype = x.dtype
         return out
 
@@ -109,7 +109,9 @@ class _BiasDropoutAdd(torch.autograd.Function):
             )
         else:
             dx = dy.to(dtype)
-        dbias = dx.reshape(-1, dx.shape[-1]).sum(0) if ctx.has_bias else None
+        dbias = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
+            dbias = dx.reshape(-1, dx.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dbias, dy, None
 
 
