@@ -1,10 +1,12 @@
 """``residual + dropout(x + bias)`` in one pass, with the dropout mask regenerated in backward.
 
-This is the residual branch of every pre-LN block. Unfused it costs a bias add, a dropout (which
-writes a mask and the scaled output) and an add: three passes over ``[tokens, h]`` plus a stored
-mask. The Triton kernel reads ``x``, ``bias``, ``residual`` once and writes the sum once; the keep
-mask is not stored but regenerated in backward from a seed and the element index with Triton's
-counter-based Philox generator (``tl.rand``), so backward reads only ``dy``.
+This is the residual branch of every pre-LN block; the bias is the row-parallel output
+projection's, which ``RowParallelLinear(skip_bias_add=True)`` returns unapplied (Megatron-core's
+pattern). Unfused it costs a bias add, a dropout (which writes a mask and the scaled output) and an
+add: three passes over ``[tokens, h]`` plus a stored mask. The Triton kernel reads ``x``,
+``bias``, ``residual`` once and writes the sum once; the keep mask is not stored but regenerated
+in backward from a seed and the element index with Triton's counter-based Philox generator
+(``tl.rand``), so backward reads only ``dy`` (the bias gradient is a column sum of ``dx``).
 
 Randomness. The seed is one int64 drawn with ``torch.randint`` from the device's default generator
 into a device tensor (no host sync), so ``torch.manual_seed`` / the CUDA RNG state govern it, and

@@ -85,24 +85,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _skip_deepspeed_shm_build() -> None:
-    """Keep DeepSpeed from JIT-compiling its shared-memory comm op on CPU.
-
-    On the CPU accelerator, DeepSpeed's comm backend compiles a C++ extension at start-up (a
-    minute on a 2-core machine, and it needs a compiler) that only ``inference_all_reduce`` uses;
-    training collectives go through ``torch.distributed``. Marking the op incompatible in
-    DeepSpeed's probe cache (which DeepSpeed keeps as one module-level dict precisely so that edits
-    persist) makes it fall back to plain gloo for everything.
-    """
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        return
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def _set_subgroup_timeout(timeout: timedelta | None) -> None:
     """Make every later ``new_group()`` without ``timeout=`` use ``timeout`` (None: torch's own).
 
@@ -137,6 +119,8 @@ def init_distributed(env: DistEnv, *, timeout_minutes: float = 30.0) -> torch.de
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from megatron_glm.compat.deepspeed import skip_shm_comm_build
+
     if dist.is_initialized():
         raise RuntimeError("init_distributed: a default process group already exists")
     values = {
@@ -147,7 +131,7 @@ def init_distributed(env: DistEnv, *, timeout_minutes: float = 30.0) -> torch.de
         "MASTER_PORT": str(env.master_port if env.master_port is not None else free_port()),
     }
     os.environ.update(values)
-    _skip_deepspeed_shm_build()
+    skip_shm_comm_build()  # no C++ build of an op training never uses (see the seam)
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(env.local_rank)

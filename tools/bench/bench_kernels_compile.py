@@ -28,9 +28,9 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default; 
 
 import torch
 import triton
+from triton import JITFunction
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 
 from megatron_glm.kernels import cross_entropy as ce
 from megatron_glm.kernels import flash_attention as fa
