@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from megatron_glm.compat.deepspeed import (
     known_warnings_silenced,
     skip_shm_comm_build,
 )
+from megatron_glm.compat.torch import set_subgroup_timeout
 from megatron_glm.compat.triton import STDLIB_MODULES, interpreted_stdlib, kernel_object
 from megatron_glm.kernels.dispatch import triton_kernel
 
@@ -106,6 +108,25 @@ def test_known_warnings_are_emitted_and_only_they_are_silenced(tmp_path: Path) -
         for key, count in (("emitted", 1), ("silenced", 0), ("after", 1)):
             hits = [m for c, m in res[key] if c == category.__name__ and needle in m]
             assert len(hits) == count, (key, needle, res[key])
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+def test_new_group_default_timeout_follows_the_globals_we_set() -> None:
+    """torch's ``new_group`` default timeout is read from the module globals we set, at each
+    call (``_get_default_timeout``); None restores torch's own. The end-to-end check (our
+    groups' and DeepSpeed's timeouts read back) is tests/integration/test_faults.py."""
+    import torch.distributed.distributed_c10d as c10d
+
+    own = c10d._get_default_timeout("gloo")
+    assert own == timedelta(minutes=30)
+    try:
+        set_subgroup_timeout(timedelta(seconds=15))
+        assert c10d._get_default_timeout("gloo") == timedelta(seconds=15)
+    finally:
+        set_subgroup_timeout(None)
+    assert c10d._get_default_timeout("gloo") == own
 
 
 # ----------------------------------------------------------------------------- Triton
