@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megatron_glm.config import ObjectiveConfig
-from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
+from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfilling, SpecialIds
 from megatron_glm.data.dataset import build_pretrain_datasets
 
 BATCH_KEYS: tuple[str, ...] = (
@@ -65,10 +65,23 @@ class GLMPretrainDataset(Dataset):
 
 def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack rows into the batch contract: ``[B, S]`` arrays, ``position_ids [B, 2, S]``,
-    and ``sep`` / ``valid_len`` / ``objective`` as ``[B]`` int64."""
+    and ``sep`` / ``valid_len`` / ``objective`` as ``[B]`` int64.
+
+    Id ranges are checked here, on the host, where it costs no device sync (the loss does not
+    check them per micro-batch): ``objective`` against :data:`OBJECTIVES`; token ids (hence
+    targets) are checked against the vocabulary per window by the packed dataset.
+    """
     if not rows:
         raise ValueError("collate: empty list of rows")
-    return {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in BATCH_KEYS}
+    batch = {key: np.stack([row[key] for row in rows]) for key in BATCH_KEYS}
+    objective = batch["objective"]
+    bad = np.flatnonzero((objective < 0) | (objective >= len(OBJECTIVES)))
+    if bad.size:
+        raise ValueError(
+            f"collate: row {int(bad[0])} has objective id {int(objective[bad[0]])}, not in "
+            f"[0, {len(OBJECTIVES)}) ({', '.join(OBJECTIVES)})"
+        )
+    return {key: torch.from_numpy(value) for key, value in batch.items()}
 
 
 class PretrainingSampler(Sampler[list[int]]):

@@ -29,15 +29,14 @@ from megatron_glm.kernels.dispatch import (
 )
 from megatron_glm.kernels.fused_bias_dropout_add import DropoutAdd, bias_dropout_add
 from megatron_glm.kernels.fused_bias_gelu import bias_gelu
-from megatron_glm.kernels.layernorm import FusedLayerNorm, add_layer_norm, layer_norm
+from megatron_glm.kernels.layernorm import LayerNorm, layer_norm
 
 __all__ = [
     "TRITON_ATTENTION_AVAILABLE",
     "DropoutAdd",
-    "FusedLayerNorm",
     "KernelBackend",
     "KernelChoice",
-    "add_layer_norm",
+    "LayerNorm",
     "attention_backend",
     "bias_dropout_add",
     "bias_gelu",

@@ -271,6 +271,7 @@ def fused_cross_entropy(
     tp_group: dist.ProcessGroup | None = None,
     vocab_start: int = 0,
     chunk_rows: int | None = None,
+    check_ids: bool = False,
 ) -> CrossEntropyOutput:
     """Weighted cross entropy of ``hidden @ weight.T`` without materialising the logits.
 
@@ -283,12 +284,13 @@ def fused_cross_entropy(
         tp_group: the tensor-parallel group when ``weight`` is a vocab slice, else None.
         vocab_start: first global id of this rank's slice.
         chunk_rows: rows per chunk (default: :func:`default_chunk_rows`).
-
-    Targets are checked to be in range (one device sync, as ``F.cross_entropy`` would fail too).
+        check_ids: raise ValueError for a target outside ``[0, vocab * tp)``. Off by default:
+            the check reads the id range back to the host, a device sync per call; the training
+            data is range-checked when batches are built instead.
     """
     _check_inputs(hidden, weight, targets, weights)
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    if targets.numel():
+    if check_ids and targets.numel():
         low, high = (int(x) for x in torch.aminmax(targets))
         if low < 0 or high >= weight.shape[0] * tp:
             raise ValueError(

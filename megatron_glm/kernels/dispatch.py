@@ -20,7 +20,12 @@ imported before anyone could set it (this package's op modules import it; a test
 them while collecting other tests). :class:`TritonKernel` decides at launch time. Triton's own
 library helpers (``tl.sum``, ``tl.zeros``, ``tl.rand``, ...) are themselves ``@triton.jit``
 functions bound at import, so an interpreted launch temporarily swaps them for interpreted twins
-(:func:`_interpreted_stdlib`) and restores them afterwards.
+and restores them afterwards. Both rely on Triton internals and live in the Triton seam,
+:mod:`megatron_glm.compat.triton`.
+
+Logging: the resolved choice goes to this module's logger (``logging.getLogger(__name__)``) at
+INFO, a fallback at WARNING, each distinct line once per process; the entry point configures
+where it appears.
 
 A consequence for kernel authors: a kernel body cannot call our own helper functions (a compiled
 kernel may only call ``@triton.jit`` functions, an interpreted one only interpreted ones), so
@@ -29,16 +34,16 @@ each kernel is written self-contained.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 
+from megatron_glm.compat.triton import interpreted_stdlib, kernel_object
 from megatron_glm.config import ConfigError
 from megatron_glm.config import KernelChoice as KernelChoice  # re-exported: kernels.KernelChoice
 
@@ -148,11 +153,11 @@ class TritonKernel:
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., Any]:
         if not interpreting():
-            return _build_kernel(self.fn, False)[grid]
-        launch = _build_kernel(self.fn, True)[grid]
+            return kernel_object(self.fn, False)[grid]
+        launch = kernel_object(self.fn, True)[grid]
 
         def interpreted_launch(*args: Any, **kwargs: Any) -> Any:
-            with _interpreted_stdlib():
+            with interpreted_stdlib():
                 return launch(*args, **kwargs)
 
         return interpreted_launch
@@ -161,51 +166,6 @@ class TritonKernel:
 def triton_kernel(fn: Callable[..., None]) -> TritonKernel:
     """Decorator: see :class:`TritonKernel`."""
     return TritonKernel(fn)
-
-
-@functools.cache
-def _build_kernel(fn: Callable[..., None], interpret: bool) -> Any:
-    """The Triton kernel object for ``fn``: cached so compiled binaries are reused across calls."""
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(fn)
-    from triton.runtime.jit import JITFunction
-
-    return JITFunction(fn)
-
-
-@functools.cache
-def _interpreted_twin(fn: Callable[..., Any]) -> Any:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction(fn)
-
-
-@contextlib.contextmanager
-def _interpreted_stdlib() -> Iterator[None]:
-    """Within the block, ``triton.language``'s compiled ``@jit`` helpers are interpreted ones.
-
-    Only needed when Triton was imported without ``TRITON_INTERPRET`` set (otherwise they already
-    are interpreted and nothing is swapped). Not thread-safe, like the interpreter itself.
-    """
-    import triton.language as tl_pkg
-    from triton.runtime.jit import JITFunction
-
-    modules = (tl_pkg, tl_pkg.core, tl_pkg.standard, tl_pkg.math, tl_pkg.random)
-    saved = [
-        (module, name, value)
-        for module in modules
-        for name, value in list(vars(module).items())
-        if isinstance(value, JITFunction)
-    ]
-    for module, name, value in saved:
-        setattr(module, name, _interpreted_twin(value.fn))
-    try:
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
 
 
 def next_power_of_2(n: int) -> int:

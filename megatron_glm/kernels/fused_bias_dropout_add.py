@@ -1,10 +1,12 @@
 """``residual + dropout(x + bias)`` in one pass, with the dropout mask regenerated in backward.
 
-This is the residual branch of every pre-LN block. Unfused it costs a bias add, a dropout (which
-writes a mask and the scaled output) and an add: three passes over ``[tokens, h]`` plus a stored
-mask. The Triton kernel reads ``x``, ``bias``, ``residual`` once and writes the sum once; the keep
-mask is not stored but regenerated in backward from a seed and the element index with Triton's
-counter-based Philox generator (``tl.rand``), so backward reads only ``dy``.
+This is the residual branch of every pre-LN block; the bias is the row-parallel output
+projection's, which ``RowParallelLinear(skip_bias_add=True)`` returns unapplied (Megatron-core's
+pattern). Unfused it costs a bias add, a dropout (which writes a mask and the scaled output) and an
+add: three passes over ``[tokens, h]`` plus a stored mask. The Triton kernel reads ``x``,
+``bias``, ``residual`` once and writes the sum once; the keep mask is not stored but regenerated
+in backward from a seed and the element index with Triton's counter-based Philox generator
+(``tl.rand``), so backward reads only ``dy`` (the bias gradient is a column sum of ``dx``).
 
 Randomness. The seed is one int64 drawn with ``torch.randint`` from the device's default generator
 into a device tensor (no host sync), so ``torch.manual_seed`` / the CUDA RNG state govern it, and
@@ -92,7 +94,7 @@ class _BiasDropoutAdd(torch.autograd.Function):
         )  # fmt: skip
         ctx.save_for_backward(seed)
         ctx.p = p
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_dtype = x.dtype
         return out
 
@@ -109,7 +111,9 @@ class _BiasDropoutAdd(torch.autograd.Function):
             )
         else:
             dx = dy.to(dtype)
-        dbias = dx.reshape(-1, dx.shape[-1]).sum(0) if ctx.has_bias else None
+        dbias = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
+            dbias = dx.reshape(-1, dx.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dbias, dy, None
 
 

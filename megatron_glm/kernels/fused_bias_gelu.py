@@ -1,9 +1,12 @@
 """Bias add + tanh-approximated GeLU in one pass, forward and backward.
 
 ``bias_gelu(x, bias) = gelu_tanh(x + bias)`` where the MLP's first linear is applied without its
-bias. Unfused, torch reads and writes the ``[tokens, 4h]`` activation twice (bias add, GeLU) and
-saves both for backward; here it is one read and one write, and backward recomputes ``x + bias``
-from the saved ``x`` (the bias gradient is a column sum of ``dx``, left to torch).
+bias (``ColumnParallelLinear(skip_bias_add=True)`` returns the bias unapplied, as in
+Megatron-core's MLP). Unfused, torch reads and writes the ``[tokens, 4h]`` activation twice (bias
+add, GeLU) and saves both for backward; here it is one read and one write, and backward
+recomputes ``x + bias`` from the saved ``x`` (the bias gradient is a column sum of ``dx``, left to
+torch). Without a bias (None) the kernel is compiled without the bias load and no bias gradient
+is computed.
 
 GeLU uses ``0.5 * (1 + tanh(z)) = sigmoid(2z)``, so ``gelu_tanh(u) = u * sigmoid(2z)`` with
 ``z = sqrt(2/pi) * (u + 0.044715 u^3)``; the derivative is
@@ -33,24 +36,30 @@ SQRT_2_OVER_PI: float = 0.7978845608028654
 
 
 @triton_kernel
-def _bias_gelu_fwd_kernel(X, BIAS, Y, n_elements, n_cols, BLOCK: tl.constexpr):
+def _bias_gelu_fwd_kernel(
+    X, BIAS, Y, n_elements, n_cols, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_elements
     u = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-    u += tl.load(BIAS + offs % n_cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        u += tl.load(BIAS + offs % n_cols, mask=ok, other=0.0).to(tl.float32)
     z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
     y = u * tl.sigmoid(2.0 * z)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=ok)
 
 
 @triton_kernel
-def _bias_gelu_bwd_kernel(X, BIAS, DY, DX, n_elements, n_cols, BLOCK: tl.constexpr):
+def _bias_gelu_bwd_kernel(
+    X, BIAS, DY, DX, n_elements, n_cols, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_elements
     u = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-    u += tl.load(BIAS + offs % n_cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        u += tl.load(BIAS + offs % n_cols, mask=ok, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
     z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
     s = tl.sigmoid(2.0 * z)
@@ -61,22 +70,29 @@ def _bias_gelu_bwd_kernel(X, BIAS, DY, DX, n_elements, n_cols, BLOCK: tl.constex
 
 class _BiasGeLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, bias: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, bias: Tensor | None) -> Tensor:
         x = x.contiguous()
         y = torch.empty_like(x)
-        n = x.numel()
-        _bias_gelu_fwd_kernel[(triton_grid(n),)](x, bias, y, n, bias.numel(), BLOCK=BLOCK)
+        n, n_cols = x.numel(), x.shape[-1]
+        _bias_gelu_fwd_kernel[(triton_grid(n),)](
+            x, x if bias is None else bias, y, n, n_cols, HAS_BIAS=bias is not None, BLOCK=BLOCK
+        )
         ctx.save_for_backward(x, bias)
         return y
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, Tensor | None]:
         x, bias = ctx.saved_tensors
         dy = dy.contiguous()
         dx = torch.empty_like(x)
-        n = x.numel()
-        _bias_gelu_bwd_kernel[(triton_grid(n),)](x, bias, dy, dx, n, bias.numel(), BLOCK=BLOCK)
-        dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=torch.float32).to(bias.dtype)
+        n, n_cols = x.numel(), x.shape[-1]
+        _bias_gelu_bwd_kernel[(triton_grid(n),)](
+            x, x if bias is None else bias, dy, dx, n, n_cols, HAS_BIAS=bias is not None,
+            BLOCK=BLOCK,
+        )  # fmt: skip
+        if bias is None or not ctx.needs_input_grad[1]:
+            return dx, None
+        dbias = dx.reshape(-1, n_cols).sum(0, dtype=torch.float32).to(bias.dtype)
         return dx, dbias
 
 
@@ -85,16 +101,14 @@ def triton_grid(n: int) -> int:
     return max(1, -(-n // BLOCK))
 
 
-def bias_gelu_reference(x: Tensor, bias: Tensor) -> Tensor:
+def bias_gelu_reference(x: Tensor, bias: Tensor | None) -> Tensor:
     """The torch reference: ``F.gelu(x + bias, approximate="tanh")``."""
-    return F.gelu(x + bias, approximate="tanh")
+    return F.gelu(x if bias is None else x + bias, approximate="tanh")
 
 
 def bias_gelu(x: Tensor, bias: Tensor | None, *, kernels: str = "auto") -> Tensor:
     """``gelu_tanh(x + bias)``; ``x`` is ``[..., n]``, ``bias`` ``[n]`` or None (no bias)."""
-    if bias is None:
-        bias = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
-    if bias.shape != (x.shape[-1],):
+    if bias is not None and bias.shape != (x.shape[-1],):
         raise ValueError(
             f"bias_gelu: bias must be [{x.shape[-1]}] (the last dim of x {tuple(x.shape)}), "
             f"got {tuple(bias.shape)}"

@@ -1,9 +1,17 @@
-"""LayerNorm, optionally fused with the residual add before it, forward and backward.
+"""LayerNorm over the last dimension, forward and backward, and the model's LayerNorm module.
 
-``add_layer_norm(x, residual, w, b) = (s, LN(s))`` with ``s = x + residual``: the pre-LN block
-needs both the new residual stream ``s`` and its normalisation, and computing them in one pass
-reads ``x`` and ``residual`` once instead of writing ``s`` and reading it back. ``layer_norm`` is
-the same kernel without the add.
+:class:`LayerNorm` is the one LayerNorm of the model (the block's two and the final one): an
+``nn.LayerNorm`` whose forward goes through the kernel dispatcher (``model.kernels``) and
+all-reduces its gain and bias gradients over TP under sequence parallelism.
+
+Why no residual fusion. GLM's block is pre-LN with the residual added after attention and after
+the MLP: ``h1 = h + drop(attn(LN1(h)) + b)``, ``h2 = h1 + drop(mlp(LN2(h1)) + b)``. The sum that
+feeds ``LN2`` is already produced in one pass by the fused bias-dropout-add
+(:mod:`megatron_glm.kernels.fused_bias_dropout_add`), and a residual+LayerNorm kernel would have
+to take the dropped-out branch as input, i.e. undo that fusion (the dropout would again be a pass
+of its own). Fusing ``h2`` with the *next* block's ``LN1`` would cross the block boundary, where
+pipeline stages are cut and activation checkpointing recomputes. So the former ``add_layer_norm``
+(and the unused ``FusedLayerNorm`` module) were removed rather than wired in.
 
 Forward: one program per row (``BLOCK_H`` = hidden rounded up to a power of two), fp32 mean and
 variance (two-pass within the registers: no cancellation), per-row ``mean`` and ``rstd`` saved.
@@ -15,7 +23,7 @@ then torch sums the ``[G, h]`` partials.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +35,10 @@ from megatron_glm.kernels.dispatch import (
     resolve_backend,
     triton_kernel,
 )
+from megatron_glm.parallel.layers import sequence_parallel_param
+
+if TYPE_CHECKING:
+    from megatron_glm.parallel.dims import ParallelDims
 
 try:
     import triton.language as tl
@@ -35,19 +47,11 @@ except ImportError:  # pragma: no cover - Triton-less installs run the torch pat
 
 
 @triton_kernel
-def _ln_fwd_kernel(
-    X, RES, SUM, Y, W, B, MEAN, RSTD, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
+def _ln_fwd_kernel(X, Y, W, B, MEAN, RSTD, n_cols, eps, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     ok = cols < n_cols
     x = tl.load(X + row * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        x += tl.load(RES + row * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
-        x = x.to(SUM.dtype.element_ty)  # normalise the sum as stored (rounded), as torch does
-        tl.store(SUM + row * n_cols + cols, x, mask=ok)
-        x = x.to(tl.float32)
     mean = tl.sum(x, 0) / n_cols
     xc = tl.where(ok, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / n_cols + eps)
@@ -60,8 +64,7 @@ def _ln_fwd_kernel(
 
 @triton_kernel
 def _ln_bwd_kernel(
-    X, DY, DSUM, DX, W, MEAN, RSTD, DW_PART, DB_PART, n_rows, n_cols,
-    HAS_DSUM: tl.constexpr, BLOCK_H: tl.constexpr,
+    X, DY, DX, W, MEAN, RSTD, DW_PART, DB_PART, n_rows, n_cols, BLOCK_H: tl.constexpr
 ):  # fmt: skip
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -81,8 +84,6 @@ def _ln_bwd_kernel(
         c1 = tl.sum(dxhat * xhat, 0) / n_cols
         c2 = tl.sum(dxhat, 0) / n_cols
         dx = (dxhat - (xhat * c1 + c2)) * rstd
-        if HAS_DSUM:
-            dx += tl.load(DSUM + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok)
         dw += dy * xhat
         db += dy
@@ -102,116 +103,88 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, 4))
 
 
-class _AddLayerNorm(torch.autograd.Function):
-    """Inputs ``x`` and optional ``residual`` ``[rows, h]``; outputs ``(x + residual, y)``, or
-    ``y`` alone without a residual."""
+class _LayerNorm(torch.autograd.Function):
+    """Input ``x`` ``[rows, h]``; output ``LN(x)`` ``[rows, h]``."""
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        residual: Tensor | None,
-        weight: Tensor,
-        bias: Tensor,
-        eps: float,
-    ) -> tuple[Tensor, Tensor] | Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         rows, h = x.shape
         y = torch.empty_like(x)
-        total = torch.empty_like(x) if residual is not None else x
         mean = torch.empty(rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         block = next_power_of_2(h)
         _ln_fwd_kernel[(rows,)](
-            x, residual if residual is not None else x, total, y, weight, bias, mean, rstd, h, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_H=block, num_warps=_num_warps(block),
-        )  # fmt: skip
-        ctx.save_for_backward(total, weight, mean, rstd)
-        ctx.has_residual = residual is not None
-        return (total, y) if residual is not None else y
+            x, y, weight, bias, mean, rstd, h, eps, BLOCK_H=block, num_warps=_num_warps(block)
+        )
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        total, weight, mean, rstd = ctx.saved_tensors
-        has_residual: bool = ctx.has_residual
-        d_total, dy = grads if has_residual else (None, grads[0])
-        assert dy is not None
-        rows, h = total.shape
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        rows, h = x.shape
         dy = dy.contiguous()
-        use_dsum = has_residual and d_total is not None
-        dsum = d_total.contiguous() if use_dsum and d_total is not None else dy
-        dx = torch.empty_like(total)
-        programs = _backward_programs(rows, total.device)
-        dw_part = torch.empty(programs, h, dtype=torch.float32, device=total.device)
+        dx = torch.empty_like(x)
+        programs = _backward_programs(rows, x.device)
+        dw_part = torch.empty(programs, h, dtype=torch.float32, device=x.device)
         db_part = torch.empty_like(dw_part)
         block = next_power_of_2(h)
         _ln_bwd_kernel[(programs,)](
-            total, dy, dsum, dx, weight, mean, rstd, dw_part, db_part, rows, h,
-            HAS_DSUM=use_dsum, BLOCK_H=block, num_warps=_num_warps(block),
+            x, dy, dx, weight, mean, rstd, dw_part, db_part, rows, h,
+            BLOCK_H=block, num_warps=_num_warps(block),
         )  # fmt: skip
         dw = dw_part.sum(0).to(weight.dtype)
         db = db_part.sum(0).to(weight.dtype)
-        return dx, (dx if has_residual else None), dw, db, None
-
-
-def _check(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, eps: float) -> None:
-    h = x.shape[-1]
-    if weight.shape != (h,) or bias.shape != (h,):
-        raise ValueError(
-            f"layer_norm: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must be "
-            f"[{h}] (the last dim of x {tuple(x.shape)})"
-        )
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(
-            f"layer_norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ"
-        )
-    if eps <= 0:
-        raise ValueError(f"layer_norm: eps must be > 0, got {eps}")
-
-
-def add_layer_norm(
-    x: Tensor,
-    residual: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    eps: float,
-    *,
-    kernels: str = "auto",
-) -> tuple[Tensor, Tensor]:
-    """``(s, LN(s))`` for ``s = x + residual``; ``x``, ``residual`` ``[..., h]``."""
-    _check(x, weight, bias, residual, eps)
-    if resolve_backend(kernels, x.device, "layer_norm") == "torch":
-        total = x + residual
-        return total, F.layer_norm(total, (x.shape[-1],), weight, bias, eps)
-    shape = x.shape
-    h = shape[-1]
-    total, y = _AddLayerNorm.apply(
-        x.reshape(-1, h).contiguous(), residual.reshape(-1, h).contiguous(), weight, bias, eps
-    )
-    return total.view(shape), y.view(shape)
+        return dx, dw, db, None
 
 
 def layer_norm(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float, *, kernels: str = "auto"
 ) -> Tensor:
     """``F.layer_norm(x, (h,), weight, bias, eps)`` over the last dim of ``x`` ``[..., h]``."""
-    _check(x, weight, bias, None, eps)
+    h = x.shape[-1]
+    if weight.shape != (h,) or bias.shape != (h,):
+        raise ValueError(
+            f"layer_norm: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must be "
+            f"[{h}] (the last dim of x {tuple(x.shape)})"
+        )
+    if eps <= 0:
+        raise ValueError(f"layer_norm: eps must be > 0, got {eps}")
     if resolve_backend(kernels, x.device, "layer_norm") == "torch":
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    shape = x.shape
-    y: Tensor = _AddLayerNorm.apply(x.reshape(-1, shape[-1]).contiguous(), None, weight, bias, eps)
-    return y.view(shape)
+        return F.layer_norm(x, (h,), weight, bias, eps)
+    y: Tensor = _LayerNorm.apply(x.reshape(-1, h).contiguous(), weight, bias, eps)
+    return y.view(x.shape)
 
 
-class FusedLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` (same parameters, state-dict keys and init) routed through the dispatcher.
+class LayerNorm(nn.LayerNorm):
+    """The model's one LayerNorm: ``nn.LayerNorm`` (same parameters, state-dict keys and init)
+    computed by :func:`layer_norm` with the ``model.kernels`` choice, and sequence-parallel aware.
 
     A module rather than a functional call at the use site, so the parameters are read inside the
     module's own forward (what ZeRO-3's per-module parameter gathering expects).
+
+    Under sequence parallelism (``dims.sequence_parallel``) each TP rank normalises a different
+    ``[b, s/tp, h]`` slice, so each holds only part of the gradient of the (replicated) gain and
+    bias; they are routed through
+    :func:`~megatron_glm.parallel.layers.sequence_parallel_param` so backward all-reduces them
+    over TP and every rank applies the same update. Without SP and with ``kernels='torch'`` it is
+    exactly ``nn.LayerNorm``.
     """
 
-    def __init__(self, normalized_shape: int, eps: float = 1e-5, *, kernels: str = "auto") -> None:
+    def __init__(
+        self,
+        normalized_shape: int,
+        eps: float = 1e-5,
+        *,
+        dims: ParallelDims | None = None,
+        kernels: str = "auto",
+    ) -> None:
         super().__init__(normalized_shape, eps=eps)
+        self.dims = dims
+        self.sequence_parallel = dims is not None and dims.sequence_parallel
         self.kernels = kernels
 
     def forward(self, x: Tensor) -> Tensor:
-        return layer_norm(x, self.weight, self.bias, self.eps, kernels=self.kernels)
+        weight = sequence_parallel_param(self.weight, self)  # [h]
+        bias = sequence_parallel_param(self.bias, self)  # [h]
+        return layer_norm(x, weight, bias, self.eps, kernels=self.kernels)

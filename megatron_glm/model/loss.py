@@ -64,10 +64,13 @@ def _cross_entropy(
     weights: Tensor,
     dims: ParallelDims | None,
     kernels: str,
+    check_ids: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(sum(weights * CE), CE detached [n])`` of the tied head ``weight`` ``[vocab/tp, h]``."""
     if dims is None or dims.tp == 1:
-        out = fused_cross_entropy(selected, weight, targets, weights, kernels=kernels)
+        out = fused_cross_entropy(
+            selected, weight, targets, weights, kernels=kernels, check_ids=check_ids
+        )
     else:
         out = fused_cross_entropy(
             copy_to_tensor_parallel_region(selected, dims.tp_group),
@@ -77,6 +80,7 @@ def _cross_entropy(
             kernels=kernels,
             tp_group=dims.tp_group,
             vocab_start=dims.tp_rank * weight.shape[0],
+            check_ids=check_ids,
         )
     return out.sum_loss, out.per_row
 
@@ -91,6 +95,7 @@ def glm_loss(
     *,
     dims: ParallelDims | None = None,
     kernels: str | None = None,
+    check_ids: bool = False,
 ) -> LossOutput:
     """Cross entropy of the tied head at loss positions.
 
@@ -105,6 +110,11 @@ def glm_loss(
         dims: the parallel layout; taken from the model when a ``GLMModel`` is passed.
         kernels: ``model.kernels``; taken from the model's config when a ``GLMModel`` is passed,
             else ``auto``.
+        check_ids: raise ValueError for an objective id outside ``[0, num_objectives)`` or a
+            target outside the vocabulary. A debugging aid, off by default: the check reads the
+            id range back to the host (a device sync per micro-batch); training batches are
+            checked when they are built instead (token ids per window in the dataset, objective
+            ids in ``megatron_glm.data.loader.collate``).
     """
     weight = _head_weight(model_or_head_weight)  # [vocab/tp, h]
     if dims is None and isinstance(model_or_head_weight, nn.Module):
@@ -131,12 +141,18 @@ def glm_loss(
     selected = hidden.reshape(b * s, h).index_select(0, rows)  # [n, h]
     weights = mask.index_select(0, rows)  # [n]
     sum_loss, ce = _cross_entropy(
-        selected, weight, targets.reshape(-1).index_select(0, rows), weights, dims, kernels
+        selected,
+        weight,
+        targets.reshape(-1).index_select(0, rows),
+        weights,
+        dims,
+        kernels,
+        check_ids,
     )  # scalar, [n] detached
 
     row_objective = objective.view(b, 1).expand(b, s).reshape(-1).index_select(0, rows)  # [n]
-    if row_objective.numel():
-        low, high = (int(x) for x in torch.aminmax(row_objective))
+    if check_ids and row_objective.numel():
+        low, high = (int(x) for x in torch.aminmax(row_objective))  # host sync: debugging only
         if low < 0 or high >= num_objectives:
             raise ValueError(
                 f"glm_loss: objective ids must be in [0, {num_objectives}), got {low}..{high}"

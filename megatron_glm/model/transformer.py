@@ -27,24 +27,23 @@ from torch import Tensor, nn
 from megatron_glm.config import ModelConfig
 from megatron_glm.kernels import (
     DropoutAdd,
+    LayerNorm,
     bias_gelu,
     check_kernel_choice,
     glm_attention,
-    layer_norm,
 )
 from megatron_glm.parallel.dims import ParallelDims
-from megatron_glm.parallel.layers import (
-    ColumnParallelLinear,
-    LayerNorm,
-    RowParallelLinear,
-    sequence_parallel_param,
-)
+from megatron_glm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_glm.parallel.mappings import gather_from_sequence_parallel_region
 from megatron_glm.parallel.random import ModelParallelRNG, checkpoint
 
 
 class SelfAttention(nn.Module):
-    """Fused QKV projection, GLM-masked attention, output projection ``dense``."""
+    """Fused QKV projection, GLM-masked attention, output projection ``dense``.
+
+    Returns ``(output, bias)``: ``dense`` skips its bias add (Megatron's ``skip_bias_add``), the
+    block adds it in the fused bias-dropout-residual pass.
+    """
 
     def __init__(
         self,
@@ -59,7 +58,7 @@ class SelfAttention(nn.Module):
         if dims is not None:
             dims.check_divisible("model.num_attention_heads", cfg.num_attention_heads)
         self.query_key_value = ColumnParallelLinear(h, 3 * h, dims=dims)
-        self.dense = RowParallelLinear(h, h, dims=dims, input_is_parallel=True)
+        self.dense = RowParallelLinear(h, h, dims=dims, input_is_parallel=True, skip_bias_add=True)
         self.tensor_parallel = dims is not None and dims.tp > 1
         self.rng = rng or ModelParallelRNG(enabled=False)
         self.attention_dropout = cfg.attention_dropout
@@ -68,7 +67,7 @@ class SelfAttention(nn.Module):
 
     def forward(
         self, hidden: Tensor, sep: Tensor, valid_len: Tensor, attention_mask: Tensor | None
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None]:
         qkv = self.query_key_value(hidden)  # [b, s, 3h/tp] (SP: gathered from [b, s/tp, h])
         b, s, _ = qkv.shape
         qkv = qkv.view(b, s, -1, 3, self.head_dim)  # [b, s, heads/tp, 3, d]
@@ -87,30 +86,47 @@ class SelfAttention(nn.Module):
                 kernels=self.kernels,
             )  # [b, heads/tp, s, d]
         context = context.transpose(1, 2).reshape(b, s, -1)  # [b, s, h/tp]
-        return self.dense(context)  # [b, s, h] (SP: [b, s/tp, h])
+        out, bias = self.dense(context)  # [b, s, h] (SP: [b, s/tp, h]), [h] unapplied
+        return out, bias
 
 
 class MLP(nn.Module):
-    """``h -> ffn_hidden_size -> h`` with tanh-approximated GeLU (as in GLM / Megatron)."""
+    """``h -> ffn_hidden_size -> h`` with tanh-approximated GeLU (as in GLM / Megatron).
+
+    As Megatron-core's MLP, both linears skip their bias add: ``dense_h_to_4h``'s bias is added
+    inside the fused bias-GeLU, and ``(output, dense_4h_to_h bias)`` is returned for the block's
+    fused bias-dropout-residual pass.
+    """
 
     def __init__(self, cfg: ModelConfig, *, dims: ParallelDims | None = None) -> None:
         super().__init__()
         assert cfg.ffn_hidden_size is not None  # ModelConfig.__post_init__ fills it
         if dims is not None:
             dims.check_divisible("model.ffn_hidden_size", cfg.ffn_hidden_size)
-        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, dims=dims)
+        self.dense_h_to_4h = ColumnParallelLinear(
+            cfg.hidden_size, cfg.ffn_hidden_size, dims=dims, skip_bias_add=True
+        )
         self.dense_4h_to_h = RowParallelLinear(
-            cfg.ffn_hidden_size, cfg.hidden_size, dims=dims, input_is_parallel=True
+            cfg.ffn_hidden_size,
+            cfg.hidden_size,
+            dims=dims,
+            input_is_parallel=True,
+            skip_bias_add=True,
         )
         self.kernels = cfg.kernels
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        inner = bias_gelu(self.dense_h_to_4h(hidden), None, kernels=self.kernels)  # [b, s, ffn/tp]
-        return self.dense_4h_to_h(inner)  # [b, s, h] (SP: [b, s/tp, h])
+    def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor | None]:
+        inner, inner_bias = self.dense_h_to_4h(hidden)  # [b, s, ffn/tp], [ffn/tp]
+        inner = bias_gelu(inner, inner_bias, kernels=self.kernels)  # [b, s, ffn/tp]
+        out, bias = self.dense_4h_to_h(inner)  # [b, s, h] (SP: [b, s/tp, h]), [h] unapplied
+        return out, bias
 
 
 class GLMBlock(nn.Module):
     """Pre-LN block: ``x + drop(attn(LN(x)))``, then ``x + drop(mlp(LN(x)))``.
+
+    The output projections' biases arrive unapplied and are added by the fused
+    ``residual + drop(x + bias)`` (:class:`~megatron_glm.kernels.DropoutAdd`).
 
     With ``activation_checkpointing`` the block's internals are recomputed in backward
     (``torch.utils.checkpoint``, non-reentrant). Checkpointing lives inside the block rather than
@@ -134,13 +150,13 @@ class GLMBlock(nn.Module):
         h = cfg.hidden_size
         self.rng = rng or ModelParallelRNG(enabled=False)
         self.sequence_parallel = dims is not None and dims.sequence_parallel
-        self.input_layernorm = LayerNorm(h, eps=cfg.layernorm_epsilon, dims=dims)
+        eps, kernels = cfg.layernorm_epsilon, cfg.kernels
+        self.input_layernorm = LayerNorm(h, eps=eps, dims=dims, kernels=kernels)
         self.attention = SelfAttention(cfg, dims=dims, rng=self.rng)
-        self.post_attention_layernorm = LayerNorm(h, eps=cfg.layernorm_epsilon, dims=dims)
+        self.post_attention_layernorm = LayerNorm(h, eps=eps, dims=dims, kernels=kernels)
         self.mlp = MLP(cfg, dims=dims)
-        self.dropout = DropoutAdd(cfg.hidden_dropout, kernels=cfg.kernels)  # residual + drop(x)
+        self.dropout = DropoutAdd(cfg.hidden_dropout, kernels=kernels)  # residual + drop(x + b)
         self.activation_checkpointing = cfg.activation_checkpointing
-        self.kernels = cfg.kernels
 
     def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         hidden, *mask_args = inputs  # [b, s, h], then sep, valid_len[, attention_mask]
@@ -158,20 +174,14 @@ class GLMBlock(nn.Module):
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         split = self.sequence_parallel and self.training and self.dropout.p > 0
-        normed = norm(self.input_layernorm, hidden, self.kernels)
-        attn = self.attention(normed, sep, valid_len, attention_mask)
+        attn, attn_bias = self.attention(
+            self.input_layernorm(hidden), sep, valid_len, attention_mask
+        )
         with self.rng.region(split, hidden.device):
-            hidden = self.dropout(attn, hidden)  # hidden + drop(attn): [b, s, h] (SP: s/tp)
-        mlp = self.mlp(norm(self.post_attention_layernorm, hidden, self.kernels))
+            hidden = self.dropout(attn, hidden, attn_bias)  # hidden + drop(attn + b): [b, s, h]
+        mlp, mlp_bias = self.mlp(self.post_attention_layernorm(hidden))
         with self.rng.region(split, hidden.device):
-            return self.dropout(mlp, hidden)  # hidden + drop(mlp): [b, s, h] (SP: s/tp)
-
-
-def norm(ln: LayerNorm, x: Tensor, kernels: str) -> Tensor:
-    """``ln(x)`` through the kernel dispatcher, keeping the SP gradient routing of its params."""
-    weight = sequence_parallel_param(ln.weight, ln)
-    bias = sequence_parallel_param(ln.bias, ln)
-    return layer_norm(x, weight, bias, ln.eps, kernels=kernels)
+            return self.dropout(mlp, hidden, mlp_bias)  # hidden + drop(mlp + b) (SP: s/tp)
 
 
 class FinalLayerNorm(nn.Module):
@@ -187,11 +197,12 @@ class FinalLayerNorm(nn.Module):
     def __init__(self, cfg: ModelConfig, *, dims: ParallelDims | None = None) -> None:
         super().__init__()
         self.dims = dims
-        self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, dims=dims)
-        self.kernels = cfg.kernels
+        self.final_layernorm = LayerNorm(
+            cfg.hidden_size, eps=cfg.layernorm_epsilon, dims=dims, kernels=cfg.kernels
+        )
 
     def forward(self, inputs: tuple[Tensor, ...]) -> Tensor:
-        hidden = norm(self.final_layernorm, inputs[0], self.kernels)  # [b, s, h] (SP: s/tp)
+        hidden = self.final_layernorm(inputs[0])  # [b, s, h] (SP: s/tp)
         if self.dims is not None and self.dims.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(
                 hidden, self.dims.tp_group, grad_is_partial=False

@@ -96,6 +96,10 @@ class ColumnParallelLinear(_TensorParallel):
     Input: replicated ``[b, s, in]`` (or ``[b, s/tp, in]`` with sequence parallelism, gathered
     here). Output: this rank's ``[b, s, out/tp]``, or the gathered ``[b, s, out]`` with
     ``gather_output``.
+
+    ``skip_bias_add`` (Megatron-core's flag): the forward returns ``(x A^T, b)`` with this rank's
+    bias ``[out/tp]`` unapplied (None without a bias), so that the next op adds it in its own
+    pass (the MLP's fused bias-GeLU) instead of a separate read and write of the output.
     """
 
     PARTITION_DIMS: ClassVar[dict[str, int]] = {"weight": 0, "bias": 0}
@@ -108,26 +112,35 @@ class ColumnParallelLinear(_TensorParallel):
         dims: ParallelDims | None = None,
         bias: bool = True,
         gather_output: bool = False,
+        skip_bias_add: bool = False,
         sequence_parallel: bool | None = None,
     ) -> None:
         super().__init__()
         self._setup(dims, sequence_parallel)
+        if skip_bias_add and gather_output:
+            raise ValueError(
+                "ColumnParallelLinear: skip_bias_add returns this rank's bias slice; "
+                "it cannot be combined with gather_output"
+            )
         self.in_features, self.out_features = in_features, out_features
         self.gather_output = gather_output
+        self.skip_bias_add = skip_bias_add
         local = self._local(out_features, "output features")
         self.weight = nn.Parameter(torch.empty(local, in_features))  # [out/tp, in]
         self.bias = nn.Parameter(torch.empty(local)) if bias else None  # [out/tp]
         mark_tensor_parallel_parameters(self)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.tp == 1:
-            return F.linear(x, self.weight, self.bias)
-        if self.sequence_parallel:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor | None]:
+        if self.tp > 1 and self.sequence_parallel:
             x = gather_from_sequence_parallel_region(x, self.group)  # [b, s, in]
-        else:
+        elif self.tp > 1:
             x = copy_to_tensor_parallel_region(x, self.group)
+        if self.skip_bias_add:
+            return F.linear(x, self.weight), self.bias  # [b, s, out/tp], [out/tp]
         y = F.linear(x, self.weight, self.bias)  # [b, s, out/tp]
-        return gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
+        if self.tp > 1 and self.gather_output:
+            return gather_from_tensor_parallel_region(y, self.group)  # [b, s, out]
+        return y
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tp={self.tp}"
@@ -139,6 +152,11 @@ class RowParallelLinear(_TensorParallel):
     Input: this rank's ``[b, s, in/tp]`` (``input_is_parallel``) or a replicated ``[b, s, in]``
     that is split here. The partial products are all-reduced (or reduce-scattered along the
     sequence under SP); the bias is replicated and added once, after the reduction.
+
+    ``skip_bias_add`` (Megatron-core's flag): the forward returns ``(x A^T, b)`` with the bias
+    ``[out]`` unapplied (None without a bias), for the fused bias-dropout-residual add that
+    follows every row-parallel layer of the block. Under SP the returned bias is already routed
+    so that its gradient (partial on each sequence slice) is all-reduced over TP.
     """
 
     PARTITION_DIMS: ClassVar[dict[str, int]] = {"weight": 1}
@@ -151,6 +169,7 @@ class RowParallelLinear(_TensorParallel):
         dims: ParallelDims | None = None,
         bias: bool = True,
         input_is_parallel: bool = True,
+        skip_bias_add: bool = False,
         sequence_parallel: bool | None = None,
     ) -> None:
         super().__init__()
@@ -159,13 +178,16 @@ class RowParallelLinear(_TensorParallel):
             raise ValueError("RowParallelLinear: sequence parallelism needs input_is_parallel")
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel = input_is_parallel
+        self.skip_bias_add = skip_bias_add
         local = self._local(in_features, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, local))  # [out, in/tp]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None  # [out]
         mark_tensor_parallel_parameters(self)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor | None]:
         if self.tp == 1:
+            if self.skip_bias_add:
+                return F.linear(x, self.weight), self.bias
             return F.linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.group)  # [b, s, in/tp]
@@ -174,9 +196,10 @@ class RowParallelLinear(_TensorParallel):
             y = reduce_scatter_to_sequence_parallel_region(partial, self.group)  # [b, s/tp, out]
         else:
             y = reduce_from_tensor_parallel_region(partial, self.group)  # [b, s, out]
-        if self.bias is None:
-            return y
-        return y + sequence_parallel_param(self.bias, self)
+        bias = None if self.bias is None else sequence_parallel_param(self.bias, self)  # [out]
+        if self.skip_bias_add:
+            return y, bias
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tp={self.tp}"
@@ -221,36 +244,13 @@ class VocabParallelEmbedding(_TensorParallel):
         return f"{self.num_embeddings}, {self.embedding_dim}, tp={self.tp}"
 
 
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` whose replicated gain and bias may act on sequence slices.
-
-    Under sequence parallelism each TP rank normalises a different ``[b, s/tp, h]`` slice, so
-    each holds only part of the gradient of the (replicated) gain and bias; they are routed
-    through :func:`copy_to_tensor_parallel_region` so backward all-reduces them over TP and every
-    rank applies the same update. Without SP it is exactly ``nn.LayerNorm``.
-    """
-
-    def __init__(
-        self, normalized_shape: int, *, eps: float, dims: ParallelDims | None = None
-    ) -> None:
-        super().__init__(normalized_shape, eps=eps)
-        self.dims = dims
-        self.sequence_parallel = dims is not None and dims.sequence_parallel
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.sequence_parallel:
-            return super().forward(x)
-        return F.layer_norm(
-            x,
-            self.normalized_shape,
-            sequence_parallel_param(self.weight, self),
-            sequence_parallel_param(self.bias, self),
-            self.eps,
-        )
-
-
 def sequence_parallel_param(param: Tensor, layer: nn.Module) -> Tensor:
-    """``param`` as used on this rank's sequence slice: gradient all-reduced over TP under SP."""
+    """``param`` as used on this rank's sequence slice: gradient all-reduced over TP under SP.
+
+    For replicated parameters that act on ``[b, s/tp, h]`` slices under sequence parallelism
+    (the row-parallel biases here, the LayerNorm gains and biases in
+    :class:`megatron_glm.kernels.LayerNorm`): each rank's gradient is a partial sum.
+    """
     dims: ParallelDims | None = getattr(layer, "dims", None)
     if not getattr(layer, "sequence_parallel", False) or dims is None:
         return param

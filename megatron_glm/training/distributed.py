@@ -22,6 +22,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_glm.compat.torch import set_subgroup_timeout
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -85,46 +87,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _skip_deepspeed_shm_build() -> None:
-    """Keep DeepSpeed from JIT-compiling its shared-memory comm op on CPU.
-
-    On the CPU accelerator, DeepSpeed's comm backend compiles a C++ extension at start-up (a
-    minute on a 2-core machine, and it needs a compiler) that only ``inference_all_reduce`` uses;
-    training collectives go through ``torch.distributed``. Marking the op incompatible in
-    DeepSpeed's probe cache (which DeepSpeed keeps as one module-level dict precisely so that edits
-    persist) makes it fall back to plain gloo for everything.
-    """
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        return
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def _set_subgroup_timeout(timeout: timedelta | None) -> None:
-    """Make every later ``new_group()`` without ``timeout=`` use ``timeout`` (None: torch's own).
-
-    ``torch.distributed.new_group(ranks)`` does not inherit the world group's timeout: it takes
-    ``distributed_c10d.default_pg_timeout`` (gloo; 30 min) or ``default_pg_nccl_timeout``
-    (NCCL), module globals it reads at each call (``_get_default_timeout``, torch 2.13).
-    DeepSpeed creates groups of its own through ``deepspeed.comm.new_group(ranks)``, which has
-    no timeout argument (pipeline grid, p2p and tied-weight groups, ZeRO helpers), and so do we
-    (``ParallelDims.build``). Setting the two globals is the one place that makes all of them
-    honour ``train.distributed_timeout_minutes``; it is a private torch detail, so it lives
-    here alone, and a test reads back the timeout of our groups and DeepSpeed's.
-    """
-    import torch.distributed.constants as constants
-    import torch.distributed.distributed_c10d as c10d
-
-    c10d.default_pg_timeout = constants.default_pg_timeout if timeout is None else timeout
-    if constants.default_pg_nccl_timeout is not None:  # None when torch has no NCCL
-        c10d.default_pg_nccl_timeout = (
-            constants.default_pg_nccl_timeout if timeout is None else timeout
-        )
-
-
 def init_distributed(env: DistEnv, *, timeout_minutes: float = 30.0) -> torch.device:
     """Start the default process group for ``env`` and return this rank's device.
 
@@ -132,10 +94,13 @@ def init_distributed(env: DistEnv, *, timeout_minutes: float = 30.0) -> torch.de
     written to ``os.environ`` because DeepSpeed reads ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` from
     there itself (engine and launcher utilities), so both must agree. ``timeout_minutes``
     bounds every collective of the world group *and* of every group created later (see
-    :func:`_set_subgroup_timeout`), and the rendezvous store's operations.
+    :func:`megatron_glm.compat.torch.set_subgroup_timeout`), and the rendezvous store's
+    operations.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+
+    from megatron_glm.compat.deepspeed import skip_shm_comm_build
 
     if dist.is_initialized():
         raise RuntimeError("init_distributed: a default process group already exists")
@@ -147,12 +112,12 @@ def init_distributed(env: DistEnv, *, timeout_minutes: float = 30.0) -> torch.de
         "MASTER_PORT": str(env.master_port if env.master_port is not None else free_port()),
     }
     os.environ.update(values)
-    _skip_deepspeed_shm_build()
+    skip_shm_comm_build()  # no C++ build of an op training never uses (see the seam)
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(env.local_rank)
     timeout = timedelta(minutes=timeout_minutes)
-    _set_subgroup_timeout(timeout)
+    set_subgroup_timeout(timeout)
     deepspeed.init_distributed(
         dist_backend=accel.communication_backend_name(),
         auto_mpi_discovery=False,
@@ -168,7 +133,7 @@ def destroy_distributed() -> None:
     """Tear the default process group down (idempotent) and restore torch's group timeout."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    _set_subgroup_timeout(None)
+    set_subgroup_timeout(None)
 
 
 def all_reduce(

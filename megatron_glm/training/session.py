@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import random
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
+from megatron_glm.compat.deepspeed import known_warnings_silenced
 from megatron_glm.config import RunConfig
 from megatron_glm.model import flops_per_token, num_parameters
 from megatron_glm.parallel.dims import ParallelDims
@@ -78,6 +78,7 @@ class _ReportingSource:
         return None if batches is None else self.watchdog.watch_batches(batches, "valid data")
 
 
+@known_warnings_silenced()
 def train_in_group(
     cfg: RunConfig,
     env: DistEnv,
@@ -89,25 +90,11 @@ def train_in_group(
 ) -> TrainResult:
     """Steps 2-4 plus the loop, inside an existing process group (tests reuse one group).
 
-    ``watchdog`` (optional) is told of every micro-batch read, forward and optimizer step.
+    ``watchdog`` (optional) is told of every micro-batch read, forward and optimizer step. Two
+    torch warnings DeepSpeed causes are ignored for the duration of the call only
+    (:func:`megatron_glm.compat.deepspeed.known_warnings_silenced`).
     ``log`` receives the run's console lines; by default they are logged at INFO (:data:`logger`).
     """
-    # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated, once per rank and
-    # run; the warning is DeepSpeed's to fix and says nothing about this run.
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-        category=FutureWarning,
-    )
-    # DeepSpeed's pipeline sends an activation by broadcasting it from the sending stage (an
-    # in-place collective on a tensor in the autograd graph); torch warns when backward passes
-    # that node. A broadcast leaves its source unchanged, so the identity gradient torch uses is
-    # the right one (the pipeline equality tests check every step's loss against one process).
-    warnings.filterwarnings(
-        "ignore",
-        message=r"c10d::broadcast_: an autograd kernel was not registered",
-        category=UserWarning,
-    )
     dims = ParallelDims.build(
         tp=cfg.parallel.tp, pp=cfg.parallel.pp, sequence_parallel=cfg.parallel.sequence_parallel
     )

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_glm.kernels import (
-    add_layer_norm,
     attention_backend,
     bias_dropout_add,
     bias_gelu,
@@ -125,7 +124,7 @@ def test_cross_entropy_bf16_and_memory() -> None:
     assert peak(fused) <= peak(eager) / 4
 
 
-@pytest.mark.parametrize("op", ["bias_gelu", "layer_norm", "add_layer_norm", "bda_eval"])
+@pytest.mark.parametrize("op", ["bias_gelu", "layer_norm", "bda_eval"])
 def test_elementwise_bf16(op: str) -> None:
     tokens, h = 8192, 1024
     g = torch.Generator().manual_seed(3)
@@ -143,11 +142,6 @@ def test_elementwise_bf16(op: str) -> None:
             lambda x, w, b: layer_norm(x, w, b, 1e-5, kernels="triton"),
             lambda x, w, b: F.layer_norm(x, (h,), w, b, 1e-5),
             [r(tokens, h), r(h), r(h)],
-        ),
-        "add_layer_norm": (
-            lambda x, y, w, b: add_layer_norm(x, y, w, b, 1e-5, kernels="triton")[1],
-            lambda x, y, w, b: F.layer_norm(x + y, (h,), w, b, 1e-5),
-            [r(tokens, h), r(tokens, h), r(h), r(h)],
         ),
         "bda_eval": (
             lambda x, b, y: bias_dropout_add(x, b, y, 0.1, False, kernels="triton"),

@@ -45,7 +45,9 @@ def test_bench_kernels_smoke(
     for title in ("== kernels vs fp32", "== attention fwd+bwd", "== cross entropy", "== element"):
         assert title in out
     checks = dict(re.findall(r"^\s*(\S.*?)\s+(\d\.\d\de[-+]\d\d)\s+\S+$", out, re.MULTILINE))
-    assert len(checks) == 6, out
+    assert len(checks) == 5, (
+        out
+    )  # attention, cross entropy, bias_gelu, bias_dropout_add, layer_norm
     for kernel, err in checks.items():  # fp32 under the interpreter: rounding-level agreement
         assert float(err) < 1e-4, (kernel, err)
     assert re.search(r"B1 S24\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(n/a|[\d.]+)\s+[\d.]+\s+[\d.]+x", out)

@@ -87,7 +87,7 @@ def test_no_grad_and_empty_and_errors() -> None:
     assert empty.sum_loss.item() == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight))
     bad = torch.tensor([3, 0, 7, 50, 1, 2, 9, 4, 8])
     with pytest.raises(ValueError) as exc:
-        fused_cross_entropy(hidden, weight, bad, weights, kernels="torch")
+        fused_cross_entropy(hidden, weight, bad, weights, kernels="torch", check_ids=True)
     assert str(exc.value) == "fused_cross_entropy: targets must be in [0, 50), got 0..50"
     with pytest.raises(
         ValueError, match=r"targets \(9,\) and weights \(8,\) must both be \[rows\]"

@@ -53,6 +53,13 @@ def test_collate_follows_the_batch_contract() -> None:
             assert np.array_equal(batch[key][b].numpy(), np.asarray(row[key]))
     with pytest.raises(ValueError, match="collate: empty list of rows"):
         collate([])
+    rows = [dict(ds[i]) for i in range(3)]
+    rows[2]["objective"] = np.int64(3)  # one past "document"
+    with pytest.raises(ValueError) as exc:
+        collate(rows)
+    assert str(exc.value) == (
+        "collate: row 2 has objective id 3, not in [0, 3) (span, sentence, document)"
+    )
 
 
 def test_getitems_matches_getitem() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -174,10 +175,37 @@ def test_loss_accepts_head_weight_and_rejects_bad_objective(model: GLMModel) -> 
         model.head_weight, hidden, batch["targets"], batch["loss_mask"], batch["objective"]
     )
     assert torch.equal(a.sum_loss, b.sum_loss)
+    bad_objective = torch.tensor([0, 3, 1])
     with pytest.raises(ValueError, match=r"objective ids must be in \[0, 3\), got 0\.\.3"):
-        glm_loss(model, hidden, batch["targets"], batch["loss_mask"], torch.tensor([0, 3, 1]))
+        glm_loss(model, hidden, batch["targets"], batch["loss_mask"], bad_objective, check_ids=True)
     empty = glm_loss(model, hidden, batch["targets"], torch.zeros(B, S), batch["objective"])
     assert empty.sum_loss.item() == 0.0 and empty.num_tokens.item() == 0.0
+
+
+def test_loss_reads_no_id_range_back_by_default(
+    model: GLMModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-micro-batch loss makes no ``aminmax`` host sync (ids are checked at collation);
+    ``check_ids=True`` is the debugging path that does."""
+    batch = make_batch(5)
+    with torch.no_grad():
+        hidden = run(model, batch)
+    args = (model, hidden, batch["targets"], batch["loss_mask"], batch["objective"])
+    want = glm_loss(*args, check_ids=True)
+    calls: list[int] = []
+    real_aminmax = torch.aminmax
+
+    def counting_aminmax(t: torch.Tensor) -> Any:
+        calls.append(t.numel())
+        return real_aminmax(t)
+
+    monkeypatch.setattr(torch, "aminmax", counting_aminmax)
+    got = glm_loss(*args)
+    assert calls == []
+    assert torch.equal(got.sum_loss, want.sum_loss)
+    assert torch.equal(got.per_objective_sum, want.per_objective_sum)
+    glm_loss(*args, check_ids=True)
+    assert len(calls) == 2  # objective ids and target ids
 
 
 def test_overfits_one_batch() -> None:

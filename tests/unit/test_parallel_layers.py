@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_glm.config import ModelConfig
+from megatron_glm.kernels import LayerNorm
 from megatron_glm.model import GLMModel, build_model, tensor_parallel_layout
 from megatron_glm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.layers import (
     ColumnParallelLinear,
-    LayerNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
@@ -58,6 +58,28 @@ def test_tp1_layers_are_exactly_linear_embedding_layernorm() -> None:
     ln = LayerNorm(8, eps=1e-5)
     assert isinstance(ln, nn.LayerNorm)
     torch.testing.assert_close(ln(x), F.layer_norm(x, (8,), eps=1e-5), atol=0, rtol=0)
+
+
+def test_skip_bias_add_returns_the_bias_unapplied() -> None:
+    """Megatron's ``skip_bias_add``: ``(x A^T, b)`` with the layer's own bias Parameter, whose
+    sum is the plain layer's output; the state dict is unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    for cls in (ColumnParallelLinear, RowParallelLinear):
+        ref, skip = nn.Linear(8, 12), cls(8, 12, skip_bias_add=True)
+        assert list(skip.state_dict()) == ["weight", "bias"]
+        skip.load_state_dict(ref.state_dict())
+        out, bias = skip(x)
+        assert bias is skip.bias
+        torch.testing.assert_close(out, F.linear(x, ref.weight), atol=0, rtol=0)
+        torch.testing.assert_close(out + bias, ref(x), atol=1e-6, rtol=1e-6)
+        no_bias = cls(8, 12, bias=False, skip_bias_add=True)
+        no_bias.load_state_dict({"weight": ref.weight.detach()})
+        out, bias = no_bias(x)
+        assert bias is None
+        torch.testing.assert_close(out, F.linear(x, ref.weight), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"skip_bias_add .* cannot be combined with gather_output"):
+        ColumnParallelLinear(8, 12, skip_bias_add=True, gather_output=True)
 
 
 def test_layer_size_errors() -> None:

@@ -45,7 +45,6 @@ from bench_attention import (
 )
 
 from megatron_glm.kernels import (
-    add_layer_norm,
     bias_dropout_add,
     bias_gelu,
     fused_cross_entropy,
@@ -125,14 +124,6 @@ def check_kernels(args: argparse.Namespace, device: torch.device) -> list[tuple[
         lambda u, c, d: F.layer_norm(u, (h,), c, d, 1e-5), [xs.float(), w.float(), bias.float()]
     )
     rows.append(("layer_norm y,dx,dw,db", *_errors(got, want)))
-    got = _grads(
-        lambda u, r, c, d: add_layer_norm(u, r, c, d, 1e-5, kernels=T)[1], [xs, res, w, bias]
-    )
-    want = _grads(
-        lambda u, r, c, d: F.layer_norm(u + r, (h,), c, d, 1e-5),
-        [xs.float(), res.float(), w.float(), bias.float()],
-    )
-    rows.append(("add_layer_norm y,dx,dr,dw,db", *_errors(got, want)))
     print("  checks: done", file=sys.stderr)
     return rows
 
@@ -209,10 +200,6 @@ def elementwise_table(args: argparse.Namespace, device: torch.device) -> list[di
          lambda u, c, q: q + F.dropout(u + c, 0.1, True), [x, b, r]),
         ("layer_norm", lambda u, c, d: layer_norm(u, c, d, 1e-5, kernels=T),
          lambda u, c, d: F.layer_norm(u, (h,), c, d, 1e-5), [x, w, b]),
-        ("add_layer_norm",
-         lambda u, q, c, d: torch.cat(add_layer_norm(u, q, c, d, 1e-5, kernels=T)),
-         lambda u, q, c, d: torch.cat([u + q, F.layer_norm(u + q, (h,), c, d, 1e-5)]),
-         [x, r, w, b]),
     ]  # fmt: skip
     out = []
     for name, ours, eager, inputs in cases:
