@@ -96,7 +96,7 @@ _TO_UNIT = 1.0 / 2.0**53
 
 
 class WindowLike(Protocol):
-    """What blank infilling reads from a packed window (``megatron_glm.data.dataset.Window``)."""
+    """What blank infilling reads from a packed window (``data.packed_dataset.Window``)."""
 
     @property
     def tokens(self) -> np.ndarray: ...  # int64 [L]
