@@ -71,9 +71,9 @@ BAD_LINE_REASONS: dict[str, str] = {
 DEFAULT_CHUNK_BYTES = 1 << 18
 """Input bytes per chunk: big enough to amortise per-chunk costs (a SentencePiece call, two
 pickled messages), small enough that the Python objects of a chunk (an int per token) fit the
-allocator's reused arenas instead of being mapped and unmapped each time (at 1 MiB the encoder
-processes took ~5x the page faults and ~2x the system time), and that the last chunk, encoded
-alone while the other encoders idle, is short."""
+allocator's reused arenas instead of being mapped and unmapped each time (1 MiB measurably did
+not: docs/benchmarks.md), and that the last chunk, encoded alone while the other encoders idle,
+is short."""
 REPORTED_LOCATIONS = 5
 """``file:line`` locations kept per bad-line reason for the report."""
 

@@ -19,8 +19,8 @@ sentence split, SentencePiece encode, flatten the id lists into a numpy array, w
 ``tools/bench/bench_preprocess.py --stages`` prints each stage's CPU time against SentencePiece's
 own one-thread encode of the same sentences. Encode dominates; each other stage was brought to
 a few percent of it: orjson for parsing, and the splitter and the flattening compiled
-(:mod:`megatron_glm.data.native`; their numpy twins, used when no C compiler was available at
-install, cost about 18% and 14%). So:
+(:mod:`megatron_glm.data.native`; their numpy twins are used when no C compiler was available
+at install). Figures: docs/benchmarks.md. So:
 
 * the **main process** only reads blocks of the input, cut after their last newline, and writes
   finished chunks;
@@ -35,12 +35,10 @@ install, cost about 18% and 14%). So:
 
 Why processes, not SentencePiece's own threads (``encode(list, num_threads=N)``, which releases
 the GIL for the C++ segmentation only): building the Python id lists, parsing, splitting and
-flattening all hold the GIL, so a threaded design serializes them against each other; this
-module's previous one (main thread parsing, one thread driving SentencePiece's pool) measured
-0.5-0.7 of the SentencePiece limit at 2 workers on the 2-core development machine, where this
-one measures about 0.8-0.95 (bench_preprocess: limit and tool in the same run, best of 6 each;
-run-to-run noise on that shared machine is about +-10%). The cost is one process per worker
-(forked: the tokenizer is shared, not reloaded) and ~5% of the CPU in the main process. It is
+flattening all hold the GIL, so a threaded design serializes them against each other (this
+module's threaded predecessor reached a clearly smaller share of SentencePiece's limit:
+docs/benchmarks.md, "Preprocessing throughput"). The cost is one process per worker (forked:
+the tokenizer is shared, not reloaded) and a little CPU in the main process. It is
 Megatron-LM's layout; the differences are what is sent (one bytes block per chunk, not a pickled
 line per task) and the garbage collector, paused (see :func:`_gc_paused`). With ``workers=1``
 one core does all the work while the reader idles: give it as many workers as cores.
@@ -218,8 +216,8 @@ def _gc_paused() -> Iterator[None]:
     The pipeline allocates millions of short-lived containers (a dict per JSON line, a list per
     encoded sentence) and creates no reference cycles, so collections find nothing to free; but
     chunks in flight survive into the old generation, and each full collection traverses all of
-    them (bench_preprocess --stages: SentencePiece's own list building runs ~1.8x slower with the
-    collector on). Reference counting still frees everything promptly.
+    them (bench_preprocess --stages measures the slowdown: docs/benchmarks.md). Reference
+    counting still frees everything promptly.
     """
     was_enabled = gc.isenabled()
     gc.disable()

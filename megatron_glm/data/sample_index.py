@@ -49,8 +49,9 @@ class DocumentGeometry:
 class CorpusArrays:
     """Plain-ndarray views of an IndexedDataset's maps.
 
-    ``np.memmap`` routes every indexing result and ufunc through Python-level hooks, which tripled
-    the cost of ``__getitem__``; a base-class view of the same memory (``np.asarray``) does not.
+    ``np.memmap`` routes every indexing result and ufunc through Python-level hooks, a large
+    share of the dataset's ``__getitem__`` (docs/benchmarks.md); a base-class view of the same
+    memory (``np.asarray``) does not.
     """
 
     doc_idx: np.ndarray  # int64 [D + 1] first sequence of each document

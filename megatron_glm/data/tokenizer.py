@@ -247,7 +247,7 @@ class GLMTokenizer:
         decode to its pieces concatenated, exactly. Pieces that begin with the whitespace before
         them (as :func:`megatron_glm.data.sentence_split.split_sentences` cuts) also start where
         SentencePiece's segmentation of the whole document starts a piece anyway (``▁word``), so
-        their ids are almost always the whole document's ids (on the demo corpus 0.0% more).
+        their ids are almost always the whole document's ids (docs/benchmarks.md).
 
         One model encodes all: the continuing copy, with a space put before each first piece in
         place of the dummy one (a first piece starting with a special token gets none, as in
@@ -285,8 +285,8 @@ class GLMTokenizer:
         """Indices of the texts that may start with a special token (exactly those, compiled).
 
         A scan in C (:mod:`megatron_glm.data.native`), else a C-level map over first characters
-        (a superset; :meth:`_drop_dummy_prefix` checks each): a Python call per text cost ~8% of
-        SentencePiece's own encode of short sentences.
+        (a superset; :meth:`_drop_dummy_prefix` checks each): a Python call per text cost a
+        noticeable share of SentencePiece's own encode of short sentences (docs/benchmarks.md).
         """
         if NATIVE is not None:
             return NATIVE.starting_with(texts, SPECIAL_TOKENS)

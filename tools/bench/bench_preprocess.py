@@ -85,7 +85,7 @@ def load_sentences(corpus: Path) -> tuple[list[str], int]:
 
 def time_limit(tok: GLMTokenizer, sentences: list[str], workers: int) -> tuple[float, float]:
     """(wall, CPU) seconds of one raw ``encode`` call over all sentences, garbage collector
-    paused (its fastest setting: collections while the id lists are built cost up to ~40%)."""
+    paused (its fastest setting; what collections cost here: docs/benchmarks.md)."""
     sp = tok.sentencepiece
     gc.disable()
     try:
