@@ -46,6 +46,20 @@ class BlendedDataset:
         self.weights = normalize_weights(weights)
         self.num_samples = int(num_samples)
         self.seed = int(seed)
+        arrays, meta = self._load_index(cache_dir)
+        self._dataset_index = arrays["dataset_index"]  # int16 [num_samples]
+        self._sample_index = arrays["sample_index"]  # int64 [num_samples]
+        self.counts: list[int] = [int(c) for c in meta["counts"]]
+        """Samples drawn from each dataset."""
+        for i, (ds, need) in enumerate(zip(self.datasets, self.counts, strict=True)):
+            if len(ds) < need:
+                raise ValueError(
+                    f"BlendedDataset: dataset {i} ({getattr(ds, 'name', ds)!r}) has {len(ds)} "
+                    f"samples, the blend needs {need}"
+                )
+
+    def _load_index(self, cache_dir: str | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The blend's index arrays and meta, from the cache (built if absent) or in memory."""
         key = {
             "format": FORMAT_VERSION,
             "kind": "blend",
@@ -59,28 +73,18 @@ class BlendedDataset:
             return {"dataset_index": index, "sample_index": sample}, {"counts": counts.tolist()}
 
         if cache_dir is None:
-            arrays, meta = build()
             self.built = True
-        else:
-            entry = load_or_build(
-                os.path.abspath(cache_dir),
-                f"blend_{canonical_digest(key)[:24]}",
-                key,
-                ("dataset_index", "sample_index"),
-                build,
-                f"BlendedDataset of {len(datasets)}",
-            )
-            arrays, meta, self.built = entry.arrays, entry.meta, entry.built
-        self._dataset_index = arrays["dataset_index"]  # int16 [num_samples]
-        self._sample_index = arrays["sample_index"]  # int64 [num_samples]
-        self.counts: list[int] = [int(c) for c in meta["counts"]]
-        """Samples drawn from each dataset."""
-        for i, (ds, need) in enumerate(zip(self.datasets, self.counts, strict=True)):
-            if len(ds) < need:
-                raise ValueError(
-                    f"BlendedDataset: dataset {i} ({getattr(ds, 'name', ds)!r}) has {len(ds)} "
-                    f"samples, the blend needs {need}"
-                )
+            return build()
+        entry = load_or_build(
+            os.path.abspath(cache_dir),
+            f"blend_{canonical_digest(key)[:24]}",
+            key,
+            ("dataset_index", "sample_index"),
+            build,
+            f"BlendedDataset of {len(self.datasets)}",
+        )
+        self.built = entry.built
+        return entry.arrays, entry.meta
 
     def __len__(self) -> int:
         return self.num_samples

@@ -90,19 +90,7 @@ class PackedDataset:
         docs, doc_key = self._check_args(indexed, documents)
         prefix = os.path.abspath(indexed.prefix)
         self.cache_dir = os.path.abspath(cache_dir or os.path.dirname(prefix))
-        key = {
-            "format": FORMAT_VERSION,
-            "kind": "packed",
-            "prefix": os.path.realpath(prefix),
-            "idx": file_fingerprint(indexed.index_path),
-            "bin": file_fingerprint(indexed.data_path),
-            "documents": doc_key,
-            "window_length": self.window_length,
-            "num_samples": self.num_samples,
-            "seed": self.seed,
-            "eos_id": self.eos_id,
-            "eos_rule": "append one eos unless the stored document ends with eos_id",
-        }
+        key = self._cache_key(doc_key)
         stem = f"{os.path.basename(prefix)}_packed_{canonical_digest(key)[:24]}"
 
         def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -130,6 +118,22 @@ class PackedDataset:
         self.tokens_per_epoch: int = int(entry.meta["tokens_per_epoch"])
         self.windows_per_epoch: int = int(entry.meta["windows_per_epoch"])
         self.num_epochs: int = int(entry.meta["epochs"])
+
+    def _cache_key(self, doc_key: Any) -> dict[str, Any]:
+        """Everything that determines the index arrays (index_cache: the cache's identity)."""
+        return {
+            "format": FORMAT_VERSION,
+            "kind": "packed",
+            "prefix": os.path.realpath(os.path.abspath(self.indexed.prefix)),
+            "idx": file_fingerprint(self.indexed.index_path),
+            "bin": file_fingerprint(self.indexed.data_path),
+            "documents": doc_key,
+            "window_length": self.window_length,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "eos_id": self.eos_id,
+            "eos_rule": "append one eos unless the stored document ends with eos_id",
+        }
 
     def _check_args(
         self, indexed: IndexedDataset, documents: tuple[int, int] | np.ndarray
