@@ -120,6 +120,44 @@ class ModelConfig:
         )
 
 
+_SPLIT_HINT = (
+    "expected 1-3 non-negative numbers separated by ',' or '/' with a positive sum, e.g. 969,30,1"
+)
+
+
+def _split_problem(text: str) -> str | None:
+    """Why ``text`` is not a split string (the rule part of the config error), or None."""
+    parts = [p.strip() for p in text.split("," if "," in text else "/")]
+    if len(parts) > 3:
+        return f"{text!r}: {len(parts)} weights, {_SPLIT_HINT}"
+    for p in parts:
+        try:
+            x = float(p)
+        except ValueError:
+            return f"{text!r}: {p!r} is not a number; {_SPLIT_HINT}"
+        if not (math.isfinite(x) and x >= 0):
+            return f"{text!r}: weight {p!r} is not finite and >= 0; {_SPLIT_HINT}"
+    if sum(float(p) for p in parts) <= 0:
+        return f"{text!r}: weights sum to 0; {_SPLIT_HINT}"
+    return None
+
+
+def parse_split(text: str) -> tuple[float, float, float]:
+    """Train, valid and test weights of ``data.split``, e.g. ``"969,30,1"`` or ``"98/2"``.
+
+    Megatron-LM's ``--split``: its reader takes ``,`` or ``/`` between the numbers, and
+    Megatron-core pads fewer than three with zeros and rejects more; the weights need not sum
+    to 1 (they are normalised where used). Here every weight must be finite and >= 0, with a
+    positive sum. Raises :class:`ConfigError` naming the field ``data.split``.
+    """
+    problem = _split_problem(text)
+    if problem is not None:
+        raise ConfigError("data.split", problem)
+    weights = [float(p) for p in text.split("," if "," in text else "/")]
+    weights += [0.0] * (3 - len(weights))
+    return weights[0], weights[1], weights[2]
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where the training tokens come from and how they are split and packed."""
@@ -132,7 +170,7 @@ class DataConfig:
     tokenizer_model: str = ""
     """Path to the SentencePiece ``.model`` with GLM's special tokens."""
     split: str = "969,30,1"
-    """Train/valid/test weights over documents, comma separated."""
+    """Train/valid/test weights over documents, ``,`` or ``/`` separated (see parse_split)."""
     seq_length: int = 512
     """Static row length S in tokens of every micro-batch (part A + part B + padding)."""
     num_workers: int = 2
@@ -144,16 +182,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.seq_length > 1, "seq_length", "must be > 1")
         _require(self.num_workers >= 0, "num_workers", "must be >= 0")
-        parts = self.split.split(",")
-        try:
-            weights = [float(p) for p in parts]
-        except ValueError:
-            weights = []
-        _require(
-            len(weights) in (1, 2, 3) and all(w >= 0 for w in weights) and sum(weights) > 0,
-            "split",
-            "must be 1-3 non-negative comma-separated numbers with a positive sum, e.g. 969,30,1",
-        )
+        problem = _split_problem(self.split)
+        _require(problem is None, "split", problem or "")
         if self.data_weights is not None:
             _require(
                 len(self.data_weights) == len(self.data_path),

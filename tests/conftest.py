@@ -3,7 +3,7 @@
 Both are session-scoped (built once per pytest process: 2-3 s of CPU, 5-9 s of wall time on
 the shared 2-core CI machine) and deterministic: the corpus is the first documents of the
 stdlib-docstring demo corpus, and tokenizer training is a pure function of its input and
-parameters (see ``megatron_glm.data.tokenizer``).
+parameters (see ``megatron_glm.data.tokenizer_training``).
 
 DeepSpeed picks its accelerator at import time; tests run it on CPU, and one OpenMP thread per
 process keeps multi-process tests from oversubscribing the 2 CI cores.
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from megatron_glm.data.demo_corpus import write_demo_corpus
-from megatron_glm.data.tokenizer import GLMTokenizer, train_tokenizer
+from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer_training import train_tokenizer
 
 TEST_CORPUS_DOCS = 400
 """Documents in ``demo_corpus_path`` (~450 KB of text, enough for a 1500-piece vocabulary)."""

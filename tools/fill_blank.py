@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 
-from megatron_glm.config import RunConfig, load_config
-from megatron_glm.data.dataset import split_documents
+from megatron_glm.config import RunConfig, load_config, parse_split
+from megatron_glm.data.dataset_builder import split_documents
 from megatron_glm.data.indexed import IndexedDataset
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.generation.blank_fill import fill_blank
@@ -32,7 +32,7 @@ def held_out_sentence(cfg: RunConfig, tok: GLMTokenizer, min_tokens: int = 8) ->
     exactly); the demo fills the sentence alone, re-encoded without that layout.
     """
     indexed = IndexedDataset(cfg.data.data_path[0])
-    start, end = split_documents(indexed.num_documents, cfg.data.split)[2]
+    start, end = split_documents(indexed.num_documents, parse_split(cfg.data.split))[2]
     for d in range(start, end):
         first = int(indexed.doc_idx[d])
         for i in range(first, int(indexed.doc_idx[d + 1])):

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Train a SentencePiece tokenizer with GLM's special tokens (see megatron_glm.data.tokenizer)."""
+"""Train a SentencePiece tokenizer with GLM's special tokens (megatron_glm.data.tokenizer_training).
+
+Bad input lines are counted and reported with file:line, as tools/preprocess_data.py does;
+--strict stops at the first one instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from megatron_glm.data.tokenizer import MODEL_TYPES, TokenizerError, train_tokenizer
+from megatron_glm.data.tokenizer_training import MODEL_TYPES, train_tokenizer
 from megatron_glm.logs import setup_logging
 
 
@@ -27,6 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json-key", default="text")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--no-byte-fallback", action="store_true")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad line or cut-short .gz input instead of reporting it",
+    )
     parser.add_argument("--verbose", action="store_true", help="show SentencePiece's log")
     args = parser.parse_args(argv)
     try:
@@ -40,9 +49,10 @@ def main(argv: list[str] | None = None) -> None:
             json_key=args.json_key,
             seed=args.seed,
             byte_fallback=not args.no_byte_fallback,
+            strict=args.strict,
             verbose=args.verbose,
         )
-    except TokenizerError as e:
+    except ValueError as e:  # TokenizerError, BadInputError, unusable arguments
         parser.exit(2, f"error: {e}\n")
     specials = " ".join(f"{tok}={i}" for tok, i in s["special_ids"].items())
     print(f"wrote {s['model']} and {s['vocab']} ({s['model_type']})")
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         f"  trained on {s['sentences_used']} of {s['sentences_total']} sentences "
         f"({s['lines_chunked']} long lines cut), {s['threads']} threads, seed {s['seed']}"
     )
+    print("\n".join(f"  {line}" for line in s["bad_lines"].report()))
     print(
         f"  sample of {int(s['sample_sentences'])} sentences: "
         f"{s['chars_per_token']:.2f} chars/token, {s['tokens_per_word']:.2f} tokens/word, "

@@ -18,17 +18,16 @@
  *
  * starting_with(texts, prefixes) -> list[int]
  *   Indices of the texts that start with one of `prefixes` (a tuple of non-empty str): the
- *   first character is compared before any prefix is, so a text costs a few ns, against
- *   ~90-250 ns for str.startswith per text from Python.
+ *   first character is compared before any prefix is, so a text costs far less than a
+ *   str.startswith call per text from Python (docs/benchmarks.md).
  *
  * split_sentences(texts, counts) -> list[str]
  *   The sentences of every text of the list `texts`, in order, by the rules of
  *   megatron_glm/data/sentence_split.py (its module docstring; the vectorised numpy twin is
  *   there): pieces that concatenate back to the text, each sentence beginning with the
  *   whitespace before it; counts[i] (an int64 buffer of len(texts)) receives the number of
- *   sentences of texts[i]. One pass per text, one substring per sentence: the numpy version
- *   costs about 13% of SentencePiece's encode of the same text, this one about 4%
- *   (bench_preprocess).
+ *   sentences of texts[i]. One pass per text, one substring per sentence: several times
+ *   cheaper than the numpy version (bench_preprocess --stages; docs/benchmarks.md).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

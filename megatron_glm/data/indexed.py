@@ -370,7 +370,7 @@ def check_dataset(prefix: str | os.PathLike[str], vocab_size: int) -> DatasetChe
       :data:`SAMPLE_CHUNKS` (64) chunks of :data:`SAMPLE_CHUNK_BYTES` (1 MiB) at evenly spread
       offsets, the first and the last included: a corpus made with another tokenizer has such
       ids everywhere and fails, but a few corrupt tokens can pass;
-      :class:`megatron_glm.data.dataset.PackedDataset` given a ``vocab_size`` checks each
+      :class:`megatron_glm.data.packed_dataset.PackedDataset` given a ``vocab_size`` checks each
       window it serves.
     """
     if vocab_size < 1:

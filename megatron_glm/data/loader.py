@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megatron_glm.config import ObjectiveConfig
-from megatron_glm.data.blank_infilling import OBJECTIVES, BlankInfilling, SpecialIds
-from megatron_glm.data.dataset import build_pretrain_datasets
+from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
+from megatron_glm.data.dataset_builder import build_pretrain_datasets
+from megatron_glm.objectives import OBJECTIVES
 
 BATCH_KEYS: tuple[str, ...] = (
     "tokens",
@@ -206,7 +207,7 @@ def inspection_dataset(
     train, _, _ = build_pretrain_datasets(
         [data_prefix],
         None,
-        "1",
+        (1.0, 0.0, 0.0),
         infill.window_length,
         (num_samples, 0, 0),
         seed,

@@ -8,35 +8,19 @@ back to it exactly), else ``document`` (each document one sequence). With ``appe
 eos id ends the last sequence of every document, as in Megatron-LM. Tokens are stored as
 :func:`best_fitting_dtype` of the vocabulary.
 
-Bad lines are counted, never fatal (unless ``strict``), and are the only thing ever dropped:
-
-==================  ==================================================================
-reason              line
-==================  ==================================================================
-``invalid_utf8``    bytes that are not UTF-8, or a text holding a lone surrogate
-                    (a ``\\ud800``-style escape: valid JSON, but not encodable text)
-``invalid_json``    not one JSON value (including a blank line)
-``missing_key``     a key is absent, or the line is a JSON value other than an object
-``non_string``      a key's value is not a string (Megatron's pre-split lists included)
-``empty_text``      a key's text is empty or only whitespace (``str.isspace``)
-==================  ==================================================================
-
-A ``.gz`` input that stops being readable (cut short, corrupt, or not gzip at all) is reported
-like a bad line, naming the file and the last complete line read: every line before the fault is
-used as usual, the partial line at the fault is dropped, and the summary says the file was cut
-short after line N (under ``strict`` it is an error, :class:`BadInputError`).
-
-With several keys a line is used only if every key is good, so all output datasets hold the same
-documents in the same order (document ``i`` of ``_title_`` belongs to document ``i`` of
-``_text_``); the first failing key decides the reason.
+Bad lines (and ``.gz`` inputs cut short) are counted with their ``file:line`` and reported, never
+fatal unless ``strict``, and are the only thing ever dropped; the reader and its rules are
+:mod:`megatron_glm.data.jsonl`, shared with the tokenizer trainer. With several keys a line
+is used only if every key is good, so all output datasets hold the same documents in the same
+order (document ``i`` of ``_title_`` belongs to document ``i`` of ``_text_``).
 
 Pipeline and why. The work per chunk of ~256 KiB of lines is: read, JSON parse + checks,
 sentence split, SentencePiece encode, flatten the id lists into a numpy array, write.
 ``tools/bench/bench_preprocess.py --stages`` prints each stage's CPU time against SentencePiece's
 own one-thread encode of the same sentences. Encode dominates; each other stage was brought to
 a few percent of it: orjson for parsing, and the splitter and the flattening compiled
-(:mod:`megatron_glm.data.native`; their numpy twins, used when no C compiler was available at
-install, cost about 18% and 14%). So:
+(:mod:`megatron_glm.data.native`; their numpy twins are used when no C compiler was available
+at install). Figures: docs/benchmarks.md. So:
 
 * the **main process** only reads blocks of the input, cut after their last newline, and writes
   finished chunks;
@@ -51,12 +35,10 @@ install, cost about 18% and 14%). So:
 
 Why processes, not SentencePiece's own threads (``encode(list, num_threads=N)``, which releases
 the GIL for the C++ segmentation only): building the Python id lists, parsing, splitting and
-flattening all hold the GIL, so a threaded design serializes them against each other; this
-module's previous one (main thread parsing, one thread driving SentencePiece's pool) measured
-0.5-0.7 of the SentencePiece limit at 2 workers on the 2-core development machine, where this
-one measures about 0.8-0.95 (bench_preprocess: limit and tool in the same run, best of 6 each;
-run-to-run noise on that shared machine is about +-10%). The cost is one process per worker
-(forked: the tokenizer is shared, not reloaded) and ~5% of the CPU in the main process. It is
+flattening all hold the GIL, so a threaded design serializes them against each other (this
+module's threaded predecessor reached a clearly smaller share of SentencePiece's limit:
+docs/benchmarks.md, "Preprocessing throughput"). The cost is one process per worker (forked:
+the tokenizer is shared, not reloaded) and a little CPU in the main process. It is
 Megatron-LM's layout; the differences are what is sent (one bytes block per chunk, not a pickled
 line per task) and the garbage collector, paused (see :func:`_gc_paused`). With ``workers=1``
 one core does all the work while the reader idles: give it as many workers as cores.
@@ -66,14 +48,11 @@ from __future__ import annotations
 
 import gc
 import glob
-import gzip
 import itertools
-import json
 import multiprocessing
 import os
 import resource
 import time
-import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -83,9 +62,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from megatron_glm.data.indexed import IndexedDatasetBuilder, best_fitting_dtype
+from megatron_glm.data.jsonl import (
+    BAD_LINE_REASONS,
+    DEFAULT_CHUNK_BYTES,
+    BadInputError,
+    BadLineError,
+    BadLines,
+    Chunk,
+    iter_chunks,
+    parse_chunk,
+)
 from megatron_glm.data.native import NATIVE
 from megatron_glm.data.sentence_split import split_sentences_batch
 from megatron_glm.data.tokenizer import GLMTokenizer
@@ -102,75 +90,11 @@ __all__ = [
     "resolve_inputs",
 ]
 
-BAD_LINE_REASONS: dict[str, str] = {
-    "invalid_utf8": "invalid UTF-8",
-    "invalid_json": "invalid JSON",
-    "missing_key": "missing key",
-    "non_string": "non-string value",
-    "empty_text": "empty text",
-}
-"""Reason code -> words used in reports and errors."""
-
-DEFAULT_CHUNK_BYTES = 1 << 18
-"""Input bytes per chunk: big enough to amortise per-chunk costs (a SentencePiece call, two
-pickled messages), small enough that the Python objects of a chunk (an int per token) fit the
-allocator's reused arenas instead of being mapped and unmapped each time (at 1 MiB the encoder
-processes took ~5x the page faults and ~2x the system time), and that the last chunk, encoded
-alone while the other encoders idle, is short."""
 MAX_IN_FLIGHT_PER_WORKER = 2
 """Chunks submitted per encoder process and not yet written: one encoding, one queued behind it
 (so a worker never waits for the main process to parse its next chunk)."""
 _NATIVE_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32))
 """Token dtypes the compiled ``flatten_ids`` writes (those :func:`best_fitting_dtype` picks)."""
-REPORTED_LOCATIONS = 5
-"""``file:line`` locations kept per bad-line reason for the report."""
-
-
-class BadInputError(ValueError):
-    """Bad input under ``strict``: a bad line, or a ``.gz`` file cut short; names file and line."""
-
-
-class BadLineError(BadInputError):
-    """A bad input line under ``strict``; the message is ``file:line: reason: detail``."""
-
-
-@dataclass
-class BadLines:
-    """Bad-line counts per reason with the first ``REPORTED_LOCATIONS`` locations of each."""
-
-    strict: bool = False
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_LINE_REASONS, 0))
-    locations: dict[str, list[str]] = field(
-        default_factory=lambda: {r: [] for r in BAD_LINE_REASONS}
-    )
-    cut_short: list[str] = field(default_factory=list)
-    """One message per input file whose reading stopped early (see :class:`_Source`)."""
-
-    def add(self, reason: str, path: str, lineno: int, detail: str) -> None:
-        where = f"{path}:{lineno}"
-        if self.strict:
-            raise BadLineError(f"{where}: {BAD_LINE_REASONS[reason]}: {detail}")
-        self.counts[reason] += 1
-        if len(self.locations[reason]) < REPORTED_LOCATIONS:
-            self.locations[reason].append(where)
-
-    def add_cut_short(self, message: str) -> None:
-        """An input file stopped early; its lines before were used (``message`` says where)."""
-        if self.strict:
-            raise BadInputError(message)
-        self.cut_short.append(message)
-
-    def merge(self, other: BadLines) -> None:
-        """Add the bad lines of a later part of the input (an encoder process's chunk)."""
-        for reason, n in other.counts.items():
-            self.counts[reason] += n
-            room = REPORTED_LOCATIONS - len(self.locations[reason])
-            self.locations[reason] += other.locations[reason][:room]
-        self.cut_short += other.cut_short
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
 
 
 @dataclass
@@ -200,16 +124,8 @@ class PreprocessSummary:
             f"input: {self.input_bytes / 1e6:.2f} MB in {len(self.inputs)} file(s), "
             f"{self.seconds:.2f} s ({self.cpu_seconds:.2f} s CPU), {self.mb_per_s:.2f} MB/s "
             f"with {self.workers} worker(s)",
-            f"bad lines: {self.bad.total}",
+            *self.bad.report(),
         ]
-        for reason, words in BAD_LINE_REASONS.items():
-            n = self.bad.counts[reason]
-            if n:
-                more = ", ..." if n > len(self.bad.locations[reason]) else ""
-                lines.append(f"  {words}: {n} ({', '.join(self.bad.locations[reason])}{more})")
-        if self.bad.cut_short:
-            lines.append(f"inputs cut short: {len(self.bad.cut_short)}")
-            lines += [f"  {message}" for message in self.bad.cut_short]
         lines += [f"output [{key}]: {prefix}.bin/.idx" for key, prefix in self.outputs.items()]
         return "\n".join(lines)
 
@@ -235,177 +151,6 @@ def resolve_inputs(patterns: Sequence[str | os.PathLike[str]]) -> list[Path]:
 def output_prefix_for(output_prefix: str | os.PathLike[str], key: str, split: bool) -> str:
     """``{output_prefix}_{key}_{sentence|document}`` (Megatron-LM's naming)."""
     return f"{os.fspath(output_prefix)}_{key}_{'sentence' if split else 'document'}"
-
-
-# -- reading --------------------------------------------------------------------------------
-
-
-@dataclass
-class _Chunk:
-    """Whole consecutive lines of one file, as the raw bytes read (newlines included)."""
-
-    path: str
-    first_lineno: int
-    data: bytes
-    disk_pos: int  # bytes of the (possibly compressed) input files consumed so far
-    cut_short: str | None = None  # set on the last chunk of a file whose reading stopped early
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
-    def lines(self) -> list[bytes]:
-        """The lines, without their ``\n`` (a final line may lack one). Split here, in C, by
-        the process that parses them: the reading process only finds the last newline."""
-        lines = self.data.split(b"\n")
-        if not lines[-1]:
-            lines.pop()
-        return lines
-
-
-_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
-"""What reading a damaged ``.gz`` raises: EOFError (cut short), BadGzipFile (not gzip, bad CRC or
-length), zlib.error (corrupt deflate data)."""
-
-
-class _Source:
-    """The bytes of one input file, decompressed if it is named ``.gz``.
-
-    A gzip stream that cannot be read on (cut short, corrupt, not gzip) ends the file instead of
-    raising: ``error`` then says why, and every byte decompressed before the fault has been
-    returned. That is why gzip data is taken with ``read1`` (one bounded decompression step at a
-    time) and gathered here: ``GzipFile.read(n)`` loses the bytes it had gathered when a later
-    step of the same call raises.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.raw = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self.gz = gzip.GzipFile(fileobj=self.raw, mode="rb") if path.name.endswith(".gz") else None
-        self.error: str | None = None
-
-    def read(self, size: int) -> bytes:
-        """Up to ``size`` bytes; fewer only at the end of the data (or at a fault)."""
-        if self.gz is None:
-            return b"" if self.error else self.raw.read(size)
-        parts: list[bytes] = []
-        got = 0
-        try:
-            while got < size and (part := self.gz.read1(size - got)):
-                parts.append(part)
-                got += len(part)
-        except _GZIP_ERRORS as e:
-            self.error = str(e) or type(e).__name__
-            self.gz.close()
-            self.gz = None
-        return b"".join(parts)
-
-    def close(self) -> None:
-        if self.gz is not None:
-            self.gz.close()
-        self.raw.close()
-
-
-def _cut_short_message(path: Path, last_line: int, partial: int, error: str) -> str:
-    """``path: cut short after line N: ...``, N the last complete line read, 0 if none."""
-    dropped = f"; the {partial} bytes read of line {last_line + 1} are dropped" if partial else ""
-    return f"{path}: cut short after line {last_line}: unreadable gzip data ({error}){dropped}"
-
-
-def _iter_chunks(paths: Sequence[Path], chunk_bytes: int) -> Iterator[_Chunk]:
-    """Chunks of whole lines, about ``chunk_bytes`` each (more for a longer line), never
-    spanning files; ``disk_pos`` counts all files. Read in blocks, cut after the last newline:
-    no per-line Python work here, and a line of any length is read in linear time.
-
-    A file whose reading stops early (:class:`_Source`) ends with an empty chunk that carries the
-    message; the partial line at the fault is dropped, not parsed as a bad line.
-    """
-    done = 0
-    for path in paths:
-        src = _Source(path)
-        try:
-            lineno = 1
-            parts: list[bytes] = []  # a started line, until a block holds its newline
-            while block := src.read(chunk_bytes):
-                cut = block.rfind(b"\n") + 1
-                if not cut:
-                    parts.append(block)
-                    continue
-                data = b"".join([*parts, block[:cut]])
-                parts = [block[cut:]]
-                yield _Chunk(str(path), lineno, data, done + src.raw.tell())
-                lineno += data.count(b"\n")
-            rest = b"".join(parts)
-            if src.error:
-                message = _cut_short_message(path, lineno - 1, len(rest), src.error)
-                yield _Chunk(str(path), lineno, b"", done + src.raw.tell(), message)
-            elif rest:
-                yield _Chunk(str(path), lineno, rest, done + src.raw.tell())
-        finally:
-            src.close()
-        done += path.stat().st_size
-
-
-# -- parsing --------------------------------------------------------------------------------
-
-
-def _check_text(obj: Any, key: str) -> tuple[str, str] | str:
-    """The text under ``key``, or ``(reason, detail)`` of why the line is bad."""
-    if not isinstance(obj, dict):
-        return "missing_key", f"line is a JSON {type(obj).__name__}, not an object"
-    if key not in obj:
-        return "missing_key", f"no key {key!r}"
-    text = obj[key]
-    if not isinstance(text, str):
-        return "non_string", f"{key!r} is {type(text).__name__}, not a string"
-    if not text or text.isspace():
-        return "empty_text", f"{key!r} is empty or only whitespace"
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return "invalid_utf8", f"{key!r} holds a lone surrogate at character {e.start}"
-    return text
-
-
-def _parse_line(raw: bytes) -> Any:
-    """The JSON value of one line, with ``json.loads`` semantics.
-
-    orjson parses the lines it accepts several times faster than ``json`` (bench_preprocess
-    ``--stages``); a line it rejects goes to ``json.loads``, which decides and words the error.
-    orjson refuses more (NaN, 1e400, a lone surrogate escape) and never accepts a line ``json``
-    refuses, so every verdict and error message is ``json``'s; the one value that differs, an
-    integer past 64 bits (a float for orjson), is a non-string either way (its bad-line detail
-    then says float; tests compare the two on the edge cases). Raises UnicodeDecodeError,
-    ValueError or RecursionError.
-    """
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw.decode("utf-8"))
-
-
-def _parse_chunk(chunk: _Chunk, keys: Sequence[str], bad: BadLines) -> list[list[str]]:
-    """Texts per key of the good lines of ``chunk`` (bad lines reported to ``bad``)."""
-    texts: list[list[str]] = [[] for _ in keys]
-    for i, raw in enumerate(chunk.lines()):
-        try:
-            obj = _parse_line(raw)
-        except UnicodeDecodeError as e:
-            reason = f"byte {e.start}: {e.reason}"
-            bad.add("invalid_utf8", chunk.path, chunk.first_lineno + i, reason)
-            continue
-        except (ValueError, RecursionError) as e:
-            bad.add("invalid_json", chunk.path, chunk.first_lineno + i, str(e))
-            continue
-        checked = [_check_text(obj, key) for key in keys]
-        for result in checked:
-            if isinstance(result, tuple):
-                bad.add(result[0], chunk.path, chunk.first_lineno + i, result[1])
-                break
-        else:
-            for bucket, text in zip(texts, checked, strict=True):
-                bucket.append(text)  # type: ignore[arg-type]
-    return texts
 
 
 # -- encoding and writing --------------------------------------------------------------------
@@ -471,8 +216,8 @@ def _gc_paused() -> Iterator[None]:
     The pipeline allocates millions of short-lived containers (a dict per JSON line, a list per
     encoded sentence) and creates no reference cycles, so collections find nothing to free; but
     chunks in flight survive into the old generation, and each full collection traverses all of
-    them (bench_preprocess --stages: SentencePiece's own list building runs ~1.8x slower with the
-    collector on). Reference counting still frees everything promptly.
+    them (bench_preprocess --stages measures the slowdown: docs/benchmarks.md). Reference
+    counting still frees everything promptly.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -532,7 +277,7 @@ class _EncoderProcess:
         cls.tokenizer = tokenizer if tokenizer is not None else GLMTokenizer(job.model)
 
     @classmethod
-    def process(cls, chunk: _Chunk) -> _Encoded:
+    def process(cls, chunk: Chunk) -> _Encoded:
         """Parse, split, encode (one SentencePiece thread) and flatten one chunk.
 
         Under ``strict`` the first bad line raises :class:`BadLineError`, which reaches the main
@@ -540,7 +285,7 @@ class _EncoderProcess:
         """
         job, dtype = cls.job, np.dtype(cls.job.dtype)
         bad = BadLines(strict=job.strict)
-        texts = _parse_chunk(chunk, job.keys, bad)
+        texts = parse_chunk(chunk, job.keys, bad)
         if chunk.cut_short:
             bad.add_cut_short(chunk.cut_short)
         prepared = [_prepare(t, job.split) for t in texts]
@@ -631,7 +376,7 @@ class _Writer:
 
 
 def _run_pipeline(
-    chunks: Iterator[_Chunk], pool: ProcessPoolExecutor, max_in_flight: int, writer: _Writer
+    chunks: Iterator[Chunk], pool: ProcessPoolExecutor, max_in_flight: int, writer: _Writer
 ) -> None:
     """Read chunks here, process them in the pool, write them here, in submission order.
 
@@ -702,7 +447,7 @@ def preprocess_data(
         pool = stack.enter_context(_encoder_pool(workers, job, tok))
         bar = stack.enter_context(_progress(sum(p.stat().st_size for p in paths), progress))
         writer = _Writer(builders, summary, bar, log_interval)
-        chunks = _iter_chunks(paths, chunk_bytes)
+        chunks = iter_chunks(paths, chunk_bytes)
         _run_pipeline(chunks, pool, MAX_IN_FLIGHT_PER_WORKER * workers, writer)
         writer.show(bar.total)
     summary.seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ a text without terminators or line breaks is one sentence. Whitespace goes *befo
 not after the one it follows, because SentencePiece marks a word's start with the space before
 it (``▁word``): a sentence that begins with its space encodes to the pieces the whole document
 has there, where a trailing space would become a lone ``▁`` piece and the next word a rarer one
-without its ``▁`` (on the demo corpus +2.8% tokens, against +0.0% this way; see
+without its ``▁`` (token counts of both choices: docs/benchmarks.md; see
 :meth:`megatron_glm.data.tokenizer.GLMTokenizer.encode_pieces`).
 
 Two implementations, kept equal by the tests: a C one in :mod:`megatron_glm.data.native` (one
@@ -31,7 +31,7 @@ pass per text; used when it was built), and the vectorised numpy one below. Why 
 the preprocessor the splitter competes with SentencePiece for the same CPU, and a one-regex
 splitter of these rules (``re`` tries its alternatives at every word) costs more CPU than
 SentencePiece's encode of the sentences (``tools/bench/bench_preprocess.py --stages`` prints
-all three; the numpy one costs about 13% of the encode, the C one about 4%). Here the batch
+all three against the encode; figures in docs/benchmarks.md). Here the batch
 is joined into one string, each character is classified by a table lookup (one byte per character
 for ASCII batches, ``str.isascii`` is O(1); UTF-32 code points otherwise), the few candidate
 positions (terminators, closers, line breaks) are examined as sparse index arrays to find where

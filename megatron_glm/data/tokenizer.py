@@ -1,7 +1,8 @@
 """GLM tokenizer: a SentencePiece model with GLM's special tokens, ``<|endoftext|>`` its eos.
 
-Design decisions (the trainer, :func:`train_tokenizer`, and the reader, :class:`GLMTokenizer`,
-agree on them; any SentencePiece model holding the specials as below loads):
+Design decisions (the trainer, :func:`megatron_glm.data.tokenizer_training.train_tokenizer`,
+and the reader, :class:`GLMTokenizer`, agree on them; any SentencePiece model holding the
+specials as below loads):
 
 * **Special tokens** (:data:`SPECIAL_TOKENS`): training reserves them at ids 1..7, right after
   ``<unk>`` = 0, so every model trained here shares the same special ids, and
@@ -43,29 +44,16 @@ agree on them; any SentencePiece model holding the specials as below loads):
   slice). Rows ``>= vocab_size`` are never produced by ``encode``; ``decode`` renders such an id
   as ``<pad:ID>`` (a model may still sample one before it learns not to), and raises
   :class:`TokenizerError` for ids outside ``[0, padded_vocab_size)``.
-* **Determinism of training**: SentencePiece's own sentence sampling (``input_sentence_size``)
-  draws from ``std::random_device`` and differs between processes. We therefore sample ourselves:
-  a counting pass over the input, then a seeded uniform choice of at most ``input_sentence_size``
-  sentence indices, streamed to SentencePiece in a second pass. SentencePiece then sees fewer
-  sentences than its limit, loads them all, and the model is a pure function of (inputs,
-  parameters, ``seed``, ``threads``): the number of trainer threads changes floating-point
-  reduction order and hence the result.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import operator
 import os
-import time
-import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import compress, repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -81,7 +69,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endofpiece|>",
     "<|endoftext|>",
 )
-"""GLM's special tokens, in the order :func:`train_tokenizer` reserves them (ids 1..7)."""
+"""GLM's special tokens, in the order the trainer reserves them (ids 1..7)."""
 EOS_TOKEN = SPECIAL_TOKENS[-1]
 """``<|endoftext|>``: end of text, eos = pad; SentencePiece's eos in models trained here."""
 _SPECIAL_FIRST_CHARS = frozenset(token[0] for token in SPECIAL_TOKENS)
@@ -95,13 +83,6 @@ _SPECIAL_ATTRS: tuple[str, ...] = (
     "eop_id",
     "eos_id",
 )
-_JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-MODEL_TYPES = ("unigram", "bpe")
-MAX_SENTENCE_BYTES = 4192
-"""SentencePiece's ``max_sentence_length``: longer training sentences would be skipped by it,
-so the trainer cuts longer lines into pieces below this size (counted in the summary)."""
-SAMPLE_SENTENCES = 2000
-"""Sentences (the first ones of the input) encoded after training for the summary statistics."""
 
 
 class TokenizerError(ValueError):
@@ -266,7 +247,7 @@ class GLMTokenizer:
         decode to its pieces concatenated, exactly. Pieces that begin with the whitespace before
         them (as :func:`megatron_glm.data.sentence_split.split_sentences` cuts) also start where
         SentencePiece's segmentation of the whole document starts a piece anyway (``▁word``), so
-        their ids are almost always the whole document's ids (on the demo corpus 0.0% more).
+        their ids are almost always the whole document's ids (docs/benchmarks.md).
 
         One model encodes all: the continuing copy, with a space put before each first piece in
         place of the dummy one (a first piece starting with a special token gets none, as in
@@ -304,8 +285,8 @@ class GLMTokenizer:
         """Indices of the texts that may start with a special token (exactly those, compiled).
 
         A scan in C (:mod:`megatron_glm.data.native`), else a C-level map over first characters
-        (a superset; :meth:`_drop_dummy_prefix` checks each): a Python call per text cost ~8% of
-        SentencePiece's own encode of short sentences.
+        (a superset; :meth:`_drop_dummy_prefix` checks each): a Python call per text cost a
+        noticeable share of SentencePiece's own encode of short sentences (docs/benchmarks.md).
         """
         if NATIVE is not None:
             return NATIVE.starting_with(texts, SPECIAL_TOKENS)
@@ -361,278 +342,3 @@ class GLMTokenizer:
         """The vocabulary piece of id ``i`` (``▁`` marks a space); ``<pad:ID>`` for padding rows."""
         self._check_id(i, "")
         return self._sp.id_to_piece(i) if i < self.vocab_size else f"<pad:{i}>"
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
-
-
-def _is_jsonl(path: Path) -> bool:
-    return path.name.lower().endswith(_JSON_SUFFIXES)
-
-
-def _open_binary(path: Path) -> gzip.GzipFile | io.BufferedReader:
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
-
-
-def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """``(line number, raw line)`` of one file, decompressed if ``.gz``. A gzip stream that
-    cannot be read to its end (cut short, corrupt, not gzip) is an error naming the last complete
-    line read (its partial line is never yielded)."""
-    lineno = 0
-    with _open_binary(path) as f:
-        try:
-            for lineno, raw in enumerate(f, start=1):
-                yield lineno, raw
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise TokenizerError(
-                f"{path}: cut short after line {lineno}: unreadable gzip data ({e})"
-            ) from e
-
-
-def _iter_texts(path: Path, json_key: str) -> Iterator[str]:
-    """Documents (JSONL) or lines (plain text) of one file; errors name ``file:line``.
-
-    Blank lines hold no text and are passed over in both formats.
-    """
-    jsonl = _is_jsonl(path)
-    for lineno, raw in _numbered_lines(path):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"{path}:{lineno}: invalid UTF-8 ({e.reason})") from e
-        if not line.strip():
-            continue
-        if not jsonl:
-            yield line.rstrip("\r\n")
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TokenizerError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        if not isinstance(obj, dict) or json_key not in obj:
-            raise TokenizerError(f"{path}:{lineno}: JSON object has no key {json_key!r}")
-        text = obj[json_key]
-        if not isinstance(text, str):
-            raise TokenizerError(
-                f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, not a string"
-            )
-        yield text
-
-
-def _chunk_line(line: str, max_bytes: int) -> list[str]:
-    """Cut a line longer than ``max_bytes`` UTF-8 bytes at spaces (hard cut if none)."""
-    if len(line) * 4 <= max_bytes or len(line.encode("utf-8")) <= max_bytes:
-        return [line]
-    step = max_bytes // 4  # a character is at most 4 bytes, so `step` characters always fit
-    chunks: list[str] = []
-    start = 0
-    while start < len(line):
-        end = min(start + step, len(line))
-        if end < len(line):
-            cut = line.rfind(" ", start + 1, end)
-            end = cut if cut > start else end
-        chunks.append(line[start:end])
-        start = end
-    return chunks
-
-
-class _SentenceStream:
-    """Sentence-sized pieces of the inputs: each text split on line breaks, long lines cut.
-
-    JSONL documents contain newlines and SentencePiece skips sentences over its maximum length,
-    so documents are never fed whole. ``chunked_lines`` counts the long lines that were cut.
-    """
-
-    def __init__(self, inputs: Sequence[Path], json_key: str, max_bytes: int) -> None:
-        self.inputs = inputs
-        self.json_key = json_key
-        self.max_bytes = max_bytes
-        self.chunked_lines = 0
-
-    def __iter__(self) -> Iterator[str]:
-        self.chunked_lines = 0
-        for path in self.inputs:
-            for text in _iter_texts(path, self.json_key):
-                for line in text.splitlines():
-                    if not line.strip():
-                        continue
-                    chunks = _chunk_line(line, self.max_bytes)
-                    self.chunked_lines += len(chunks) > 1
-                    yield from chunks
-
-
-def _select(stream: Iterable[str], chosen: np.ndarray | None) -> Iterator[str]:
-    """The sentences of ``stream`` whose running index is in sorted ``chosen`` (all if None)."""
-    if chosen is None:
-        yield from stream
-        return
-    k = 0
-    for i, sentence in enumerate(stream):
-        if k == len(chosen):
-            return
-        if i == chosen[k]:
-            k += 1
-            yield sentence
-
-
-class _ErrorKeepingIterator:
-    """Wraps the sentence iterator so an exception raised while SentencePiece consumes it
-    surfaces as itself (SentencePiece would turn it into a RuntimeError with a text trace)."""
-
-    def __init__(self, it: Iterator[str]) -> None:
-        self._it = it
-        self.error: BaseException | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._it)
-        except StopIteration:
-            raise
-        except BaseException as e:
-            self.error = e
-            raise
-
-
-def _validate_training_args(
-    paths: list[Path],
-    vocab_size: int,
-    model_type: str,
-    input_sentence_size: int,
-    threads: int,
-    byte_fallback: bool,
-) -> None:
-    if not paths:
-        raise TokenizerError("train_tokenizer: no input files given")
-    for p in paths:
-        if not p.is_file():
-            raise TokenizerError(f"train_tokenizer: input file {p} does not exist")
-    if model_type not in MODEL_TYPES:
-        raise TokenizerError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-    reserved = 1 + len(SPECIAL_TOKENS) + (256 if byte_fallback else 0)
-    if vocab_size <= reserved:
-        raise TokenizerError(
-            f"vocab_size {vocab_size} leaves no room for learned pieces: <unk>, "
-            f"{len(SPECIAL_TOKENS)} special tokens"
-            f"{' and 256 byte-fallback pieces' if byte_fallback else ''} take {reserved} ids"
-        )
-    if input_sentence_size < 1:
-        raise TokenizerError(f"input_sentence_size must be >= 1, got {input_sentence_size}")
-    if threads < 1:
-        raise TokenizerError(f"threads must be >= 1, got {threads}")
-
-
-def sample_statistics(tokenizer: GLMTokenizer, sentences: Sequence[str]) -> dict[str, float]:
-    """Compression on sample text: characters per token, tokens per whitespace word, and the
-    fraction of tokens that are byte-fallback pieces or ``<unk>`` (both should be small)."""
-    encoded = tokenizer.encode_batch(list(sentences))
-    n_tokens = sum(len(ids) for ids in encoded)
-    n_chars = sum(len(s) for s in sentences)
-    n_words = sum(len(s.split()) for s in sentences)
-    sp = tokenizer.sentencepiece
-    n_byte = sum(sp.is_byte(i) for ids in encoded for i in ids)
-    n_unk = sum(i == tokenizer.unk_id for ids in encoded for i in ids)
-    return {
-        "sample_sentences": float(len(sentences)),
-        "chars_per_token": n_chars / max(n_tokens, 1),
-        "tokens_per_word": n_tokens / max(n_words, 1),
-        "byte_fallback_fraction": n_byte / max(n_tokens, 1),
-        "unk_fraction": n_unk / max(n_tokens, 1),
-    }
-
-
-def train_tokenizer(
-    inputs: Sequence[str | Path],
-    model_prefix: str | Path,
-    vocab_size: int,
-    *,
-    model_type: str = "unigram",
-    input_sentence_size: int = 1_000_000,
-    threads: int = 2,
-    json_key: str = "text",
-    seed: int = 1234,
-    byte_fallback: bool = True,
-    verbose: bool = False,
-) -> dict[str, Any]:
-    """Train a SentencePiece model for GLM; write ``{model_prefix}.model`` and ``.vocab``.
-
-    ``inputs``: JSONL files (``.jsonl``, ``.json``, optionally ``.gz``; the string under
-    ``json_key`` of each line is a document) or plain-text files (one sentence per line).
-    Inputs are streamed twice (count, then feed a seeded uniform sample of at most
-    ``input_sentence_size`` sentences); SentencePiece keeps at most that many sentences in
-    memory. Returns a summary: sizes, special ids, sentence counts, timings and
-    :func:`sample_statistics` on the first :data:`SAMPLE_SENTENCES` sentences (in-sample).
-    """
-    start = time.perf_counter()
-    paths = [Path(p) for p in inputs]
-    _validate_training_args(
-        paths, vocab_size, model_type, input_sentence_size, threads, byte_fallback
-    )
-    prefix = Path(model_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    stream = _SentenceStream(paths, json_key, MAX_SENTENCE_BYTES)
-    n_sentences = sum(1 for _ in stream)
-    lines_chunked = stream.chunked_lines
-    if n_sentences == 0:
-        raise TokenizerError(f"train_tokenizer: inputs {[str(p) for p in paths]} hold no text")
-    chosen = None
-    if n_sentences > input_sentence_size:
-        rng = np.random.default_rng(seed)
-        chosen = np.sort(rng.choice(n_sentences, size=input_sentence_size, replace=False))
-    feed = _ErrorKeepingIterator(_select(stream, chosen))
-    count_seconds = time.perf_counter() - start
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=feed,
-            model_prefix=str(prefix),
-            vocab_size=vocab_size,
-            model_type=model_type,
-            user_defined_symbols=[t for t in SPECIAL_TOKENS if t != EOS_TOKEN],
-            unk_id=0,
-            bos_id=-1,
-            eos_id=1 + SPECIAL_TOKENS.index(EOS_TOKEN),  # its place among ids 1..7
-            eos_piece=EOS_TOKEN,
-            pad_id=-1,
-            byte_fallback=byte_fallback,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=True,
-            allow_whitespace_only_pieces=True,
-            max_sentence_length=MAX_SENTENCE_BYTES,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            train_extremely_large_corpus=False,
-            num_threads=threads,
-            minloglevel=0 if verbose else 2,
-        )
-    except RuntimeError as e:
-        if feed.error is not None:
-            raise feed.error from None
-        raise TokenizerError(f"SentencePiece training of {prefix}.model failed: {e}") from e
-    train_seconds = time.perf_counter() - start - count_seconds
-    tok = GLMTokenizer(f"{prefix}.model")
-    sample = [s for s, _ in zip(stream, range(SAMPLE_SENTENCES), strict=False)]
-    return {
-        "model": f"{prefix}.model",
-        "vocab": f"{prefix}.vocab",
-        "model_type": model_type,
-        "vocab_size": tok.vocab_size,
-        "padded_vocab_size": tok.padded_vocab_size,
-        "special_ids": tok.special_ids(),
-        "unk_id": tok.unk_id,
-        "byte_fallback": byte_fallback,
-        "inputs": [str(p) for p in paths],
-        "sentences_total": n_sentences,
-        "sentences_used": n_sentences if chosen is None else len(chosen),
-        "lines_chunked": lines_chunked,
-        "threads": threads,
-        "seed": seed,
-        "count_seconds": count_seconds,
-        "train_seconds": train_seconds,
-        **sample_statistics(tok, sample),
-        "seconds": time.perf_counter() - start,
-    }

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_glm.config import ConfigError, RunConfig
+from megatron_glm.config import ConfigError, RunConfig, parse_split
 from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
-from megatron_glm.data.dataset import build_pretrain_datasets
+from megatron_glm.data.dataset_builder import build_pretrain_datasets
 from megatron_glm.data.loader import GLMPretrainDataset, build_dataloader
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.training.batches import Batch
@@ -71,7 +71,7 @@ class PretrainData:
             return build_pretrain_datasets(
                 d.data_path,
                 d.data_weights,
-                d.split,
+                parse_split(d.split),
                 infilling.window_length,
                 num_samples,
                 t.seed,

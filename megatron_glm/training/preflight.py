@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_glm.config import ConfigError, RunConfig
-from megatron_glm.data.dataset import parse_split
+from megatron_glm.config import ConfigError, RunConfig, parse_split
 from megatron_glm.data.indexed import check_dataset
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.model import resolve_vocab_size
@@ -110,12 +109,10 @@ def _check_data(cfg: RunConfig) -> None:
     resolve_vocab_size(cfg.model, tokenizer.padded_vocab_size)  # names model.vocab_size
     for prefix in d.data_path:  # header, sizes, dtype, emptiness, token ids < vocabulary
         check_dataset(prefix, tokenizer.vocab_size)
-    if cfg.train.eval_interval > 0:
-        weights = parse_split(d.split)
-        if len(weights) < 2 or weights[1] <= 0:
-            raise ConfigError(
-                "data.split",
-                f"'{d.split}' gives the validation split no documents but "
-                f"train.eval_interval={cfg.train.eval_interval}; use e.g. 969,30,1 "
-                "or set train.eval_interval=0",
-            )
+    if cfg.train.eval_interval > 0 and parse_split(d.split)[1] <= 0:
+        raise ConfigError(
+            "data.split",
+            f"'{d.split}' gives the validation split no documents but "
+            f"train.eval_interval={cfg.train.eval_interval}; use e.g. 969,30,1 "
+            "or set train.eval_interval=0",
+        )

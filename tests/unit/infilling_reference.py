@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_glm.data.dataset import Window
+from megatron_glm.data.packed_dataset import Window
 
 OBJECTIVES = ("span", "sentence", "document")
 

@@ -13,14 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_glm.config import parse_split
+from megatron_glm.data.blended_dataset import BlendedDataset
 from megatron_glm.data.blending import _edf_loop, _edf_sorted, blending_indices
-from megatron_glm.data.dataset import (
-    BlendedDataset,
-    PackedDataset,
-    build_pretrain_datasets,
-    split_documents,
-)
+from megatron_glm.data.dataset_builder import build_pretrain_datasets, split_documents
 from megatron_glm.data.indexed import IndexedDataset, IndexedDatasetBuilder
+from megatron_glm.data.packed_dataset import PackedDataset
 
 EOS = 1
 
@@ -176,7 +174,7 @@ def test_blended_dataset(two_corpora, tmp_path: Path, caplog: pytest.LogCaptureF
         assert _corpus_of(w.tokens) <= {k + 1}
         seen[k] += 1
     assert _max_deviation([2, 1], np.array([blend.dataset_index(i) for i in range(n)])) < 1
-    caplog.set_level(logging.INFO, logger="megatron_glm.data.dataset")
+    caplog.set_level(logging.INFO, logger="megatron_glm.data.index_cache")
     again = BlendedDataset(parts, [2.0, 1.0], n, seed=0, cache_dir=str(tmp_path / "cache"))
     assert not again.built and "reusing cached indices" in caplog.text
     assert not again._dataset_index.flags.writeable
@@ -196,15 +194,17 @@ def test_blend_needs_enough_samples(two_corpora) -> None:
 def test_build_pretrain_datasets_single_corpus(two_corpora) -> None:
     a, _ = two_corpora
     train, valid, test = build_pretrain_datasets(
-        [a.prefix], None, "8,2,0", 8, (50, 10, 10), seed=3, eos_id=EOS, cache_dir=None
+        [a.prefix], None, parse_split("8,2,0"), 8, (50, 10, 10), seed=3, eos_id=EOS, cache_dir=None
     )
     assert isinstance(train, PackedDataset) and isinstance(valid, PackedDataset)
     assert test is None  # no test documents
-    (t0, t1), (v0, v1), _ = split_documents(a.num_documents, "8,2,0")
+    (t0, t1), (v0, v1), _ = split_documents(a.num_documents, parse_split("8,2,0"))
     assert sorted(train.document_order(0).tolist()) == list(range(t0, t1))
     assert sorted(valid.document_order(0).tolist()) == list(range(v0, v1))
     assert len(train) == 50 and len(valid) == 10
-    none = build_pretrain_datasets([a.prefix], None, "8,2,0", 8, (5, 0, 0), 3, EOS, None)
+    none = build_pretrain_datasets(
+        [a.prefix], None, parse_split("8,2,0"), 8, (5, 0, 0), 3, EOS, None
+    )
     assert none[1] is None and none[2] is None
 
 
@@ -212,7 +212,14 @@ def test_build_pretrain_datasets_blend(two_corpora, tmp_path: Path) -> None:
     a, b = two_corpora
     cache = str(tmp_path / "cache")
     train, valid, _ = build_pretrain_datasets(
-        [a.prefix, b.prefix], None, "9,1", 8, (400, 40, 0), seed=3, eos_id=EOS, cache_dir=cache
+        [a.prefix, b.prefix],
+        None,
+        parse_split("9,1"),
+        8,
+        (400, 40, 0),
+        seed=3,
+        eos_id=EOS,
+        cache_dir=cache,
     )
     assert isinstance(train, BlendedDataset) and len(train) == 400
     token_weights = [ds.tokens_per_epoch for ds in train.datasets]
@@ -221,11 +228,11 @@ def test_build_pretrain_datasets_blend(two_corpora, tmp_path: Path) -> None:
         assert _corpus_of(train[i].tokens) <= {train.dataset_index(i) + 1}
     assert isinstance(valid, BlendedDataset)
     weighted, _, _ = build_pretrain_datasets(
-        [a.prefix, b.prefix], [1.0, 3.0], "9,1", 8, (400, 0, 0), 3, EOS, cache
+        [a.prefix, b.prefix], [1.0, 3.0], parse_split("9,1"), 8, (400, 0, 0), 3, EOS, cache
     )
     assert isinstance(weighted, BlendedDataset)
     assert weighted.counts == [100, 300]
     with pytest.raises(ValueError, match="1 data_weights for 2 data_paths"):
-        build_pretrain_datasets([a.prefix, b.prefix], [1.0], "9,1", 8, (4, 0, 0), 3, EOS, cache)
-    with pytest.raises(ValueError, match="split '9,x'"):
-        build_pretrain_datasets([a.prefix], None, "9,x", 8, (4, 0, 0), 3, EOS, cache)
+        build_pretrain_datasets(
+            [a.prefix, b.prefix], [1.0], parse_split("9,1"), 8, (4, 0, 0), 3, EOS, cache
+        )

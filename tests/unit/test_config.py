@@ -19,6 +19,7 @@ from megatron_glm.config import (
     apply_overrides,
     from_dict,
     load_config,
+    parse_split,
     to_dict,
 )
 from megatron_glm.config_docs import field_docs, undocumented_fields
@@ -126,6 +127,41 @@ def test_validation_names_field(override: list[str], message: str) -> None:
     with pytest.raises(ValueError) as info:
         load_config(None, override)
     assert message in str(info.value)
+
+
+def test_parse_split_megatron_forms() -> None:
+    """Megatron-LM's --split strings: ',' or '/' between 1-3 weights, padded with zeros."""
+    assert parse_split("969, 30 ,1") == (969.0, 30.0, 1.0)
+    assert parse_split("98/2/0") == (98.0, 2.0, 0.0)
+    assert parse_split("80/20") == (80.0, 20.0, 0.0)
+    assert parse_split("1") == (1.0, 0.0, 0.0)
+    assert parse_split("0.7,0.2,0.1") == (0.7, 0.2, 0.1)
+    assert load_config(None, ["data.split=98/2/0"]).data.split == "98/2/0"
+
+
+@pytest.mark.parametrize(
+    ("split", "rule"),
+    [
+        ("1,x,1", "'1,x,1': 'x' is not a number; expected 1-3 non-negative numbers"),
+        ("", "'': '' is not a number"),
+        ("1,2,3,4", "'1,2,3,4': 4 weights, expected 1-3 non-negative numbers"),
+        ("90,-10", "'90,-10': weight '-10' is not finite and >= 0"),
+        ("1,nan", "'1,nan': weight 'nan' is not finite and >= 0"),
+        ("1,inf", "'1,inf': weight 'inf' is not finite and >= 0"),
+        ("1/2,3", "'1/2,3': '1/2' is not a number"),
+        ("0,0,0", "'0,0,0': weights sum to 0"),
+    ],
+)
+def test_bad_split_names_the_field(split: str, rule: str) -> None:
+    """One parser: the same message from parse_split and from config validation."""
+    message = f"config field 'data.split': {rule}"
+    with pytest.raises(ValueError) as err:
+        parse_split(split)
+    assert str(err.value).startswith(message)
+    with pytest.raises(ValueError) as err:
+        load_config(None, [f"data.split='{split}'"])
+    assert str(err.value).startswith(message)
+    assert str(err.value).endswith("with a positive sum, e.g. 969,30,1")
 
 
 def test_bad_yaml_names_file(tmp_path: Path) -> None:

@@ -21,15 +21,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from megatron_glm.data.dataset import (
-    FORMAT_VERSION,
-    PackedDataset,
-    Window,
-    build_pretrain_datasets,
-    parse_split,
-    split_documents,
-)
+from megatron_glm.config import parse_split
+from megatron_glm.data.dataset_builder import build_pretrain_datasets, split_documents
+from megatron_glm.data.index_cache import FORMAT_VERSION
 from megatron_glm.data.indexed import IndexedDataset, IndexedDatasetBuilder
+from megatron_glm.data.packed_dataset import PackedDataset, Window
 
 EOS = 1
 Doc = list[list[int]]
@@ -238,7 +234,7 @@ def _megatron_split(string: str, size: int) -> list[int]:
 )
 def test_split_documents_megatron_semantics(split: str) -> None:
     for size in range(0, 80):
-        got = split_documents(size, split)
+        got = split_documents(size, parse_split(split))
         bounds = [got[0][0], got[0][1], got[1][1], got[2][1]]
         assert bounds[0] == 0 and bounds[-1] == size
         assert all(got[k][1] == got[k + 1][0] for k in range(2))
@@ -249,28 +245,10 @@ def test_split_documents_megatron_semantics(split: str) -> None:
 
 
 def test_split_documents_examples() -> None:
-    assert split_documents(1000, "969,30,1") == [(0, 969), (969, 999), (999, 1000)]
-    assert split_documents(10, "1") == [(0, 10), (10, 10), (10, 10)]
-    assert split_documents(10, "8/2") == [(0, 8), (8, 10), (10, 10)]
-    assert split_documents(3, "0,1,1") == [(0, 0), (0, 1), (1, 3)]  # Megatron: [0, -1, 1, 3]
-    assert parse_split("969, 30 ,1") == [969.0, 30.0, 1.0]
-
-
-@pytest.mark.parametrize(
-    ("split", "message"),
-    [
-        ("1,x,1", "split '1,x,1': 'x' is not a number; expected 1-3 non-negative numbers"),
-        ("", "split '': '' is not a number"),
-        ("1,2,3,4", "split '1,2,3,4': 4 weights, expected 1-3 non-negative numbers"),
-        ("90,-10", "split '90,-10': weight '-10' is not finite and >= 0"),
-        ("1,nan", "split '1,nan': weight 'nan' is not finite and >= 0"),
-        ("0,0,0", "split '0,0,0': weights sum to 0"),
-    ],
-)
-def test_bad_split_string(split: str, message: str) -> None:
-    with pytest.raises(ValueError) as err:
-        split_documents(10, split)
-    assert str(err.value).startswith(message)
+    assert split_documents(1000, (969, 30, 1)) == [(0, 969), (969, 999), (999, 1000)]
+    assert split_documents(10, (1, 0, 0)) == [(0, 10), (10, 10), (10, 10)]
+    assert split_documents(10, parse_split("8/2")) == [(0, 8), (8, 10), (10, 10)]
+    assert split_documents(3, (0, 1, 1)) == [(0, 0), (0, 1), (1, 3)]  # Megatron: [0, -1, 1, 3]
 
 
 # ----------------------------------------------------------------------------- cache
@@ -283,7 +261,7 @@ def _cache_files(ds: PackedDataset) -> dict[str, int]:
 
 def test_cache_is_built_once_then_reused(corpus, caplog: pytest.LogCaptureFixture) -> None:
     indexed, _ = corpus
-    caplog.set_level(logging.INFO, logger="megatron_glm.data.dataset")
+    caplog.set_level(logging.INFO, logger="megatron_glm.data.index_cache")
     first = _packed(indexed)
     assert first.built
     assert "building indices" in caplog.text and "built indices in" in caplog.text
@@ -394,7 +372,7 @@ def test_token_ids_outside_the_vocabulary_never_reach_a_batch(tmp_path: Path) ->
     indexed = _write_corpus(tmp_path / "bad", docs)
     # 15 packed tokens (each document + eos), windows of 4: exactly one epoch of 4 samples
     built, _, _ = build_pretrain_datasets(
-        [indexed.prefix], None, "1", 4, (4, 0, 0), 7, EOS, None, vocab_size=50
+        [indexed.prefix], None, (1.0, 0.0, 0.0), 4, (4, 0, 0), 7, EOS, None, vocab_size=50
     )
     packed = _packed(indexed, window_length=4, num_samples=4, vocab_size=50)
     for ds, name in [(packed, "train"), (built, "train:bad")]:

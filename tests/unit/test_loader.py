@@ -14,7 +14,7 @@ from infilling_reference import parse_row, random_window
 
 from megatron_glm.config import ObjectiveConfig
 from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
-from megatron_glm.data.dataset import build_pretrain_datasets
+from megatron_glm.data.dataset_builder import build_pretrain_datasets
 from megatron_glm.data.indexed import IndexedDatasetBuilder
 from megatron_glm.data.loader import (
     GLMPretrainDataset,
@@ -143,7 +143,14 @@ def test_dataloader_identical_across_workers_and_after_resume(tmp_path: Path) ->
     _write_corpus(prefix)
     bi = BlankInfilling(ObjectiveConfig(), seq_length=S, ids=IDS, seed=1234)
     train, _, _ = build_pretrain_datasets(
-        [str(prefix)], None, "1", bi.window_length, (96, 0, 0), 1234, IDS.eos, str(tmp_path)
+        [str(prefix)],
+        None,
+        (1.0, 0.0, 0.0),
+        bi.window_length,
+        (96, 0, 0),
+        1234,
+        IDS.eos,
+        str(tmp_path),
     )
     ds = GLMPretrainDataset(train, bi)
     kw: dict[str, Any] = {"micro_batch_size": 4, "dp_size": 2, "seed": 1234}

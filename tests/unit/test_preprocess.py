@@ -414,7 +414,7 @@ def test_chunks_in_flight_are_bounded(
     import megatron_glm.data.preprocess as module
 
     live = {"now": 0, "max": 0, "total": 0}
-    real_iter = module._iter_chunks
+    real_iter = module.iter_chunks
 
     def counting_iter(*args: object) -> Iterator[object]:
         for chunk in real_iter(*args):  # type: ignore[arg-type]
@@ -424,7 +424,7 @@ def test_chunks_in_flight_are_bounded(
             weakref.finalize(chunk, lambda: live.__setitem__("now", live["now"] - 1))
             yield chunk
 
-    monkeypatch.setattr(module, "_iter_chunks", counting_iter)
+    monkeypatch.setattr(module, "iter_chunks", counting_iter)
     path = tmp_path / "long.jsonl"
     path.write_bytes(b"".join(_demo_lines(demo_corpus_path, 60)) * 4)
     _run(path, tmp_path / "m", tiny_tokenizer_model, split_sentences=True, chunk_bytes=2048)
@@ -524,18 +524,18 @@ def test_parse_line_agrees_with_json_loads(line: bytes) -> None:
     """orjson parses first and json decides every line orjson rejects: each error must be
     exactly ``json.loads``'s, each value too except past-64-bit integers (orjson makes them
     floats), where the line's bad-line reason must still be the same."""
-    from megatron_glm.data.preprocess import _check_text, _parse_line
+    from megatron_glm.data.jsonl import check_text, parse_line
 
     try:
         expected: object = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         with pytest.raises(type(e)) as info:
-            _parse_line(line)
+            parse_line(line)
         assert str(info.value) == str(e)
     else:
-        got = _parse_line(line)
+        got = parse_line(line)
         if b"1234567890123456789012" in line:  # same reason; the detail names float, not int
-            assert _check_text(got, "text")[0] == _check_text(expected, "text")[0] == "non_string"
+            assert check_text(got, "text")[0] == check_text(expected, "text")[0] == "non_string"
         else:
             assert json.dumps(got) == json.dumps(expected)  # NaN != NaN, "NaN" == "NaN"
 

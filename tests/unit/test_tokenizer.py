@@ -16,16 +16,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from megatron_glm.data.jsonl import BadInputError, BadLineError
 from megatron_glm.data.sentence_split import split_sentences_batch
-from megatron_glm.data.tokenizer import (
-    EOS_TOKEN,
-    SPECIAL_TOKENS,
-    GLMTokenizer,
-    TokenizerError,
-    _chunk_line,
-    _select,
-    train_tokenizer,
-)
+from megatron_glm.data.tokenizer import EOS_TOKEN, SPECIAL_TOKENS, GLMTokenizer, TokenizerError
+from megatron_glm.data.tokenizer_training import _chunk_line, _select, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL_VOCAB = 400  # 264 reserved ids + ~136 learned: enough for fast training on ~100 docs
@@ -372,7 +366,7 @@ def test_train_summary_counts(small_corpus: Path, small_model: tuple[Path, dict]
 def test_sampling_is_deterministic_across_processes(tmp_path: Path, small_corpus: Path) -> None:
     """With fewer sentences allowed than the input holds, the sample is ours and seeded."""
     call = (
-        "from megatron_glm.data.tokenizer import train_tokenizer as t; import sys; "
+        "from megatron_glm.data.tokenizer_training import train_tokenizer as t; import sys; "
         f"t([sys.argv[1]], sys.argv[2], {SMALL_VOCAB}, input_sentence_size=500, threads=1)"
     )
     for name in ("a", "b"):
@@ -401,49 +395,119 @@ def test_input_formats_give_the_same_model(
         f.write("\n".join(json.dumps({"body": t}) for t in texts) + "\n\n")
     plain = tmp_path / "corpus.txt"
     plain.write_text("\n".join(texts), encoding="utf-8")
-    train_tokenizer([gz], tmp_path / "g", SMALL_VOCAB, threads=1, json_key="body")
-    train_tokenizer([plain], tmp_path / "p", SMALL_VOCAB, threads=1)
+    g = train_tokenizer([gz], tmp_path / "g", SMALL_VOCAB, threads=1, json_key="body")
+    p = train_tokenizer([plain], tmp_path / "p", SMALL_VOCAB, threads=1)
+    assert g["bad_lines"].counts["invalid_json"] == 1  # the blank last line: counted, not used
+    assert g["bad_lines"].locations["invalid_json"] == [f"{gz}:{len(texts) + 1}"]
+    assert p["bad_lines"].total == 0 and small_model[1]["bad_lines"].total == 0
     reference = _pieces(small_model[0])
     assert _pieces(tmp_path / "g.model") == reference
     assert _pieces(tmp_path / "p.model") == reference
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b'{"text": "ok"}\n{"text": broken\n', "{path}:2: invalid JSON (Expecting value)"),
-        (b'{"text": "ok"}\n\n{"other": "x"}\n', "{path}:3: JSON object has no key 'text'"),
-        (b"[1, 2]\n", "{path}:1: JSON object has no key 'text'"),
-        (b'{"text": 3}\n', "{path}:1: 'text' is int, not a string"),
-        (b'{"text": "ok"}\n{"text": "\xff"}\n', "{path}:2: invalid UTF-8 (invalid start byte)"),
-        (b"\n\n", "train_tokenizer: inputs ['{path}'] hold no text"),
-    ],
-)
-def test_bad_training_input(tmp_path: Path, content: bytes, message: str) -> None:
+# One bad line of every kind, inserted into the small corpus: (line, reason, detail).
+BAD_TRAINING_LINES: list[tuple[bytes, str, str]] = [
+    (b'{"text": broken\n', "invalid_json", "Expecting value: line 1 column 10 (char 9)"),
+    (b"\n", "invalid_json", "Expecting value: line 1 column 1 (char 0)"),
+    (b'{"other": "x"}\n', "missing_key", "no key 'text'"),
+    (b"[1, 2]\n", "missing_key", "line is a JSON list, not an object"),
+    (b'{"text": 3}\n', "non_string", "'text' is int, not a string"),
+    (b'{"text": "\xff"}\n', "invalid_utf8", "byte 10: invalid start byte"),
+    (b'{"text": "a\\ud800b"}\n', "invalid_utf8", "'text' holds a lone surrogate at character 1"),
+    (b'{"text": " \\t "}\n', "empty_text", "'text' is empty or only whitespace"),
+]
+WORDS = {
+    "invalid_json": "invalid JSON",
+    "missing_key": "missing key",
+    "non_string": "non-string value",
+    "invalid_utf8": "invalid UTF-8",
+    "empty_text": "empty text",
+}
+
+
+def _with_bad_lines(small_corpus: Path, path: Path, bad: list[bytes]) -> list[int]:
+    """Write the small corpus to ``path`` with ``bad`` lines spread through it; their line
+    numbers."""
+    good = small_corpus.read_bytes().splitlines(keepends=True)
+    out, where = [], []
+    for i, line in enumerate(good):
+        if i % 10 == 3 and bad:
+            out.append(bad.pop(0))
+            where.append(len(out))
+        out.append(line)
+    path.write_bytes(b"".join(out))
+    return where
+
+
+@pytest.mark.parametrize(("line", "reason", "detail"), BAD_TRAINING_LINES)
+def test_strict_training_stops_at_a_bad_line(
+    tmp_path: Path, small_corpus: Path, line: bytes, reason: str, detail: str
+) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(content)
-    with pytest.raises(TokenizerError, match=f"^{re.escape(message.format(path=path))}$"):
+    (lineno,) = _with_bad_lines(small_corpus, path, [line])
+    message = f"{path}:{lineno}: {WORDS[reason]}: {detail}"
+    with pytest.raises(BadLineError, match=f"^{re.escape(message)}$"):
+        train_tokenizer([path], tmp_path / "m", SMALL_VOCAB, threads=1, strict=True)
+    assert not (tmp_path / "m.model").exists()
+
+
+def test_bad_training_lines_are_counted_and_left_out(
+    tmp_path: Path, small_corpus: Path, small_model: tuple[Path, dict]
+) -> None:
+    """The preprocessor's policy: every bad line counted by reason with its file:line, none
+    used; the good lines give the model of the clean corpus."""
+    path = tmp_path / "bad.jsonl"
+    where = _with_bad_lines(small_corpus, path, [line for line, _, _ in BAD_TRAINING_LINES])
+    s = train_tokenizer([path], tmp_path / "m", SMALL_VOCAB, threads=1)
+    expected: dict[str, list[str]] = {r: [] for r in WORDS}
+    for lineno, (_, reason, _) in zip(where, BAD_TRAINING_LINES, strict=True):
+        expected[reason].append(f"{path}:{lineno}")
+    assert s["bad_lines"].locations == expected
+    assert s["bad_lines"].counts == {r: len(v) for r, v in expected.items()}
+    assert s["sentences_total"] == small_model[1]["sentences_total"]
+    assert _pieces(tmp_path / "m.model") == _pieces(small_model[0])
+
+
+def test_training_input_without_text(tmp_path: Path) -> None:
+    path = tmp_path / "blank.jsonl"
+    path.write_bytes(b"\n\n")
+    message = (
+        f"train_tokenizer: inputs ['{path}'] hold no text\nbad lines: 2\n"
+        f"  invalid JSON: 2 ({path}:1, {path}:2)"
+    )
+    with pytest.raises(TokenizerError, match=f"^{re.escape(message)}$"):
         train_tokenizer([path], tmp_path / "m", SMALL_VOCAB)
     assert not (tmp_path / "m.model").exists()
 
 
 @pytest.mark.parametrize("kind", ["cut short", "not gzip"])
 def test_damaged_gz_training_input(tmp_path: Path, small_corpus: Path, kind: str) -> None:
-    """A .gz cut in half, or plain text named .gz: an error naming the file and the last
-    complete line read (counted independently, with zlib), not an EOFError/BadGzipFile."""
+    """A .gz cut in half, or plain text named .gz: reported naming the file and the last
+    complete line read (counted independently, with zlib), the lines before it used; under
+    strict an error, not an EOFError/BadGzipFile."""
     path = tmp_path / "corpus.jsonl.gz"
     if kind == "cut short":
         gz = gzip.compress(small_corpus.read_bytes(), mtime=0)
         path.write_bytes(gz[: len(gz) // 2])
-        last = zlib.decompressobj(wbits=31).decompress(path.read_bytes()).count(b"\n")
-        assert last > 10
+        readable = zlib.decompressobj(wbits=31).decompress(path.read_bytes())
+        last, partial = readable.count(b"\n"), len(readable) - readable.rfind(b"\n") - 1
+        assert last > 10 and partial > 0
         why = "Compressed file ended before the end-of-stream marker was reached"
+        dropped = f"; the {partial} bytes read of line {last + 1} are dropped"
     else:
         path.write_bytes(small_corpus.read_bytes())
-        last, why = 0, "Not a gzipped file (b'{\"')"
-    message = f"{path}: cut short after line {last}: unreadable gzip data ({why})"
-    with pytest.raises(TokenizerError, match=f"^{re.escape(message)}$"):
-        train_tokenizer([path], tmp_path / "m", SMALL_VOCAB)
+        last, why, dropped = 0, "Not a gzipped file (b'{\"')", ""
+    message = f"{path}: cut short after line {last}: unreadable gzip data ({why}){dropped}"
+    with pytest.raises(BadInputError, match=f"^{re.escape(message)}$"):
+        train_tokenizer([path], tmp_path / "m", SMALL_VOCAB, strict=True)
+    if kind == "not gzip":
+        with pytest.raises(TokenizerError, match=f"inputs cut short: 1\n  {re.escape(message)}$"):
+            train_tokenizer([path], tmp_path / "m", SMALL_VOCAB)
+        return
+    s = train_tokenizer([path], tmp_path / "m", SMALL_VOCAB, threads=1)
+    assert s["bad_lines"].cut_short == [message]
+    lines = [ln for t in _texts(small_corpus, last) for ln in t.splitlines() if ln.strip()]
+    assert s["sentences_total"] == len(lines)
 
 
 @pytest.mark.parametrize(
@@ -516,3 +580,11 @@ def test_train_tokenizer_cli(tmp_path: Path, small_corpus: Path) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: vocab_size 10 leaves no room for learned pieces")
+    assert "\n  bad lines: 0\n" in res.stdout
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b'{"text": 3}\n' + small_corpus.read_bytes())
+    strict = subprocess.run(
+        [*cmd[:3], str(broken), *cmd[4:], "--strict"], cwd=REPO, capture_output=True, text=True
+    )
+    assert (strict.returncode, strict.stdout) == (2, "")
+    assert strict.stderr == f"error: {broken}:1: non-string value: 'text' is int, not a string\n"

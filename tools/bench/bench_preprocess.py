@@ -44,17 +44,12 @@ from typing import Any
 
 from megatron_glm.data.demo_corpus import write_demo_corpus
 from megatron_glm.data.indexed import best_fitting_dtype
+from megatron_glm.data.jsonl import DEFAULT_CHUNK_BYTES, BadLines, iter_chunks, parse_chunk
 from megatron_glm.data.native import NATIVE
-from megatron_glm.data.preprocess import (
-    DEFAULT_CHUNK_BYTES,
-    BadLines,
-    _flatten,
-    _iter_chunks,
-    _parse_chunk,
-    _prepare,
-)
+from megatron_glm.data.preprocess import _flatten, _prepare
 from megatron_glm.data.sentence_split import split_sentences_batch
-from megatron_glm.data.tokenizer import GLMTokenizer, train_tokenizer
+from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer_training import train_tokenizer
 from megatron_glm.logs import setup_logging
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,8 +77,8 @@ def load_sentences(corpus: Path) -> tuple[list[str], int]:
     sentences: list[str] = []
     nbytes = 0
     bad = BadLines()
-    for chunk in _iter_chunks([corpus], DEFAULT_CHUNK_BYTES):
-        (texts,) = _parse_chunk(chunk, ["text"], bad)
+    for chunk in iter_chunks([corpus], DEFAULT_CHUNK_BYTES):
+        (texts,) = parse_chunk(chunk, ["text"], bad)
         sentences += _prepare(texts, split=True).sequences
         nbytes += chunk.nbytes
     return sentences, nbytes
@@ -91,7 +86,7 @@ def load_sentences(corpus: Path) -> tuple[list[str], int]:
 
 def time_limit(tok: GLMTokenizer, sentences: list[str], workers: int) -> tuple[float, float]:
     """(wall, CPU) seconds of one raw ``encode`` call over all sentences, garbage collector
-    paused (its fastest setting: collections while the id lists are built cost up to ~40%)."""
+    paused (its fastest setting; what collections cost here: docs/benchmarks.md)."""
     sp = tok.sentencepiece
     gc.disable()
     try:
@@ -169,11 +164,11 @@ def stage_costs(corpus: Path, tok: GLMTokenizer, max_chunks: int) -> list[tuple[
 
     gc.disable()
     try:
-        for i, chunk in enumerate(_iter_chunks([corpus], DEFAULT_CHUNK_BYTES)):
+        for i, chunk in enumerate(iter_chunks([corpus], DEFAULT_CHUNK_BYTES)):
             if i == max_chunks:
                 break
             (texts,) = timed(
-                "parse (orjson, checks; used)", _parse_chunk, chunk, ["text"], BadLines()
+                "parse (orjson, checks; used)", parse_chunk, chunk, ["text"], BadLines()
             )
             timed("parse (json module, before)", _parse_with_json, chunk)
             prep = timed("split (compiled; used)", _prepare, texts, True)

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from megatron_glm.config import ModelConfig, ObjectiveConfig, RunConfig, load_config
 from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
-from megatron_glm.data.dataset import Window
+from megatron_glm.data.packed_dataset import Window
 from megatron_glm.logs import setup_logging
 from megatron_glm.model import build_model, flops_per_token, glm_loss
 from megatron_glm.training.metrics import Throughput, matmul_dtype, peak_tflops, throughput
