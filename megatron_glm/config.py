@@ -440,6 +440,13 @@ class RunConfig:
         )
         self._check_tensor_parallel()
         self._check_pipeline()
+        _require(
+            self.train.eval_interval == 0 or parse_split(self.data.split)[1] > 0,
+            "data.split",
+            f"'{self.data.split}' gives the validation split no documents but "
+            f"train.eval_interval={self.train.eval_interval}; use e.g. 969,30,1 "
+            "or set train.eval_interval=0",
+        )
 
     def _check_tensor_parallel(self) -> None:
         """Every tensor that tensor parallelism splits must split evenly over ``parallel.tp``."""

@@ -5,10 +5,9 @@ dividing over tp, layers over pp, ZeRO with a pipeline, unknown keys): this modu
 repeat them. What the config cannot know is the launch: the data-parallel size (world size /
 (tp * pp)) that the global batch must divide into, whether the machine has the CUDA device that
 fp16 and CPU offload need, and whether the data, tokenizer and checkpoint files exist and hold
-what they should. Two rules that read only the config are checked here because their code cannot
+what they should. One rule that reads only the config is checked here because its code cannot
 live in the leaf ``config`` module: a ``type:REGEX`` partition is matched by DeepSpeed's own
-matcher (``training.pipeline.check_partition_method``), and the validation split is parsed by the
-data package's ``parse_split``.
+matcher (``training.pipeline.check_partition_method``).
 
 Finding these out after ``init_process_group`` would mean N ranks failing with N tracebacks (or
 hanging in a collective), so :func:`validate_for_launch` is the first thing ``pretrain.main``
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_glm.config import ConfigError, RunConfig, parse_split
+from megatron_glm.config import ConfigError, RunConfig
 from megatron_glm.data.indexed import check_dataset
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.model import resolve_vocab_size
@@ -109,10 +108,3 @@ def _check_data(cfg: RunConfig) -> None:
     resolve_vocab_size(cfg.model, tokenizer.padded_vocab_size)  # names model.vocab_size
     for prefix in d.data_path:  # header, sizes, dtype, emptiness, token ids < vocabulary
         check_dataset(prefix, tokenizer.vocab_size)
-    if cfg.train.eval_interval > 0 and parse_split(d.split)[1] <= 0:
-        raise ConfigError(
-            "data.split",
-            f"'{d.split}' gives the validation split no documents but "
-            f"train.eval_interval={cfg.train.eval_interval}; use e.g. 969,30,1 "
-            "or set train.eval_interval=0",
-        )

@@ -164,6 +164,17 @@ def test_bad_split_names_the_field(split: str, rule: str) -> None:
     assert str(err.value).endswith("with a positive sum, e.g. 969,30,1")
 
 
+def test_evaluation_needs_a_validation_split() -> None:
+    """A config-only rule, so the config refuses it on load (not a pre-launch check)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.split=100,0,0", "train.eval_interval=10"])
+    assert err.value.field == "data.split"
+    assert "gives the validation split no documents but train.eval_interval=10" in str(err.value)
+    assert (
+        load_config(None, ["data.split=100,0,0", "train.eval_interval=0"]).train.eval_interval == 0
+    )
+
+
 def test_bad_yaml_names_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
