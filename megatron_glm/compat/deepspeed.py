@@ -72,3 +72,42 @@ def use_safe_checkpoint_engine(engine: Any) -> None:
     safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
     safe.__dict__.update(current.__dict__)
     engine.checkpoint_engine = safe
+
+
+# ============================================================================================
+# Optimizer-state restore for resharded checkpoints (training/checkpoint/optimizer_state.py)
+# ============================================================================================
+#
+# Why this exists. DeepSpeed's public fragment API (``deepspeed.utils.safe_set_full_fp32_param``,
+# ``safe_set_full_optimizer_state``) writes a parameter's slice of the fp32 master weights and of
+# the optimizer state. Under ZeRO-1/2 and DeepSpeed's bf16 optimizer it writes through a view
+# per parameter (``param._hp_mapping.optim_fragment``) that DeepSpeed creates only after the first
+# optimizer step (``_lazy_init_hp_params_optimizer_state``), since torch's Adam creates its
+# state lazily. A checkpoint restored before any step therefore needs that private method called
+# once the torch optimizer's state exists. DeepSpeed's own universal-checkpoint loader does the
+# equivalent inline (``load_hp_checkpoint_state_from_checkpoint_dir``), reading pickles.
+# DeepSpeed 0.19.8 itself calls it after the *first* param group's first step, when the later
+# groups have no state yet, and never again: without a relink, ``safe_get_full_optimizer_state``
+# fails for every parameter outside group 0 (here: the no-weight-decay group).
+# tests/unit/test_optimizer_state.py fails if either behaviour changes.
+#
+# Upstream change that removes this: a public "initialise optimizer state" call, or the fragment
+# API creating the state on first write.
+
+
+def link_optimizer_state(optimizer: Any) -> None:
+    """Point every parameter's optimizer-state fragment at the torch optimizer's current state.
+
+    ``optimizer`` is DeepSpeed's ZeRO-1/2 (``DeepSpeedZeroOptimizer``) or ``BF16_Optimizer``;
+    the torch optimizer inside must already hold state for each of its flat partitions. Other
+    wrappers (ZeRO-3, the fp16 optimizer) are refused with a message.
+    """
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is None or not hasattr(optimizer, "_hp_optimizer_states_linked"):
+        raise ValueError(
+            f"restoring resharded optimizer state into DeepSpeed's {type(optimizer).__name__} "
+            "is not supported (ZeRO-0/1/2 in fp32 or bf16 are); reshard with --no-optimizer "
+            "to restart Adam's moments instead"
+        )
+    optimizer._hp_optimizer_states_linked = False  # relink to the state just created
+    link()

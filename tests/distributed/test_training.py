@@ -27,7 +27,7 @@ import torch
 
 from megatron_glm.config import load_config
 from megatron_glm.model import tensor_parallel_layout
-from megatron_glm.parallel.reshard import reshard_checkpoint, reshard_info
+from megatron_glm.training.checkpoint import reshard_checkpoint, reshard_info
 
 VOCAB, SEQ = 256, 32
 TINY = [
@@ -239,7 +239,7 @@ def _reshard(jobs: list[list[Any]], cfg: Any, rank: int) -> None:
     import torch.distributed as dist
 
     from megatron_glm.model import tensor_parallel_layout
-    from megatron_glm.parallel.reshard import reshard_checkpoint
+    from megatron_glm.training.checkpoint import reshard_checkpoint
 
     if not jobs:
         return
