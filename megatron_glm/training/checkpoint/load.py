@@ -186,19 +186,25 @@ def load(
     if path is None or raw is None:
         raise ValueError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
     client = ClientState.from_dict(raw, f"{load_dir}/{tag}")
-    store = tag_dir / STORE
-    if resharded and store.is_file():
-        restore_optimizer_state(engine, store)
+    if resharded:
+        _restore_resharded_optimizer(engine, tag_dir)
     engine.scheduler.load_state_dict(client.lr_scheduler)
     if mine.is_file():
         saved = load_file(mine)
         set_rng_state(saved)
         if MODEL_PARALLEL_RNG in saved:
             engine.model_rng.load_state_dict(saved[MODEL_PARALLEL_RNG])
-    if resharded and rank() == 0:
-        optimizer = f"optimizer state from {STORE}" if store.is_file() else "optimizer restarts"
-        print(f"note: {load_dir}/{tag} was resharded: {optimizer}, RNG streams are freshly seeded")
     return client
+
+
+def _restore_resharded_optimizer(engine: Engine, tag_dir: Path) -> None:
+    """The optimizer state of a resharded checkpoint from its store, if it kept one."""
+    store = tag_dir / STORE
+    if store.is_file():
+        restore_optimizer_state(engine, store)
+    if rank() == 0:
+        optimizer = f"optimizer state from {STORE}" if store.is_file() else "optimizer restarts"
+        print(f"note: {tag_dir} was resharded: {optimizer}, RNG streams are freshly seeded")
 
 
 def _agree_on_rng_files(engine: Engine, tag_dir: Path, have: bool, allow: bool) -> None:

@@ -97,6 +97,9 @@ class FullOptimizerState:
 
 # ----------------------------------------------------------------------------- reading
 
+RankState = tuple[int, dict[str, dict[str, Tensor]]]
+"""(step, kind -> GLM name -> tensor shaped like the rank's weight shard)."""
+
 
 def read_optimizer_state(
     tag_dir: str | os.PathLike[str],
@@ -110,8 +113,6 @@ def read_optimizer_state(
     ``weight_shards`` are the tag's weights per TP rank by ``GLMModel`` name (every stage),
     which give each parameter's shard shape. A resharded tag's store is read as it is.
     """
-    from megatron_glm.training.checkpoint.reshard import merge_shards
-
     tag_dir = Path(tag_dir)
     if (tag_dir / STORE).is_file():
         return FullOptimizerState.load(tag_dir / STORE)
@@ -124,31 +125,43 @@ def read_optimizer_state(
     ]
     if all(f is None for f in found):
         return None
-    if any(f is None for f in found):
-        ranks = [m for m, f in enumerate(found) if f is None]
+    missing = [m for m, f in enumerate(found) if f is None]
+    if missing:
         raise CheckpointFileError(
-            f"{tag_dir}: model-parallel rank(s) {ranks} have no optimizer state"
+            f"{tag_dir}: model-parallel rank(s) {missing} have no optimizer state"
         )
-    steps = {f[0] for f in found if f is not None}
+    ranks = [f for f in found if f is not None]
+    steps = {step for step, _ in ranks}
     if len(steps) != 1:
         raise CheckpointFileError(f"{tag_dir}: optimizer step counts differ: {sorted(steps)}")
+    return FullOptimizerState(step=steps.pop(), tensors=_merge_ranks(ranks, weight_shards, layout))
+
+
+def _merge_ranks(
+    ranks: list[RankState],
+    weight_shards: Sequence[Mapping[str, Tensor]],
+    layout: Mapping[str, int | None],
+) -> dict[str, dict[str, Tensor]]:
+    """Model-parallel ranks (``pp_rank * tp + tp_rank`` order) -> full tensors per kind.
+
+    The stages of one TP rank are joined (the pipeline's tied head repeats the embedding: the
+    first stage's copy is kept), then the TP shards merged like the weights.
+    """
+    from megatron_glm.training.checkpoint.reshard import merge_shards
+
+    tp = len(weight_shards)
     per_tp: list[dict[str, dict[str, Tensor]]] = [{k: {} for k in KINDS} for _ in range(tp)]
-    for index, f in enumerate(found):
-        assert f is not None
-        for kind in KINDS:  # pipeline: the tied head repeats the embedding; the first is kept
-            per_tp[index % tp][kind] = {**f[1][kind], **per_tp[index % tp][kind]}
-    tensors = {}
-    for kind in KINDS:
+    for index, (_, tensors) in enumerate(ranks):
+        for kind in KINDS:
+            per_tp[index % tp][kind] = {**tensors[kind], **per_tp[index % tp][kind]}
+    merged = {}
+    for kind in KINDS:  # in the weights' order, which merge_shards compares across TP ranks
         ordered = [
             {n: per_tp[t][kind][n] for n in weight_shards[t] if n in per_tp[t][kind]}
             for t in range(tp)
         ]
-        tensors[kind] = merge_shards(ordered, layout)
-    return FullOptimizerState(step=steps.pop(), tensors=tensors)
-
-
-RankState = tuple[int, dict[str, dict[str, Tensor]]]
-"""(step, kind -> GLM name -> tensor shaped like the rank's weight shard)."""
+        merged[kind] = merge_shards(ordered, layout)
+    return merged
 
 
 def _rank_state(

@@ -50,7 +50,11 @@ from megatron_glm.training.checkpoint.deepspeed_files import (
     split_layer_name,
 )
 from megatron_glm.training.checkpoint.latest import resolve_tag, write_latest
-from megatron_glm.training.checkpoint.optimizer_state import STORE, read_optimizer_state
+from megatron_glm.training.checkpoint.optimizer_state import (
+    STORE,
+    FullOptimizerState,
+    read_optimizer_state,
+)
 
 RESHARD_KEY = "tp_reshard"
 """Key of the marker a resharded model-states file carries (DeepSpeed passes it through as
@@ -273,42 +277,60 @@ def reshard_checkpoint(
     if pp < 1:
         raise ValueError(f"--pp must be >= 1, got {pp}")
     tag = resolve_tag(load_dir, tag)
-    src = Path(load_dir) / tag
-    src_tp, src_pp = checkpoint_layout(src)
-    base = _peek(src)  # mp_rank_00's client state; its weights are read by read_weight_shards
-    if base.get("mp_world_size", src_tp * src_pp) != src_tp * src_pp:
-        raise ValueError(
-            f"{src}: mp_world_size {base.get('mp_world_size')} in mp_rank_00 differs from the "
-            f"layout of the files (tp {src_tp} x pp {src_pp})"
-        )
-    shards = read_weight_shards(src)
-    full = merge_shards(shards, layout)
-    for name, tensor in full.items():  # the target's errors before reading optimizer state
-        _check_splits(name, tensor, layout[name], tp)
-    state = read_optimizer_state(src, shards, layout, pp=src_pp) if optimizer else None
+    src = _Source.read(Path(load_dir) / tag, layout, tp, optimizer=optimizer)
     dst = Path(save_dir) / tag
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"{dst} already exists and is not empty; choose another --save")
     dst.mkdir(parents=True, exist_ok=True)
-    kept = "kept" if state is not None else "dropped"
-    marker: dict[str, Any] = {"from_tp": src_tp, "to_tp": tp, "optimizer_state": kept}
-    if max(src_pp, pp) > 1:
-        marker.update(from_pp=src_pp, to_pp=pp)
-    written = write_checkpoint(full, layout, dst, tp=tp, pp=pp, base=base, marker=marker)
-    if state is not None:
+    kept = src.state is not None
+    marker: dict[str, Any] = {
+        "from_tp": src.tp,
+        "to_tp": tp,
+        "optimizer_state": "kept" if kept else "dropped",
+    }
+    if max(src.pp, pp) > 1:
+        marker.update(from_pp=src.pp, to_pp=pp)
+    written = write_checkpoint(src.full, layout, dst, tp=tp, pp=pp, base=src.base, marker=marker)
+    if src.state is not None:
         written.append(dst / STORE)
-        state.save(written[-1])
+        src.state.save(written[-1])
     write_latest(save_dir, tag)
+    dropped = _not_carried(src.tag_dir, optimizer_kept=kept)
     return ReshardResult(
-        tag,
-        src_tp,
-        tp,
-        written,
-        _not_carried(src, optimizer_kept=state is not None),
-        source_pp=src_pp,
-        target_pp=pp,
-        optimizer_kept=state is not None,
+        tag, src.tp, tp, written, dropped, source_pp=src.pp, target_pp=pp, optimizer_kept=kept
     )
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What resharding takes from the source tag: layout, client state, weights, optimizer."""
+
+    tag_dir: Path
+    tp: int
+    pp: int
+    base: dict[str, Any]
+    """``mp_rank_00``'s blob (client state); its weights are read by read_weight_shards."""
+    full: dict[str, Tensor]
+    state: FullOptimizerState | None
+
+    @classmethod
+    def read(
+        cls, src: Path, layout: Mapping[str, int | None], target_tp: int, *, optimizer: bool
+    ) -> _Source:
+        """Everything of ``src``; the target's split errors come before the optimizer is read."""
+        src_tp, src_pp = checkpoint_layout(src)
+        base = _peek(src)
+        if base.get("mp_world_size", src_tp * src_pp) != src_tp * src_pp:
+            raise ValueError(
+                f"{src}: mp_world_size {base.get('mp_world_size')} in mp_rank_00 differs from "
+                f"the layout of the files (tp {src_tp} x pp {src_pp})"
+            )
+        shards = read_weight_shards(src)
+        full = merge_shards(shards, layout)
+        for name, tensor in full.items():
+            _check_splits(name, tensor, layout[name], target_tp)
+        state = read_optimizer_state(src, shards, layout, pp=src_pp) if optimizer else None
+        return cls(src, src_tp, src_pp, base, full, state)
 
 
 def _not_carried(src: Path, *, optimizer_kept: bool) -> list[str]:
