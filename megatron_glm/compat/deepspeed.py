@@ -95,19 +95,28 @@ def use_safe_checkpoint_engine(engine: Any) -> None:
 # API creating the state on first write.
 
 
-def link_optimizer_state(optimizer: Any) -> None:
-    """Point every parameter's optimizer-state fragment at the torch optimizer's current state.
+def check_optimizer_state_linkable(optimizer: Any) -> None:
+    """Raise ValueError unless :func:`link_optimizer_state` can serve ``optimizer``.
 
-    ``optimizer`` is DeepSpeed's ZeRO-1/2 (``DeepSpeedZeroOptimizer``) or ``BF16_Optimizer``;
-    the torch optimizer inside must already hold state for each of its flat partitions. Other
-    wrappers (ZeRO-3, the fp16 optimizer) are refused with a message.
+    ``optimizer`` must be DeepSpeed's ZeRO-1/2 (``DeepSpeedZeroOptimizer``) or
+    ``BF16_Optimizer``; other wrappers (ZeRO-3, the fp16/bf16 optimizers without ZeRO) are
+    refused with a message.
     """
     link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is None or not hasattr(optimizer, "_hp_optimizer_states_linked"):
         raise ValueError(
             f"restoring resharded optimizer state into DeepSpeed's {type(optimizer).__name__} "
-            "is not supported (ZeRO-0/1/2 in fp32 or bf16 are); reshard with --no-optimizer "
+            "is not supported (ZeRO-0 in fp32 and ZeRO-1/2 are); reshard with --no-optimizer "
             "to restart Adam's moments instead"
         )
+
+
+def link_optimizer_state(optimizer: Any) -> None:
+    """Point every parameter's optimizer-state fragment at the torch optimizer's current state.
+
+    The torch optimizer inside ``optimizer`` (see :func:`check_optimizer_state_linkable`) must
+    already hold state for each of its flat partitions.
+    """
+    check_optimizer_state_linkable(optimizer)
     optimizer._hp_optimizer_states_linked = False  # relink to the state just created
-    link()
+    optimizer._lazy_init_hp_params_optimizer_state()

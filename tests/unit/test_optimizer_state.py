@@ -55,8 +55,8 @@ def device(monkeypatch: pytest.MonkeyPatch) -> Iterator[torch.device]:
     destroy_distributed()
 
 
-def _engine(zero: int, device: torch.device) -> Engine:
-    cfg = load_config(None, [*RUN, f"train.zero_stage={zero}"])
+def _engine(zero: int, device: torch.device, precision: str = "fp32") -> Engine:
+    cfg = load_config(None, [*RUN, f"train.zero_stage={zero}", f"train.precision={precision}"])
     dims = ParallelDims.build()
     glm = build_model(cfg.model, vocab_size=VOCAB, seed=cfg.train.seed, dims=dims)
     return initialize(glm, cfg, dims=dims, device=device)
@@ -74,7 +74,7 @@ def _step(eng: Engine, seed: int) -> float:
 
 def _live(eng: Engine, param: torch.nn.Parameter, kind: str) -> torch.Tensor:
     """The optimizer's current value of ``kind`` for ``param`` (full, fp32)."""
-    if eng.engine.zero_optimization_stage() == 0:
+    if eng.engine.optimizer is eng.optimizer:  # ZeRO-0 fp32: the torch optimizer itself
         return param.detach() if kind == "fp32" else eng.optimizer.state[param][kind]
     if kind == "fp32":
         return safe_get_full_fp32_param(param)
@@ -82,7 +82,7 @@ def _live(eng: Engine, param: torch.nn.Parameter, kind: str) -> torch.Tensor:
 
 
 def _assert_state(eng: Engine, state: ckpt.FullOptimizerState, step: int, what: str) -> None:
-    if eng.engine.zero_optimization_stage() > 0:
+    if eng.engine.optimizer is not eng.optimizer:
         # DeepSpeed 0.19 links the fragments of every group after the first group's first
         # step, when the later groups have no state yet: relink before reading through them.
         link_optimizer_state(eng.engine.optimizer)
@@ -104,12 +104,18 @@ def _save(eng: Engine, root: Path, iteration: int) -> Path:
     return root / ckpt.save(eng, root, state)
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2])
+@pytest.mark.parametrize(
+    ("zero", "precision"), [(0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16")]
+)
 def test_extracted_optimizer_state_equals_the_live_one_and_restores_into_another_stage(
-    tmp_path: Path, device: torch.device, zero: int, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    device: torch.device,
+    zero: int,
+    precision: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     layout = tensor_parallel_layout(load_config(None, RUN).model)
-    eng = _engine(zero, device)
+    eng = _engine(zero, device, precision)
     _step(eng, 1), _step(eng, 2)
     tag_dir = _save(eng, tmp_path / "run", 2)
     shards = ckpt.read_weight_shards(tag_dir)
@@ -125,7 +131,7 @@ def test_extracted_optimizer_state_equals_the_live_one_and_restores_into_another
         "optimizer_state": "kept",
     }
     target = (zero + 1) % 3
-    resumed = _engine(target, device)
+    resumed = _engine(target, device, precision)
     ckpt.load(resumed, tmp_path / "r")
     assert "was resharded: optimizer state from optimizer_state.pt" in capsys.readouterr().out
     _assert_state(resumed, state, 2, f"ZeRO-{zero} -> ZeRO-{target} restored")
@@ -134,7 +140,7 @@ def test_extracted_optimizer_state_equals_the_live_one_and_restores_into_another
     after, after_resumed = _fp32(eng), _fp32(resumed)
     worst = max(float((after[n] - after_resumed[n]).abs().max()) for n in after)
     print(
-        f"ZeRO-{zero} -> ZeRO-{target}: step 3 loss {loss:.8f} vs {loss_resumed:.8f}, "
+        f"{precision} ZeRO-{zero} -> ZeRO-{target}: step 3 loss {loss:.8f} vs {loss_resumed:.8f}, "
         f"weights after it differ by {worst:.2e}"
     )
     assert loss_resumed == pytest.approx(loss, abs=1e-6)
@@ -159,3 +165,21 @@ def test_without_optimizer_state_the_next_update_differs(
     after, after_resumed = _fp32(eng), _fp32(resumed)
     worst = max(float((after[n] - after_resumed[n]).abs().max()) for n in after)
     assert worst > 1e-4, worst
+
+
+def test_bf16_without_zero_is_refused_both_ways(tmp_path: Path, device: torch.device) -> None:
+    """bf16 at ZeRO-0 runs DeepSpeed's FP16_UnfusedOptimizer, whose state is neither torch's by
+    name nor fragment-mapped: reading it and restoring into it are refused, naming the way out,
+    rather than dropping Adam's state silently."""
+    layout = tensor_parallel_layout(load_config(None, RUN).model)
+    eng = _engine(0, device, "bf16")
+    _step(eng, 1)
+    tag_dir = _save(eng, tmp_path / "run", 1)
+    with pytest.raises(ckpt.CheckpointFileError, match="reshard with --no-optimizer"):
+        ckpt.read_optimizer_state(tag_dir, ckpt.read_weight_shards(tag_dir), layout, pp=1)
+    fp32 = _engine(1, device)
+    _step(fp32, 1)
+    _save(fp32, tmp_path / "fp32", 1)
+    ckpt.reshard_checkpoint(tmp_path / "fp32", tmp_path / "r", 1, layout)
+    with pytest.raises(ValueError, match="FP16_UnfusedOptimizer is not supported"):
+        ckpt.load(eng, tmp_path / "r")

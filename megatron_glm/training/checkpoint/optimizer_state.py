@@ -31,8 +31,10 @@ parameter it holds (the flat partitions under ZeRO), with the saved step count; 
 is filled directly, under ZeRO-1/2 (and DeepSpeed's bf16 optimizer) DeepSpeed links each
 parameter's fragment to it (:func:`megatron_glm.compat.deepspeed.link_optimizer_state`) and the
 fragment API fills it. The LR schedule, iteration and data position stay in the client state,
-which is layout-independent. Not carried: an fp16 loss scaler (it restarts at its initial scale);
-ZeRO-3 and the fp16 optimizer as targets are refused with a message.
+which is layout-independent. Not carried: an fp16 loss scaler (it restarts at its initial
+scale). Refused with a message naming ``--no-optimizer``, as source or target: ZeRO-3, and
+DeepSpeed's fp16/bf16 optimizers without ZeRO (their state is neither torch's by name nor
+fragment-mapped).
 """
 
 from __future__ import annotations
@@ -178,10 +180,16 @@ def _rank_state(
         return _zero_state(files, shard, pipeline=pipeline)
     blob = blobs[mp_rank]
     optimizer = blob.get("optimizer")
-    if not isinstance(optimizer, Mapping) or "state" not in optimizer:
+    if optimizer is None:
         return None
     names = blob.get(OPTIMIZER_NAMES)
     where = f"{tag_dir}/mp_rank_{mp_rank:02d}"
+    if not isinstance(optimizer, Mapping) or "state" not in optimizer:
+        keys = sorted(optimizer) if isinstance(optimizer, Mapping) else type(optimizer).__name__
+        raise CheckpointFileError(
+            f"{where}: optimizer state in a form resharding does not read (DeepSpeed's fp16/bf16 "
+            f"optimizer without ZeRO: {keys}); reshard with --no-optimizer (Adam restarts)"
+        )
     if names is None:
         raise CheckpointFileError(
             f"{where}: ZeRO-0 optimizer state without the names of its parameters (written "
@@ -263,7 +271,7 @@ def restore_optimizer_state(engine: Engine, path: str | os.PathLike[str]) -> int
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from megatron_glm.compat.deepspeed import link_optimizer_state
+    from megatron_glm.compat.deepspeed import check_optimizer_state_linkable, link_optimizer_state
 
     full = FullOptimizerState.load(path)
     local = _local_values(engine, full, Path(path))
@@ -272,6 +280,7 @@ def restore_optimizer_state(engine: Engine, path: str | os.PathLike[str]) -> int
         by_param = {id(p): values for p, values in local}
         _set_torch_state(inner, full.step, lambda p: by_param[id(p)])
         return full.step
+    check_optimizer_state_linkable(wrapper)  # before anything is changed
     _set_torch_state(inner, full.step, None)
     link_optimizer_state(wrapper)
     for param, values in local:
