@@ -294,7 +294,7 @@ def _local_values(
     engine: Engine, full: FullOptimizerState, where: Path
 ) -> list[tuple[nn.Parameter, dict[str, Tensor]]]:
     """This rank's parameters with their slices of every kind (TP shard, full over DP)."""
-    pipeline = engine.pipeline is not None
+    pipeline = engine.dims.pp > 1
     dims = partition_dims(engine.module)
     tp, tp_rank = engine.dims.tp, engine.dims.tp_rank
     out = []

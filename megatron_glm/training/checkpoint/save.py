@@ -85,7 +85,7 @@ def optimizer_param_names(engine: Engine) -> list[list[str]] | None:
     ZeRO replaces the optimizer's parameters by flat partitions, which are not module
     parameters (their files map names to slices themselves).
     """
-    pipeline = engine.pipeline is not None
+    pipeline = engine.dims.pp > 1
     by_id = {id(p): glm_name(n, pipeline=pipeline) for n, p in engine.module.named_parameters()}
     groups = [group["params"] for group in engine.optimizer.param_groups]
     if not all(id(p) in by_id for params in groups for p in params):
