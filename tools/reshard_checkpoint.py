@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rewrite a checkpoint's model weights for another tensor/pipeline-parallel layout.
+"""Rewrite a checkpoint, weights and optimizer state, for another tensor/pipeline-parallel layout.
 
     python tools/reshard_checkpoint.py --load checkpoints/run --tp 4 --save checkpoints/run_tp4
     python tools/reshard_checkpoint.py --load checkpoints/run --tp 2 --pp 4 --save ckpt/tp2_pp4
@@ -10,8 +10,10 @@ Reads ``--load/<tag>`` (tag from ``latest`` unless ``--tag``) in any layout: unp
 ``--save/latest``. The model architecture comes from the config snapshot stored in the
 checkpoint, or from ``--config`` (a run YAML).
 
-Optimizer state is not converted: resume the resharded checkpoint with the optimizer restarted
-(see ``megatron_glm.parallel.reshard`` for why, and for the universal-checkpoint alternative).
+The optimizer state (fp32 master weights, Adam's moments and step, from ZeRO-0/1/2) is carried
+over in ``--save/<tag>/optimizer_state.pt``, so the resumed run continues with its Adam moments at
+any (tp, pp, data-parallel size, ZeRO stage); ``--no-optimizer`` writes weights only (Adam
+restarts). See ``megatron_glm.training.checkpoint.optimizer_state`` for how and why.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from megatron_glm.config import ModelConfig, from_dict, load_config
 from megatron_glm.logs import setup_logging
 from megatron_glm.model import tensor_parallel_layout
-from megatron_glm.parallel.reshard import reshard_checkpoint, resolve_tag, saved_config
+from megatron_glm.training.checkpoint import reshard_checkpoint, resolve_tag, saved_config
 
 
 def _model_config(load: str, tag: str, config: str | None) -> ModelConfig:
@@ -44,11 +46,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save", required=True, help="output checkpoint directory")
     parser.add_argument("--tag", default=None, help="tag to convert (default: from 'latest')")
     parser.add_argument("--config", default=None, help="run YAML, if the checkpoint has no config")
+    parser.add_argument(
+        "--no-optimizer",
+        action="store_true",
+        help="write weights only: Adam's moments restart when the checkpoint is resumed",
+    )
     args = parser.parse_args(argv)
     try:
         tag = resolve_tag(args.load, args.tag)
         layout = tensor_parallel_layout(_model_config(args.load, tag, args.config))
-        result = reshard_checkpoint(args.load, args.save, args.tp, layout, pp=args.pp, tag=tag)
+        result = reshard_checkpoint(
+            args.load,
+            args.save,
+            args.tp,
+            layout,
+            pp=args.pp,
+            tag=tag,
+            optimizer=not args.no_optimizer,
+        )
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     if max(result.source_pp, result.target_pp) == 1:
@@ -62,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     for path in result.files:
         print(f"  wrote {path}")
     if result.dropped:
-        print(f"  not carried over (optimizer restarts): {', '.join(result.dropped)}")
+        restarts = "" if result.optimizer_kept else " (optimizer restarts)"
+        print(f"  not carried over{restarts}: {', '.join(result.dropped)}")
 
 
 if __name__ == "__main__":

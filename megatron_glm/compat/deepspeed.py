@@ -1,6 +1,16 @@
-"""DeepSpeed seam: safe checkpoint loading; the pipeline engine's private internals (below).
+"""DeepSpeed seam: every use of a DeepSpeed private internal lives here, one section each.
 
-Why this exists. DeepSpeed 0.19's ``TorchCheckpointEngine.load`` calls
+- pipeline engine: the instruction map, ``PipelineModule``'s build internals, its layer-type
+  matcher and the ZeRO optimizer's grad-norm internals the pipeline runner hooks;
+- checkpoint loading: the restricted loader (this docstring);
+- start-up and warnings: the op-compatibility cache and two torch warnings DeepSpeed causes;
+- optimizer-state restore: relinking the fragment views of a resharded checkpoint's state.
+
+Each function's docstring says why it exists and which upstream change would remove it;
+``tests/unit/test_compat.py``, ``test_compat_pipeline.py`` and ``test_optimizer_state.py`` fail
+when the pinned DeepSpeed changes the behaviour relied on.
+
+Checkpoint loading. DeepSpeed 0.19's DeepSpeed 0.19's ``TorchCheckpointEngine.load`` calls
 ``torch.load(path, weights_only=False)`` on every model-states, optimizer-states and pipeline
 layer file it reads, so a crafted pickle planted in a checkpoint directory runs code on resume.
 :func:`use_safe_checkpoint_engine` replaces an engine's ``checkpoint_engine`` (a public attribute
@@ -212,10 +222,9 @@ def use_safe_checkpoint_engine(engine: Any) -> None:
     engine.checkpoint_engine = safe
 
 
-# ==================================================================================================
-# Start-up and warnings (helper H5: kernels/seam). DeepSpeed internals used outside the pipeline
-# and checkpoint code: the op-compatibility cache and the warnings its calls make torch emit.
-# ==================================================================================================
+# ============================================================================ start-up and warnings
+# DeepSpeed internals used outside the pipeline and checkpoint code: the op-compatibility cache
+# and the warnings its calls make torch emit.
 
 SHM_COMM_OP: str = "deepspeed_shm_comm"
 """Key of DeepSpeed's CPU shared-memory comm op in ``deepspeed.ops.__compatible_ops__``."""
@@ -288,3 +297,50 @@ def known_warnings_silenced() -> Iterator[None]:
         for message, category, module in KNOWN_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category, module=module)
         yield
+
+
+# ========================================================================== optimizer-state restore
+# For resharded checkpoints (training/checkpoint/optimizer_state.py).
+#
+# Why this exists. DeepSpeed's public fragment API (``deepspeed.utils.safe_set_full_fp32_param``,
+# ``safe_set_full_optimizer_state``) writes a parameter's slice of the fp32 master weights and of
+# the optimizer state. Under ZeRO-1/2 and DeepSpeed's bf16 optimizer it writes through a view
+# per parameter (``param._hp_mapping.optim_fragment``) that DeepSpeed creates only after the first
+# optimizer step (``_lazy_init_hp_params_optimizer_state``), since torch's Adam creates its
+# state lazily. A checkpoint restored before any step therefore needs that private method called
+# once the torch optimizer's state exists. DeepSpeed's own universal-checkpoint loader does the
+# equivalent inline (``load_hp_checkpoint_state_from_checkpoint_dir``), reading pickles.
+# DeepSpeed 0.19.8 itself calls it after the *first* param group's first step, when the later
+# groups have no state yet, and never again: without a relink, ``safe_get_full_optimizer_state``
+# fails for every parameter outside group 0 (here: the no-weight-decay group).
+# tests/unit/test_optimizer_state.py fails if either behaviour changes.
+#
+# Upstream change that removes this: a public "initialise optimizer state" call, or the fragment
+# API creating the state on first write.
+
+
+def check_optimizer_state_linkable(optimizer: Any) -> None:
+    """Raise ValueError unless :func:`link_optimizer_state` can serve ``optimizer``.
+
+    ``optimizer`` must be DeepSpeed's ZeRO-1/2 (``DeepSpeedZeroOptimizer``) or
+    ``BF16_Optimizer``; other wrappers (ZeRO-3, the fp16/bf16 optimizers without ZeRO) are
+    refused with a message.
+    """
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is None or not hasattr(optimizer, "_hp_optimizer_states_linked"):
+        raise ValueError(
+            f"restoring resharded optimizer state into DeepSpeed's {type(optimizer).__name__} "
+            "is not supported (ZeRO-0 in fp32 and ZeRO-1/2 are); reshard with --no-optimizer "
+            "to restart Adam's moments instead"
+        )
+
+
+def link_optimizer_state(optimizer: Any) -> None:
+    """Point every parameter's optimizer-state fragment at the torch optimizer's current state.
+
+    The torch optimizer inside ``optimizer`` (see :func:`check_optimizer_state_linkable`) must
+    already hold state for each of its flat partitions.
+    """
+    check_optimizer_state_linkable(optimizer)
+    optimizer._hp_optimizer_states_linked = False  # relink to the state just created
+    optimizer._lazy_init_hp_params_optimizer_state()

@@ -13,7 +13,8 @@
 - ``evaluation``: validation losses and their log line.
 - ``lr_schedule``: GLM's AnnealingLR (warmup, then cosine/linear decay to a floor).
 - ``loop``: the training loop: steps, validation, logging, checkpoints, stops.
-- ``checkpoint``: atomic publication, client state, per-rank RNG, resume.
+- ``checkpoint``: atomic publication, client state, per-rank RNG, resume, resharding to
+  another layout with the optimizer state.
 - ``metrics``: tokens/s, TFLOP/s, MFU against a peak table, TensorBoard scalars.
 - ``signals``: SIGTERM/SIGINT/SIGUSR1, a lost launcher and a deadline, agreed on by all ranks.
 - ``data_source``: the real batch source (tokenizer, packed splits, blank infilling, loaders).

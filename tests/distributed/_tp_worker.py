@@ -526,7 +526,7 @@ def check_deepspeed(ctx: dict[str, Any]) -> dict[str, Any]:
     """dp=2 x tp=2, ZeRO-1, 20 steps vs one process; then save, reshard 2 -> 1 -> 4, reload."""
     import deepspeed
 
-    from megatron_glm.parallel.reshard import reshard_checkpoint
+    from megatron_glm.training.checkpoint import reshard_checkpoint
     from megatron_glm.training.engine import (
         GLMPretrainModule,
         build_optimizer,

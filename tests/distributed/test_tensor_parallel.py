@@ -168,11 +168,13 @@ def test_zero1_dp2_tp2_trains_like_one_process(ranks: list[dict[str, Any]]) -> N
 
 def test_reshard_2_to_1_to_4_to_2_keeps_logits(ranks: list[dict[str, Any]]) -> None:
     r0 = value(ranks, "deepspeed", 0)
-    assert r0["reshard"]["tp1"] == ["mp_rank_00_model_states.pt"]
-    assert r0["reshard"]["tp4"] == [f"mp_rank_0{i}_model_states.pt" for i in range(4)]
-    assert r0["reshard"]["dropped_from_tp2"] == [
-        f"zero_pp_rank_{d}_mp_rank_0{t}_optim_states.pt" for d in range(2) for t in range(2)
+    # The ZeRO-1 optimizer files (dp 2 x tp 2) go into the full-tensor store (issue 12).
+    assert r0["reshard"]["tp1"] == ["mp_rank_00_model_states.pt", "optimizer_state.pt"]
+    assert r0["reshard"]["tp4"] == [
+        *(f"mp_rank_0{i}_model_states.pt" for i in range(4)),
+        "optimizer_state.pt",
     ]
+    assert r0["reshard"]["dropped_from_tp2"] == []
     for rank in range(WORLD):
         r = value(ranks, "deepspeed", rank)
         assert r["logits_tp1_vs_tp2"] < 1e-5 and r["logits_tp4_vs_tp2"] < 1e-5, r

@@ -27,7 +27,7 @@ import torch
 
 from megatron_glm.config import load_config
 from megatron_glm.model import tensor_parallel_layout
-from megatron_glm.parallel.reshard import reshard_checkpoint, reshard_info
+from megatron_glm.training.checkpoint import reshard_checkpoint, reshard_info
 
 VOCAB, SEQ = 256, 32
 TINY = [
@@ -241,7 +241,7 @@ def _reshard(jobs: list[list[Any]], cfg: Any, rank: int) -> None:
     import torch.distributed as dist
 
     from megatron_glm.model import tensor_parallel_layout
-    from megatron_glm.parallel.reshard import reshard_checkpoint
+    from megatron_glm.training.checkpoint import reshard_checkpoint
 
     if not jobs:
         return
@@ -590,7 +590,8 @@ def test_tensor_parallel_resume_is_bitwise_and_reshards_to_tp1(
 ) -> None:
     """tp 2 + SP, dropout 0.1: 3 steps + stop + resume 3 equals 6 straight, bitwise (the
     TP-private dropout stream is checkpointed per rank). The tp 2 checkpoint of step 4,
-    resharded to tp 1, resumes on one process (optimizer restarted) with step 5's loss."""
+    resharded to tp 1, resumes on one process (ZeRO-0 optimizer state carried over) with
+    step 5's loss."""
     r, tmp = model_parallel, model_parallel["dir"]
     straight, stopped, resumed = (_losses(r[k]) for k in ("tp_straight", "tp_stop", "tp_resume"))
     assert r["tp_stop"]["exit_reason"] == "exit_interval" and sorted(stopped) == [1, 2, 3]
@@ -602,7 +603,8 @@ def test_tensor_parallel_resume_is_bitwise_and_reshards_to_tp1(
         *(f"rng_rank0000{r}.pt" for r in range(4)),
         *(f"zero_pp_rank_{d}_mp_rank_0{t}_optim_states.pt" for d in range(2) for t in range(2)),
     ]
-    assert f"{tmp / 'sp_tp1'}/global_step4 was resharded: optimizer state restarts" in r["log1"]
+    resharded = f"{tmp / 'sp_tp1'}/global_step4 was resharded: optimizer state from optimizer_state"
+    assert resharded in r["log1"]
     # Step 5's loss is computed before its update: it only sees the weights after step 4.
     assert list(_losses(r["from_sp_tp1"])) == [5]
     assert _losses(r["from_sp_tp1"])[5] == pytest.approx(_losses(r["ref2"])[5], rel=1e-5)
@@ -672,17 +674,19 @@ def test_reshard_chain_keeps_the_model(model_parallel: dict[str, Any]) -> None:
     assert _entries(r14) == [
         *(f"layer_0{i}-model_00-model_states.pt" for i in range(6)),
         *(f"mp_rank_0{m}_model_states.pt" for m in range(4)),
+        "optimizer_state.pt",  # the optimizer state is carried along the chain (issue 12)
     ]
     assert reshard_info(r14) == {
         "from_tp": 1,
         "to_tp": 1,
-        "optimizer_state": "dropped",
+        "optimizer_state": "kept",
         "from_pp": 1,
         "to_pp": 4,
     }
     assert _entries(tmp / "r2x1" / "global_step10") == [
         "mp_rank_00_model_states.pt",
         "mp_rank_01_model_states.pt",
+        "optimizer_state.pt",
     ]
 
 

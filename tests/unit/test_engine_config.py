@@ -15,6 +15,7 @@ import torch
 
 from megatron_glm.config import RunConfig, load_config
 from megatron_glm.model import build_model
+from megatron_glm.serialization import CheckpointFileError
 from megatron_glm.training.checkpoint import (
     check_layout,
     read_latest,
@@ -247,7 +248,7 @@ def test_checkpoint_of_another_tp_pp_layout_is_refused_with_the_reshard_command(
     assert str(err.value) == (
         f"config field 'parallel.tp': checkpoint {tmp_path}/global_step4 was written with tp 2, "
         "pp 1, this run is tp 1, pp 1; convert it first with python tools/reshard_checkpoint.py "
-        f"--load {tmp_path} --tp 1 --save NEW_DIR (optimizer state restarts)"
+        f"--load {tmp_path} --tp 1 --save NEW_DIR (the optimizer state is carried over)"
     )
 
 
@@ -354,7 +355,7 @@ def test_bubble_fraction_and_log_line() -> None:
 
 def _pipeline_checkpoint(root: Path, full: dict[str, torch.Tensor], layout: dict, pp: int) -> Path:
     """A (tp 2, pp) checkpoint written the way DeepSpeed's PipelineEngine names its files."""
-    from megatron_glm.parallel.reshard import write_checkpoint
+    from megatron_glm.training.checkpoint import write_checkpoint
 
     tag = root / "global_step5"
     tag.mkdir(parents=True)
@@ -372,8 +373,11 @@ def test_pipeline_checkpoint_files_reshard_and_load(
     """DeepSpeed's pipeline layout (per-layer files), (tp 2, pp 2) -> (1, 1) -> (1, 4) -> (2, 1),
     and ``load_model_state`` of each: the same full state dict, bitwise."""
     from megatron_glm.model import tensor_parallel_layout
-    from megatron_glm.parallel.reshard import checkpoint_layout, reshard_checkpoint
-    from megatron_glm.training.checkpoint import load_model_state
+    from megatron_glm.training.checkpoint import (
+        checkpoint_layout,
+        load_model_state,
+        reshard_checkpoint,
+    )
 
     cfg = _cfg().model
     full = build_model(cfg, vocab_size=128, seed=3).state_dict()
@@ -389,7 +393,10 @@ def test_pipeline_checkpoint_files_reshard_and_load(
     assert set(block) == {k.removeprefix("layers.1.") for k in full if k.startswith("layers.1.")}
     chain = [("tp2pp2", "r11", 1, 1), ("r11", "r14", 1, 4), ("r14", "r21", 2, 1)]
     for source, target, tp, pp in chain:
-        result = reshard_checkpoint(tmp_path / source, tmp_path / target, tp, layout, pp=pp)
+        # The source's optimizer files are empty placeholders: weights only (--no-optimizer).
+        result = reshard_checkpoint(
+            tmp_path / source, tmp_path / target, tp, layout, pp=pp, optimizer=False
+        )
         assert (result.source_pp, result.target_tp, result.target_pp) == (
             checkpoint_layout(tmp_path / source / "global_step5")[1],
             tp,
@@ -406,6 +413,12 @@ def test_pipeline_checkpoint_files_reshard_and_load(
         f"resharded {tmp_path / 'r14'}/global_step5: (tp 1, pp 4) -> (tp 2, pp 2)"
     )
     assert sorted(p.name for p in (tmp_path / "cli" / "global_step5").iterdir()) == names[:12]
-    first = reshard_checkpoint(tmp_path / "tp2pp2", tmp_path / "again", 1, layout, pp=1)
+    with pytest.raises(
+        CheckpointFileError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt: empty"
+    ):
+        reshard_checkpoint(tmp_path / "tp2pp2", tmp_path / "kept", 1, layout, pp=1)
+    first = reshard_checkpoint(
+        tmp_path / "tp2pp2", tmp_path / "again", 1, layout, pp=1, optimizer=False
+    )
     assert first.dropped == ["rng_rank00000.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
     assert torch.load(first.files[0], weights_only=True)["optimizer"] is None

@@ -28,7 +28,7 @@ from megatron_glm.parallel.layers import (
     VocabParallelEmbedding,
 )
 from megatron_glm.parallel.random import ModelParallelRNG, checkpoint
-from megatron_glm.parallel.reshard import merge_shards, reshard_info, split_state
+from megatron_glm.training.checkpoint import merge_shards, reshard_info, split_state
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 128
@@ -313,6 +313,7 @@ def test_reshard_cli_on_a_deepspeed_layout(
             "4",
             "--save",
             str(tmp_path / "tp4"),
+            "--no-optimizer",  # the optimizer files are empty placeholders
         ],
         capture_output=True,
         text=True,
@@ -333,6 +334,12 @@ def test_reshard_cli_on_a_deepspeed_layout(
     assert all(torch.equal(merged[k], v) for k, v in model.state_dict().items())
     # A bad target size: exit status 2 and the reason (in-process: no second interpreter).
     tool = runpy.run_path(str(ROOT / "tools" / "reshard_checkpoint.py"))
+    # Without --no-optimizer the optimizer state is read, and the empty file is named.
+    with pytest.raises(SystemExit) as exc:
+        tool["main"](["--load", str(tmp_path / "run"), "--tp", "4", "--save", str(tmp_path / "y")])
+    assert exc.value.code == 2
+    empty = src / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert f"error: {empty}: empty file (truncated checkpoint?)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         tool["main"](["--load", str(tmp_path / "run"), "--tp", "3", "--save", str(tmp_path / "x")])
     assert exc.value.code == 2

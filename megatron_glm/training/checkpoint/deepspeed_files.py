@@ -1,0 +1,248 @@
+"""DeepSpeed's names, in one place: checkpoint files, model-parallel ranks, pipeline parameters.
+
+Everything else in the checkpoint package speaks in GLM terms (``GLMModel`` state-dict names such
+as ``layers.3.attention.dense.weight``, TP ranks, pipeline stages). This module is the only one
+that knows how DeepSpeed 0.19 lays those out on disk and inside a ``PipelineModule``:
+
+- ``mp_rank_XX_model_states.pt``: one per model-parallel rank ``XX = pp_rank * tp + tp_rank``
+  (:class:`megatron_glm.parallel.dims.ParallelDims` is DeepSpeed's ``mpu``; its model-parallel
+  group is the ``pp * tp`` ranks of one replica, in global-rank order); unpipelined it holds the
+  TP shard under ``"module"``, pipelined ``"module": None``. ZeRO-3 writes one per data-parallel
+  rank instead (``zero_pp_rank_D_mp_rank_XX_model_states.pt``).
+- ``layer_II-model_TT-model_states.pt``: pipeline layer ``II``'s ``state_dict`` on TP rank ``TT``.
+- ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` (``bf16_zero_...`` for DeepSpeed's bf16
+  optimizer without ZeRO): data-parallel rank ``D``'s flat ZeRO partition of the optimizer.
+- Pipeline parameter names: layer ``I`` of the ``PipelineModule`` is registered as module
+  ``"I"``; the tied embedding / output head lives under ``tied_modules.<key>`` on the first and
+  the last stage. ``training.pipeline`` puts ``GLMModel.layers[I]`` at layer ``I``, so the GLM
+  name is ``layers.I.<rest>`` (the tied module is ``layers.0``, the embedding).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from deepspeed.checkpoint.constants import (
+    BASE_OPTIMIZER_STATE,
+    OPTIMIZER_STATE_DICT,
+    PARAM_SLICE_MAPPINGS,
+    SINGLE_PARTITION_OF_FP32_GROUPS,
+)
+from torch import Tensor
+
+from megatron_glm.serialization import CheckpointFileError, load_file
+from megatron_glm.training.pipeline import TIED_KEY
+
+_MODEL_FILE = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt")
+_LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
+_OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
+_PIPE_KEY = re.compile(r"(\d+)\.(.+)")
+_TIED_PREFIX = f"tied_modules.{TIED_KEY}."
+
+
+def model_states_name(mp_rank: int) -> str:
+    """The model-states file of a model-parallel rank (ZeRO 0-2)."""
+    return f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def layer_file_name(layer: int, tp_rank: int) -> str:
+    """A pipeline checkpoint's file of one layer's TP shard."""
+    return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+def mp_rank_of(pp_rank: int, tp_rank: int, tp: int) -> int:
+    """DeepSpeed's model-parallel rank of (pipeline stage, TP rank)."""
+    return pp_rank * tp + tp_rank
+
+
+def _model_files_by_rank(tag_dir: Path) -> dict[int, dict[int, Path]]:
+    """mp rank -> dp rank -> model-states file (dp rank -1: one file for the whole DP group)."""
+    found: dict[int, dict[int, Path]] = {}
+    for path in tag_dir.iterdir() if tag_dir.is_dir() else ():
+        match = _MODEL_FILE.fullmatch(path.name)
+        if match:
+            dp = -1 if match.group(1) is None else int(match.group(1))
+            found.setdefault(int(match.group(2)), {})[dp] = path
+    return found
+
+
+def model_state_files(tag_dir: str | os.PathLike[str]) -> list[Path]:
+    """One model-states file per model-parallel rank, in rank order; ValueError if gappy.
+
+    ZeRO 0-2 write ``mp_rank_XX_model_states.pt``. ZeRO-3 writes one per data-parallel rank too
+    (``zero_pp_rank_D_mp_rank_XX_model_states.pt``, each holding only that rank's partition of
+    the weights): data-parallel rank 0's file stands for its model-parallel rank here (the client
+    state is the same in all of them); :func:`is_zero3` tells the layouts apart.
+    """
+    tag_dir = Path(tag_dir)
+    found = _model_files_by_rank(tag_dir)
+    if not found:
+        raise ValueError(
+            f"{tag_dir}: no mp_rank_XX_model_states.pt or zero_pp_rank_D_mp_rank_XX_model_states"
+            ".pt files (not a checkpoint tag)"
+        )
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(f"{tag_dir}: model-states files for ranks {sorted(found)} are not 0..N-1")
+    dp_ranks = sorted(found[0])
+    for mp, files in sorted(found.items()):
+        if sorted(files) != dp_ranks or (dp_ranks != [-1] and dp_ranks != list(range(len(files)))):
+            raise ValueError(
+                f"{tag_dir}: model-states files of model-parallel rank {mp} cover data-parallel "
+                f"ranks {sorted(files)}, expected {dp_ranks} (incomplete ZeRO-3 checkpoint?)"
+            )
+    return [files[min(files)] for _, files in sorted(found.items())]
+
+
+def is_zero3(tag_dir: str | os.PathLike[str]) -> bool:
+    """Whether a tag directory holds ZeRO-3 (weights partitioned over data-parallel ranks)."""
+    return any(-1 not in files for files in _model_files_by_rank(Path(tag_dir)).values())
+
+
+def checkpoint_files(tag_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every ``.pt`` file of a tag directory (DeepSpeed's and ours), sorted by name."""
+    return sorted(p for p in Path(tag_dir).iterdir() if p.suffix == ".pt" and p.is_file())
+
+
+def load_shards(tag_dir: str | os.PathLike[str], *, mmap: bool = False) -> list[dict[str, Any]]:
+    """Every model-parallel rank's model-states blob of one tag (CPU tensors, safe loader)."""
+    return [load_file(p, mmap=mmap) for p in model_state_files(tag_dir)]
+
+
+def layer_files(tag_dir: str | os.PathLike[str]) -> dict[int, dict[int, Path]]:
+    """Pipeline checkpoint: layer index -> TP rank -> ``layer_II-model_TT-model_states.pt``."""
+    found: dict[int, dict[int, Path]] = {}
+    for path in Path(tag_dir).iterdir():
+        match = _LAYER_FILE.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match.group(1)), {})[int(match.group(2))] = path
+    return found
+
+
+def optimizer_files(tag_dir: str | os.PathLike[str], mp_rank: int) -> list[Path]:
+    """A model-parallel rank's ZeRO optimizer-state files in data-parallel rank order ([] if none).
+
+    A gap in the data-parallel ranks is an error naming the directory: the flat partitions
+    only make sense all together.
+    """
+    tag_dir = Path(tag_dir)
+    found: dict[int, Path] = {}
+    for path in tag_dir.iterdir():
+        match = _OPTIM_FILE.fullmatch(path.name)
+        if match and int(match.group(2)) == mp_rank:
+            found[int(match.group(1))] = path
+    if sorted(found) != list(range(len(found))):
+        raise ValueError(
+            f"{tag_dir}: ZeRO optimizer-state files of model-parallel rank {mp_rank} cover "
+            f"data-parallel ranks {sorted(found)}, expected 0..{len(found) - 1} (incomplete?)"
+        )
+    return [found[d] for d in range(len(found))]
+
+
+def is_optimizer_file(name: str) -> bool:
+    """Whether a file name is one of DeepSpeed's ZeRO optimizer-state files."""
+    return _OPTIM_FILE.fullmatch(name) is not None
+
+
+def checkpoint_layout(tag_dir: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(tp, pp)`` of a checkpoint tag directory, read off its file names.
+
+    Unpipelined: one ``mp_rank_XX`` per TP rank. Pipelined (DeepSpeed's PipelineEngine): one
+    ``layer_II-model_TT`` file per layer and TP rank, and one ``mp_rank_XX`` (client state, no
+    weights) per model-parallel rank ``pp_rank * tp + tp_rank``.
+    """
+    tag_dir = Path(tag_dir)
+    num_mp = len(model_state_files(tag_dir))
+    layers = layer_files(tag_dir)
+    if not layers:
+        return num_mp, 1
+    tp = len(next(iter(layers.values())))
+    for index, ranks in sorted(layers.items()):
+        if sorted(ranks) != list(range(tp)):
+            raise ValueError(
+                f"{tag_dir}: layer {index} has files for TP ranks {sorted(ranks)}, "
+                f"expected 0..{tp - 1}"
+            )
+    if num_mp % tp:
+        raise ValueError(f"{tag_dir}: {num_mp} mp_rank files for tp {tp} (not pp x tp)")
+    return tp, num_mp // tp
+
+
+def split_layer_name(name: str) -> tuple[int, str]:
+    """``layers.I.rest`` (a GLM name) -> ``(I, rest)``: the pipeline layer and its own name."""
+    match = _LAYER_KEY.fullmatch(name)
+    if match is None:
+        raise ValueError(f"'{name}' is not a layers.<i>.<name> tensor of the GLM")
+    return int(match.group(1)), match.group(2)
+
+
+def glm_name(module_name: str, *, pipeline: bool) -> str:
+    """The ``GLMModel`` name of an engine module's parameter.
+
+    Unpipelined the engine's module already uses ``GLMModel``'s names. A ``PipelineModule``
+    names layer ``I``'s parameters ``I.<rest>`` and the tied embedding / head
+    ``tied_modules.word_embeddings.<rest>`` (both copies: the embedding, ``layers.0``).
+    """
+    if not pipeline:
+        return module_name
+    if module_name.startswith(_TIED_PREFIX):
+        return f"layers.0.{module_name.removeprefix(_TIED_PREFIX)}"
+    match = _PIPE_KEY.fullmatch(module_name)
+    if match is None:
+        raise ValueError(f"'{module_name}' is not a parameter name of the GLM pipeline")
+    return f"layers.{match.group(1)}.{match.group(2)}"
+
+
+@dataclass
+class ZeroGroup:
+    """One optimizer param group of a ZeRO-1/2 optimizer-state file (one data-parallel rank)."""
+
+    slices: dict[str, Any]
+    """Module parameter name -> ``fragment_address`` (start, numel) inside this partition."""
+    flat: dict[str, Tensor]
+    """``fp32`` (master weights), ``exp_avg``, ``exp_avg_sq``: this rank's flat partitions."""
+    step: int
+    """Adam's step count of the group (0 before the first update)."""
+
+
+def read_zero_partition(path: Path) -> list[ZeroGroup]:
+    """The param groups of one ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` (restricted loader).
+
+    The layout is DeepSpeed's ``DeepSpeedZeroOptimizer.state_dict()`` (also
+    ``BF16_Optimizer``'s): per group a flat fp32 partition, the torch optimizer's state of that
+    flat tensor (empty before the first step) and ``param_slice_mappings``, where each parameter
+    with elements in this partition starts and how many it has there.
+    """
+    from megatron_glm.compat.deepspeed import load_deepspeed_file
+
+    try:
+        osd = load_deepspeed_file(str(path), mmap=True)[OPTIMIZER_STATE_DICT]
+        partitions = osd[SINGLE_PARTITION_OF_FP32_GROUPS]
+        base = osd[BASE_OPTIMIZER_STATE]["state"]
+        mappings = osd[PARAM_SLICE_MAPPINGS]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointFileError(
+            f"{path}: not a ZeRO-1/2 optimizer-state file (no {exc}); DeepSpeed older than 0.10 "
+            "does not record which parameter each slice belongs to"
+        ) from None
+    groups = []
+    for index, (flat, slices) in enumerate(zip(partitions, mappings, strict=True)):
+        state = base.get(index, {})
+        zeros = torch.zeros_like(flat)
+        groups.append(
+            ZeroGroup(
+                slices=dict(slices),
+                flat={
+                    "fp32": flat,
+                    "exp_avg": state.get("exp_avg", zeros),
+                    "exp_avg_sq": state.get("exp_avg_sq", zeros),
+                },
+                step=int(state.get("step", 0)),
+            )
+        )
+    return groups

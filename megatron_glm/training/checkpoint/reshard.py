@@ -1,0 +1,368 @@
+"""Rewrite a checkpoint for another (tensor, pipeline) layout, with its optimizer state.
+
+The model side is pure bookkeeping because initialisation and the layers agree on one rule: the
+full (tp = 1) tensor is the concatenation of the shards along the parameter's partition
+dimension, in TP-rank order, and replicated tensors are identical on every rank. The layout
+(``GLMModel`` name -> partition dim) comes from the model definition
+(:func:`megatron_glm.model.tensor_parallel_layout`, read off a meta-device model), never from
+name patterns; where DeepSpeed put each shard (files, pipeline layer names) is
+:mod:`.deepspeed_files`' business. So: read every shard under its ``GLMModel`` name
+(:func:`read_weight_shards`), merge (concatenate split tensors, check replicated ones agree),
+split into the new count, write the target files plus ``latest``.
+
+Pipeline checkpoints store weights per layer (``layer_II`` holds ``layers.II`` of the model) and
+do not depend on how the layers are split over the stages, so converting between any two
+(tp, pp) layouts is the same merge and split with a renaming.
+
+The optimizer state goes the same way (:mod:`.optimizer_state`): each TP rank's fp32 master
+weights and Adam moments are rebuilt per parameter (shaped like that rank's weight shard),
+merged with the same partition rule and stored as full tensors next to the new model files
+(``optimizer_state.pt``); the loader slices them for its own layout after DeepSpeed has set up
+the engine. Without readable optimizer state (``optimizer=False``, or a checkpoint that has
+none) the marker says ``"dropped"`` and Adam's moments restart on load.
+
+The resharded checkpoint has ``"optimizer": None`` in its model-states files, no ZeRO files and
+no per-rank RNG files (the ranks differ), and is marked with ``"tp_reshard"``
+(:func:`reshard_info`); iteration, consumed samples and LR schedule in the client state are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from megatron_glm.serialization import CheckpointFileError, load_file
+from megatron_glm.training.checkpoint.deepspeed_files import (
+    checkpoint_layout,
+    is_optimizer_file,
+    is_zero3,
+    layer_file_name,
+    layer_files,
+    load_shards,
+    model_state_files,
+    model_states_name,
+    split_layer_name,
+)
+from megatron_glm.training.checkpoint.latest import resolve_tag, write_latest
+from megatron_glm.training.checkpoint.optimizer_state import (
+    STORE,
+    FullOptimizerState,
+    read_optimizer_state,
+)
+
+RESHARD_KEY = "tp_reshard"
+"""Key of the marker a resharded model-states file carries (DeepSpeed passes it through as
+client state)."""
+
+
+@dataclass(frozen=True)
+class ReshardResult:
+    """What :func:`reshard_checkpoint` did."""
+
+    tag: str
+    source_tp: int
+    target_tp: int
+    files: list[Path]
+    """The files written: unpipelined, ``mp_rank_XX`` in TP-rank order; pipelined, the layer
+    files (by TP rank, then layer) and then the ``mp_rank_XX`` client-state files; last the
+    optimizer state, when kept."""
+    dropped: list[str]
+    """Files of the source tag not carried over as files (RNG state; optimizer files whose
+    content was dropped). Empty ZeRO files whose state went into the store are not listed."""
+    source_pp: int = 1
+    target_pp: int = 1
+    optimizer_kept: bool = False
+
+
+def merge_shards(
+    shards: Sequence[Mapping[str, Tensor]], layout: Mapping[str, int | None] | None
+) -> dict[str, Tensor]:
+    """The full (tp = 1) state dict from ``len(shards)`` TP shards.
+
+    ``layout=None`` is allowed for a single shard (nothing to merge or check names against).
+    """
+    if layout is None:
+        if len(shards) != 1:
+            raise ValueError(f"merging {len(shards)} TP shards needs the model's layout")
+        return dict(shards[0])
+    names = list(shards[0])
+    for rank, shard in enumerate(shards[1:], start=1):
+        if list(shard) != names:
+            raise ValueError(f"mp_rank_{rank:02d} holds different tensors than mp_rank_00")
+    full: dict[str, Tensor] = {}
+    for name in names:
+        if name not in layout:
+            raise ValueError(
+                f"checkpoint tensor '{name}' is not a parameter of the model described by the "
+                "config (different architecture?)"
+            )
+        full[name] = _merge_one(name, [shard[name] for shard in shards], layout[name])
+    missing = sorted(set(layout) - set(full))
+    if missing:
+        raise ValueError(f"checkpoint lacks model parameters {missing[:5]}")
+    return full
+
+
+def _merge_one(name: str, parts: list[Tensor], dim: int | None) -> Tensor:
+    if dim is not None:
+        return torch.cat(parts, dim=dim)
+    for rank, part in enumerate(parts[1:], start=1):
+        if not torch.equal(part, parts[0]):
+            raise ValueError(
+                f"replicated tensor '{name}' differs between mp_rank_00 and "
+                f"mp_rank_{rank:02d} (corrupt or not a tensor-parallel checkpoint)"
+            )
+    return parts[0]
+
+
+def split_state(
+    full: Mapping[str, Tensor], layout: Mapping[str, int | None], tp: int
+) -> list[dict[str, Tensor]]:
+    """``tp`` shards of a full state dict (replicated tensors copied to every shard)."""
+    shards: list[dict[str, Tensor]] = [{} for _ in range(tp)]
+    for name, tensor in full.items():
+        dim = layout[name]
+        _check_splits(name, tensor, dim, tp)
+        pieces = [tensor] * tp if dim is None else [p.clone() for p in tensor.chunk(tp, dim=dim)]
+        for rank in range(tp):
+            shards[rank][name] = pieces[rank]
+    return shards
+
+
+def _check_splits(name: str, tensor: Tensor, dim: int | None, tp: int) -> None:
+    if dim is not None and tensor.shape[dim] % tp:
+        raise ValueError(
+            f"cannot split '{name}' {tuple(tensor.shape)} along dim {dim} into {tp} "
+            f"equal shards (for the vocabulary: pad it to a multiple of {tp})"
+        )
+
+
+def _local_param_shapes(
+    groups: list[Mapping[str, Any]], shard: Mapping[str, Tensor]
+) -> list[dict[str, torch.Size]]:
+    """DeepSpeed's per-optimizer-group ``param_shapes`` rewritten for the new shard."""
+    return [{name: shard[name].shape for name in group if name in shard} for group in groups]
+
+
+def read_weight_shards(tag_dir: str | os.PathLike[str]) -> list[dict[str, Tensor]]:
+    """Each TP rank's shard of the whole model (every pipeline stage), by ``GLMModel`` name.
+
+    Pipeline layer files hold their layer's own ``state_dict``; layer ``i`` of the pipeline is
+    ``layers.i`` of the model (the tied output head is not saved: it is the embedding).
+    ZeRO-3 checkpoints keep the weights as flat fp32 partitions inside the optimizer states, one
+    per data-parallel rank; they are refused here with a message saying so.
+    """
+    tag_dir = Path(tag_dir)
+    if is_zero3(tag_dir):
+        raise CheckpointFileError(
+            f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned over data-parallel ranks) "
+            "cannot be merged or resharded here yet; resume it with the same layout, or "
+            "consolidate it with DeepSpeed's zero_to_fp32.py first"
+        )
+    layers = layer_files(tag_dir)
+    if not layers:
+        return [dict(b["module"]) for b in load_shards(tag_dir)]
+    tp, _ = checkpoint_layout(tag_dir)
+    shards: list[dict[str, Tensor]] = [{} for _ in range(tp)]
+    for index, ranks in sorted(layers.items()):
+        for rank, path in ranks.items():
+            state = load_file(path)
+            shards[rank].update({f"layers.{index}.{k}": v for k, v in state.items()})
+    return shards
+
+
+def read_full_state(
+    tag_dir: str | os.PathLike[str], layout: Mapping[str, int | None] | None
+) -> dict[str, Tensor]:
+    """The full (tp = 1, pp = 1) ``GLMModel`` state dict of any (tp, pp) checkpoint tag."""
+    return merge_shards(read_weight_shards(tag_dir), layout)
+
+
+def _client_blob(base: Mapping[str, Any], marker: dict[str, Any], mp_world_size: int) -> dict:
+    """A model-states blob's non-weight entries for the new layout (no DeepSpeed optimizer)."""
+    blob = dict(base)
+    blob["mp_world_size"] = mp_world_size
+    blob["optimizer"] = None
+    blob[RESHARD_KEY] = marker
+    return blob
+
+
+def write_checkpoint(
+    full: Mapping[str, Tensor],
+    layout: Mapping[str, int | None],
+    dst: Path,
+    *,
+    tp: int,
+    pp: int,
+    base: Mapping[str, Any],
+    marker: dict[str, Any],
+) -> list[Path]:
+    """Write ``full`` as a (tp, pp) checkpoint tag in ``dst``; returns the files in write order.
+
+    pp = 1: ``mp_rank_TT`` with the TP shard under ``"module"`` (GLMModel names). pp > 1:
+    DeepSpeed's pipeline layout, ``layer_II-model_TT`` per layer and TP rank (names inside the
+    layer) plus ``mp_rank_XX`` for every model-parallel rank with ``"module": None``. Layer
+    files do not depend on how layers are partitioned over the stages, so any partition loads.
+    """
+    shards = split_state(full, layout, tp)
+    if pp == 1:
+        return [
+            _write_tp_shard(dst, rank, shard, base, marker, tp) for rank, shard in enumerate(shards)
+        ]
+    written: list[Path] = []
+    for rank, shard in enumerate(shards):
+        by_layer: dict[int, dict[str, Tensor]] = {}
+        for name, tensor in shard.items():
+            index, inner = split_layer_name(name)
+            by_layer.setdefault(index, {})[inner] = tensor
+        for index, state in sorted(by_layer.items()):
+            written.append(dst / layer_file_name(index, rank))
+            torch.save(state, written[-1])
+    for mp_rank in range(pp * tp):
+        blob = _client_blob(base, marker, pp * tp)
+        blob["module"] = None
+        blob.pop("param_shapes", None)
+        written.append(dst / model_states_name(mp_rank))
+        torch.save(blob, written[-1])
+    return written
+
+
+def _write_tp_shard(
+    dst: Path,
+    rank: int,
+    shard: dict[str, Tensor],
+    base: Mapping[str, Any],
+    marker: dict[str, Any],
+    tp: int,
+) -> Path:
+    blob = _client_blob(base, marker, tp)
+    blob["module"] = shard
+    shapes = base.get("param_shapes")
+    if isinstance(shapes, list) and marker.get("from_pp", 1) == 1:
+        blob["param_shapes"] = _local_param_shapes(shapes, shard)
+    else:
+        blob.pop("param_shapes", None)  # pipeline names: not this layout's
+    path = dst / model_states_name(rank)
+    torch.save(blob, path)
+    return path
+
+
+def reshard_checkpoint(
+    load_dir: str | os.PathLike[str],
+    save_dir: str | os.PathLike[str],
+    tp: int,
+    layout: Mapping[str, int | None],
+    *,
+    pp: int = 1,
+    tag: str | None = None,
+    optimizer: bool = True,
+) -> ReshardResult:
+    """Rewrite the checkpoint ``load_dir/<tag>`` for (``tp``, ``pp``) in ``save_dir`` + ``latest``.
+
+    Any source layout (unpipelined or DeepSpeed pipeline files, any TP size, ZeRO 0-2) is read
+    back to the full model (:func:`read_weight_shards`) and written for the target
+    (:func:`write_checkpoint`); its optimizer state, unless ``optimizer`` is False, goes into
+    ``optimizer_state.pt`` (:func:`.optimizer_state.read_optimizer_state`). Every non-weight
+    entry of the model-states file (client state: iteration, consumed samples, LR schedule,
+    config) is copied from the source's ``mp_rank_00``.
+    """
+    if tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {tp}")
+    if pp < 1:
+        raise ValueError(f"--pp must be >= 1, got {pp}")
+    tag = resolve_tag(load_dir, tag)
+    src = _Source.read(Path(load_dir) / tag, layout, tp, optimizer=optimizer)
+    dst = Path(save_dir) / tag
+    if dst.exists() and any(dst.iterdir()):
+        raise ValueError(f"{dst} already exists and is not empty; choose another --save")
+    dst.mkdir(parents=True, exist_ok=True)
+    kept = src.state is not None
+    marker: dict[str, Any] = {
+        "from_tp": src.tp,
+        "to_tp": tp,
+        "optimizer_state": "kept" if kept else "dropped",
+    }
+    if max(src.pp, pp) > 1:
+        marker.update(from_pp=src.pp, to_pp=pp)
+    written = write_checkpoint(src.full, layout, dst, tp=tp, pp=pp, base=src.base, marker=marker)
+    if src.state is not None:
+        written.append(dst / STORE)
+        src.state.save(written[-1])
+    write_latest(save_dir, tag)
+    dropped = _not_carried(src.tag_dir, optimizer_kept=kept)
+    return ReshardResult(
+        tag, src.tp, tp, written, dropped, source_pp=src.pp, target_pp=pp, optimizer_kept=kept
+    )
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What resharding takes from the source tag: layout, client state, weights, optimizer."""
+
+    tag_dir: Path
+    tp: int
+    pp: int
+    base: dict[str, Any]
+    """``mp_rank_00``'s blob (client state); its weights are read by read_weight_shards."""
+    full: dict[str, Tensor]
+    state: FullOptimizerState | None
+
+    @classmethod
+    def read(
+        cls, src: Path, layout: Mapping[str, int | None], target_tp: int, *, optimizer: bool
+    ) -> _Source:
+        """Everything of ``src``; the target's split errors come before the optimizer is read."""
+        src_tp, src_pp = checkpoint_layout(src)
+        base = _peek(src)
+        if base.get("mp_world_size", src_tp * src_pp) != src_tp * src_pp:
+            raise ValueError(
+                f"{src}: mp_world_size {base.get('mp_world_size')} in mp_rank_00 differs from "
+                f"the layout of the files (tp {src_tp} x pp {src_pp})"
+            )
+        shards = read_weight_shards(src)
+        full = merge_shards(shards, layout)
+        for name, tensor in full.items():
+            _check_splits(name, tensor, layout[name], target_tp)
+        state = read_optimizer_state(src, shards, layout, pp=src_pp) if optimizer else None
+        return cls(src, src_tp, src_pp, base, full, state)
+
+
+def _not_carried(src: Path, *, optimizer_kept: bool) -> list[str]:
+    """Source files whose content the resharded checkpoint does not hold."""
+    weights = set(model_state_files(src)) | {
+        p for r in layer_files(src).values() for p in r.values()
+    }
+    dropped = []
+    for path in sorted(src.iterdir()):
+        optimizer_file = is_optimizer_file(path.name) or path.name == STORE
+        if path in weights or (optimizer_kept and optimizer_file):
+            continue
+        dropped.append(path.name)
+    return dropped
+
+
+def _peek(tag_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``mp_rank_00``'s blob, memory-mapped (tensors are not read)."""
+    return load_file(model_state_files(tag_dir)[0], mmap=True)
+
+
+def reshard_info(tag_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``tp_reshard`` marker of a tag directory (None for a checkpoint written by training).
+
+    The loader reads it to load DeepSpeed's part without optimizer files (there are none) and
+    the optimizer state from ``optimizer_state.pt`` when the marker says ``"kept"``.
+    """
+    info = _peek(tag_dir).get(RESHARD_KEY)
+    return dict(info) if info is not None else None
+
+
+def saved_config(tag_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The run config snapshot the training loop stores in the client state (``"config"``)."""
+    config = _peek(tag_dir).get("config")
+    return dict(config) if isinstance(config, Mapping) else None
