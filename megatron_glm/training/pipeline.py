@@ -66,11 +66,10 @@ from megatron_glm.parallel.layers import VocabParallelEmbedding
 from megatron_glm.parallel.layers import grad_norm as model_grad_norm
 from megatron_glm.parallel.random import ModelParallelRNG
 from megatron_glm.training.batches import MODEL_INPUTS, Batch, to_device
+from megatron_glm.training.checkpoint.deepspeed_files import TIED_KEY
 from megatron_glm.training.loss_stats import LossAccumulator, LossStats
 from megatron_glm.training.losses import BatchLoss
 
-TIED_KEY = "word_embeddings"
-"""DeepSpeed tie key of the embedding / output head."""
 TIED_ATTR = "word_embeddings.weight"
 """The tied parameter, by the same name in :class:`EmbeddingLayer` and :class:`TiedHead`."""
 

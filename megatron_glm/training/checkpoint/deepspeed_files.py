@@ -27,22 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deepspeed.checkpoint.constants import (
-    BASE_OPTIMIZER_STATE,
-    OPTIMIZER_STATE_DICT,
-    PARAM_SLICE_MAPPINGS,
-    SINGLE_PARTITION_OF_FP32_GROUPS,
-)
 from torch import Tensor
 
 from megatron_glm.serialization import CheckpointFileError, load_file
-from megatron_glm.training.pipeline import TIED_KEY
 
 _MODEL_FILE = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt")
 _LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 _OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 _PIPE_KEY = re.compile(r"(\d+)\.(.+)")
+TIED_KEY = "word_embeddings"
+"""Key of the tied embedding / output head in the GLM ``PipelineModule`` (its ``TiedLayerSpec``,
+``training.pipeline``); DeepSpeed saves the tied parameters as ``tied_modules.<key>.*``."""
 _TIED_PREFIX = f"tied_modules.{TIED_KEY}."
 
 
@@ -218,6 +214,13 @@ def read_zero_partition(path: Path) -> list[ZeroGroup]:
     flat tensor (empty before the first step) and ``param_slice_mappings``, where each parameter
     with elements in this partition starts and how many it has there.
     """
+    from deepspeed.checkpoint.constants import (  # deferred: importing deepspeed takes seconds
+        BASE_OPTIMIZER_STATE,
+        OPTIMIZER_STATE_DICT,
+        PARAM_SLICE_MAPPINGS,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+    )
+
     from megatron_glm.compat.deepspeed import load_deepspeed_file
 
     try:
