@@ -116,26 +116,9 @@ def glm_loss(
             checked when they are built instead (token ids per window in the dataset, objective
             ids in ``megatron_glm.data.loader.collate``).
     """
-    weight = _head_weight(model_or_head_weight)  # [vocab/tp, h]
-    if dims is None and isinstance(model_or_head_weight, nn.Module):
-        dims = getattr(model_or_head_weight, "dims", None)
-    if kernels is None:
-        cfg = getattr(model_or_head_weight, "cfg", None)
-        kernels = getattr(cfg, "kernels", "auto")
-    if getattr(weight, "tensor_model_parallel", False) and (dims is None or dims.tp == 1):
-        raise ValueError(
-            "glm_loss: the head weight is a tensor-parallel shard; pass the model or dims=..."
-        )
+    weight, dims, kernels = _resolve_head(model_or_head_weight, dims, kernels)
     b, s, h = hidden.shape
-    if targets.shape != (b, s) or loss_mask.shape != (b, s):
-        raise ValueError(
-            f"glm_loss: targets {tuple(targets.shape)} and loss_mask {tuple(loss_mask.shape)} "
-            f"must both be [b, s] = {(b, s)}"
-        )
-    if objective.shape != (b,):
-        raise ValueError(f"glm_loss: objective must be [b] = ({b},), got {tuple(objective.shape)}")
-    if objective.dtype.is_floating_point or objective.dtype == torch.bool:
-        raise ValueError(f"glm_loss: objective must be an integer tensor, got {objective.dtype}")
+    _check_shapes(b, s, targets, loss_mask, objective)
     mask = loss_mask.reshape(-1).float()  # [b*s]
     rows = torch.nonzero(mask > 0).squeeze(1)  # [n]
     selected = hidden.reshape(b * s, h).index_select(0, rows)  # [n, h]
@@ -149,14 +132,9 @@ def glm_loss(
         kernels,
         check_ids,
     )  # scalar, [n] detached
-
     row_objective = objective.view(b, 1).expand(b, s).reshape(-1).index_select(0, rows)  # [n]
-    if check_ids and row_objective.numel():
-        low, high = (int(x) for x in torch.aminmax(row_objective))  # host sync: debugging only
-        if low < 0 or high >= num_objectives:
-            raise ValueError(
-                f"glm_loss: objective ids must be in [0, {num_objectives}), got {low}..{high}"
-            )
+    if check_ids:
+        _check_objective_ids(row_objective, num_objectives)
     per_sum = torch.bincount(row_objective, weights=ce * weights, minlength=num_objectives)
     per_count = torch.bincount(row_objective, weights=weights, minlength=num_objectives)
     return LossOutput(
@@ -165,3 +143,44 @@ def glm_loss(
         per_objective_sum=per_sum.float(),
         per_objective_count=per_count.float(),
     )
+
+
+def _resolve_head(
+    model_or_head_weight: nn.Module | Tensor, dims: ParallelDims | None, kernels: str | None
+) -> tuple[Tensor, ParallelDims | None, str]:
+    """The head matrix, the layout and the kernel choice: from the model when one is given."""
+    weight = _head_weight(model_or_head_weight)  # [vocab/tp, h]
+    if dims is None and isinstance(model_or_head_weight, nn.Module):
+        dims = getattr(model_or_head_weight, "dims", None)
+    if kernels is None:
+        cfg = getattr(model_or_head_weight, "cfg", None)
+        kernels = getattr(cfg, "kernels", "auto")
+    if getattr(weight, "tensor_model_parallel", False) and (dims is None or dims.tp == 1):
+        raise ValueError(
+            "glm_loss: the head weight is a tensor-parallel shard; pass the model or dims=..."
+        )
+    return weight, dims, str(kernels)
+
+
+def _check_shapes(b: int, s: int, targets: Tensor, loss_mask: Tensor, objective: Tensor) -> None:
+    """Shapes and dtypes only (metadata: no device sync)."""
+    if targets.shape != (b, s) or loss_mask.shape != (b, s):
+        raise ValueError(
+            f"glm_loss: targets {tuple(targets.shape)} and loss_mask {tuple(loss_mask.shape)} "
+            f"must both be [b, s] = {(b, s)}"
+        )
+    if objective.shape != (b,):
+        raise ValueError(f"glm_loss: objective must be [b] = ({b},), got {tuple(objective.shape)}")
+    if objective.dtype.is_floating_point or objective.dtype == torch.bool:
+        raise ValueError(f"glm_loss: objective must be an integer tensor, got {objective.dtype}")
+
+
+def _check_objective_ids(row_objective: Tensor, num_objectives: int) -> None:
+    """Debugging aid (``check_ids``): reads the id range back to the host, a device sync."""
+    if not row_objective.numel():
+        return
+    low, high = (int(x) for x in torch.aminmax(row_objective))
+    if low < 0 or high >= num_objectives:
+        raise ValueError(
+            f"glm_loss: objective ids must be in [0, {num_objectives}), got {low}..{high}"
+        )
