@@ -1,6 +1,6 @@
 """Row assembly of blank infilling: chosen spans -> ``part A | part B | padding`` rows.
 
-A row (DESIGN.md, "Batch contract") is ``S`` tokens long:
+A row (docs/design.md, "Batch contract") is ``S`` tokens long:
 
 * part A is the window with every chosen span replaced by one mask token
   (``[MASK]`` span task, ``[sMASK]`` sentence task, ``[gMASK]`` document task);
@@ -30,7 +30,7 @@ __all__ = ["RowAssembler", "SpecialIds"]
 
 @dataclass(frozen=True)
 class SpecialIds:
-    """Token ids blank infilling writes; ``pad`` is eos (DESIGN.md, "Data")."""
+    """Token ids blank infilling writes; ``pad`` is eos (docs/design.md, "Tokenizer")."""
 
     mask: int
     smask: int
