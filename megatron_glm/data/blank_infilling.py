@@ -2,9 +2,9 @@
 
 Each row gets one task (span, sentence or document, :data:`OBJECTIVES`); the task's sampler
 (:mod:`megatron_glm.data.infilling_tasks`: the tasks, the static shape rule and span placement)
-picks the spans to mask, and the row assembly (:mod:`megatron_glm.data.infilling_rows`: the ``part
-A | part B | padding`` layout of docs/design.md, "Batch contract") writes the row. This module
-draws the tasks and the random numbers and ties the two together.
+picks the spans to mask, and the row assembly (:mod:`megatron_glm.data.infilling_rows`: the
+``part A | part B | padding`` layout of docs/design.md, "Batch contract") writes the row. This
+module draws the tasks and the random numbers and ties the two together.
 
 Vectorisation. :meth:`BlankInfilling.batch` builds a whole micro-batch with one pass of numpy
 operations: the windows are concatenated with one eos between them (so no run crosses a row)
