@@ -14,6 +14,11 @@ The optimizer state (fp32 master weights, Adam's moments and step, from ZeRO-0/1
 over in ``--save/<tag>/optimizer_state.pt``, so the resumed run continues with its Adam moments at
 any (tp, pp, data-parallel size, ZeRO stage); ``--no-optimizer`` writes weights only (Adam
 restarts). See ``megatron_glm.training.checkpoint.optimizer_state`` for how and why.
+
+With ``model.vocab_size = 0`` the padded vocabulary depends on tp (the tokenizer's size rounded
+up to ``make_vocab_size_divisible_by * tp``): the embedding is re-padded for the target tp, padding
+rows cut or added as copies of the last one, as Megatron-LM's converter does (the tokenizer comes
+from the config snapshot's ``data.tokenizer_model``, or ``--tokenizer``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 from pathlib import Path
 
 from megatron_glm.config import ModelConfig, from_dict, load_config
+from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.logs import setup_logging
 from megatron_glm.model import tensor_parallel_layout
 from megatron_glm.training.checkpoint import reshard_checkpoint, resolve_tag, saved_config
@@ -38,6 +44,29 @@ def _model_config(load: str, tag: str, config: str | None) -> ModelConfig:
     return from_dict(ModelConfig, saved["model"], prefix="model.")
 
 
+def _vocab_rows(
+    load: str, tag: str, model: ModelConfig, tp: int, tokenizer: str | None
+) -> int | None:
+    """The target's padded vocabulary rows, or None when the config fixes them.
+
+    With ``model.vocab_size = 0`` the rows are the tokenizer's size padded to
+    ``make_vocab_size_divisible_by * tp``: they change with tp, so the tokenizer is needed (the
+    snapshot's ``data.tokenizer_model``, or ``--tokenizer``).
+    """
+    if model.vocab_size > 0:
+        return None
+    saved = saved_config(Path(load) / tag) or {}
+    path = tokenizer or saved.get("data", {}).get("tokenizer_model")
+    if not path or not Path(path).is_file():
+        raise ValueError(
+            f"{load}/{tag}: model.vocab_size is 0 (the tokenizer's, padded for tp), so the "
+            f"padded vocabulary at tp {tp} needs the tokenizer; {path!r} is not a file: pass "
+            "--tokenizer PATH"
+        )
+    multiple = model.make_vocab_size_divisible_by
+    return GLMTokenizer(path, make_vocab_size_divisible_by=multiple, tp=tp).padded_vocab_size
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load", required=True, help="checkpoint directory (holds 'latest')")
@@ -47,6 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default=None, help="tag to convert (default: from 'latest')")
     parser.add_argument("--config", default=None, help="run YAML, if the checkpoint has no config")
     parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="SentencePiece model, when the one the checkpoint's config names is not at hand "
+        "(needed with model.vocab_size=0: the padded vocabulary depends on tp)",
+    )
+    parser.add_argument(
         "--no-optimizer",
         action="store_true",
         help="write weights only: Adam's moments restart when the checkpoint is resumed",
@@ -54,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         tag = resolve_tag(args.load, args.tag)
-        layout = tensor_parallel_layout(_model_config(args.load, tag, args.config))
+        model = _model_config(args.load, tag, args.config)
+        layout = tensor_parallel_layout(model)
+        rows = _vocab_rows(args.load, tag, model, args.tp, args.tokenizer)
         result = reshard_checkpoint(
             args.load,
             args.save,
@@ -63,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             pp=args.pp,
             tag=tag,
             optimizer=not args.no_optimizer,
+            vocab_rows=rows,
         )
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
@@ -74,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
             f"(tp {result.target_tp}, pp {result.target_pp})"
         )
     print(f"resharded {args.load}/{result.tag}: {change}")
+    if result.vocab_rows is not None:
+        old, new = result.vocab_rows
+        print(
+            f"  padded vocabulary {old} -> {new} rows for tp {result.target_tp} (padding rows "
+            f"{'cut' if new < old else 'added as copies of the last'}; real tokens unchanged)"
+        )
     for path in result.files:
         print(f"  wrote {path}")
     if result.dropped:

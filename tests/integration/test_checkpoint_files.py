@@ -27,6 +27,7 @@ from megatron_glm.data.indexed import IndexedDatasetBuilder
 from megatron_glm.serialization import CheckpointFileError, load_file
 
 TAG = "global_step2"
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +210,68 @@ def test_valid_checkpoint_passes_the_checks(
     monkeypatch.setattr(session, "run_pretraining", lambda *a, **k: called.append(True))
     assert pretrain.main(["--config", str(run), f"checkpoint.load={ckpt}"]) == 0
     assert called == [True]
+
+
+def _reshard_cli(load: Path, save: Path, tp: int, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "tools" / "reshard_checkpoint.py"), "--load", str(load)]
+    cmd += ["--tp", str(tp), "--save", str(save), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _store(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
+    blob = load_file(ckpt / TAG / "optimizer_state.pt")
+    return {k: blob[k] for k in ("fp32", "exp_avg", "exp_avg_sq")}
+
+
+def test_reshard_repads_the_vocabulary_for_the_target_tp(
+    real_checkpoint: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """model.vocab_size=0: 1500 tokens are 1536 rows at tp 1 (and 2, 4) and 2048 at tp 8.
+    tp 1 -> 8 adds padding rows copying the last one (weights and optimizer state); 8 -> 1 cuts
+    them again and gives back exactly what a tp 1 -> 1 rewrite gives."""
+    _, ckpt = real_checkpoint
+    up = _reshard_cli(ckpt, tmp_path / "tp8", 8)
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert "padded vocabulary 1536 -> 2048 rows for tp 8 (padding rows added" in up.stdout
+    name = "layers.0.word_embeddings.weight"
+    shards = [
+        load_file(tmp_path / "tp8" / TAG / f"mp_rank_0{r}_model_states.pt")["module"][name]
+        for r in range(8)
+    ]
+    assert [tuple(t.shape) for t in shards] == [(256, shards[0].shape[1])] * 8
+    grown = torch.cat(shards)
+    direct = _reshard_cli(ckpt, tmp_path / "tp1", 1)
+    assert direct.returncode == 0 and "padded vocabulary" not in direct.stdout
+    source = load_file(tmp_path / "tp1" / TAG / "mp_rank_00_model_states.pt")["module"]
+    assert torch.equal(grown[:1536], source[name])
+    assert torch.equal(grown[1536:], source[name][-1:].expand(512, -1))
+    for kind, tensors in _store(tmp_path / "tp8").items():
+        want = _store(tmp_path / "tp1")[kind][name]
+        assert torch.equal(tensors[name][:1536], want) and tensors[name].shape[0] == 2048, kind
+        assert torch.equal(tensors[name][1536:], want[-1:].expand(512, -1)), kind
+    down = _reshard_cli(tmp_path / "tp8", tmp_path / "back", 1)
+    assert "padded vocabulary 2048 -> 1536 rows for tp 1 (padding rows cut" in down.stdout
+    back = load_file(tmp_path / "back" / TAG / "mp_rank_00_model_states.pt")["module"]
+    assert back.keys() == source.keys()
+    assert all(torch.equal(back[k], source[k]) for k in source)
+    assert _store(tmp_path / "back").keys() == _store(tmp_path / "tp1").keys()
+    for kind, tensors in _store(tmp_path / "back").items():
+        assert all(torch.equal(t, _store(tmp_path / "tp1")[kind][k]) for k, t in tensors.items())
+
+
+def test_reshard_without_the_tokenizer_names_the_flag(
+    ckpt_copy: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The padded vocabulary at another tp needs the tokenizer: a missing one is named."""
+    _, ckpt = ckpt_copy
+    proc = _reshard_cli(ckpt, tmp_path / "out", 4, "--tokenizer", str(tmp_path / "gone.model"))
+    assert proc.returncode == 2
+    assert (
+        f"model.vocab_size is 0 (the tokenizer's, padded for tp), so the padded vocabulary at "
+        f"tp 4 needs the tokenizer; '{tmp_path / 'gone.model'}' is not a file: pass --tokenizer"
+    ) in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- datasets

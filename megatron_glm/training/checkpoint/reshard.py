@@ -21,6 +21,15 @@ merged with the same partition rule and stored as full tensors next to the new m
 the engine. Without readable optimizer state (``optimizer=False``, or a checkpoint that has
 none) the marker says ``"dropped"`` and Adam's moments restart on load.
 
+The padded vocabulary. With ``model.vocab_size = 0`` the embedding (and tied head) has the
+tokenizer's size rounded up to ``make_vocab_size_divisible_by * tp`` rows, so it depends on tp:
+8000 tokens are 8064 rows at tp 1 and 8192 at tp 2. Given the target's row count
+(``vocab_rows``), resharding follows Megatron-LM's checkpoint converter
+(``tools/checkpoint/saver_megatron.py``): padding rows beyond the target are cut, missing ones
+are added as copies of the last row (a padding row, never a target), for the weight and for its
+fp32 master and Adam moments alike. Real tokens keep their rows exactly; the resumed loss moves
+only by the added (or removed) padding logits in the softmax.
+
 The resharded checkpoint has ``"optimizer": None`` in its model-states files, no ZeRO files and
 no per-rank RNG files (the ranks differ), and is marked with ``"tp_reshard"``
 (:func:`reshard_info`); iteration, consumed samples and LR schedule in the client state are kept.
@@ -78,6 +87,39 @@ class ReshardResult:
     source_pp: int = 1
     target_pp: int = 1
     optimizer_kept: bool = False
+    vocab_rows: tuple[int, int] | None = None
+    """(source, target) rows of the padded vocabulary when resharding changed them."""
+
+
+VOCAB_PARAM = "word_embeddings.weight"
+"""Suffix of the vocabulary-parallel parameter (embedding, also the tied output head)."""
+
+
+def repad_vocab(tensor: Tensor, rows: int) -> Tensor:
+    """``tensor`` (vocabulary rows first) with ``rows`` rows: padding cut, or the last row copied.
+
+    Megatron-LM's converter rule; the caller guarantees ``rows`` covers the real vocabulary.
+    """
+    have = tensor.shape[0]
+    if rows <= have:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor[-1:].expand(rows - have, *tensor.shape[1:])])
+
+
+def _repad_all(
+    full: dict[str, Tensor], state: FullOptimizerState | None, rows: int | None
+) -> tuple[int, int] | None:
+    """Re-pad every vocabulary tensor (weights and optimizer state) in place; (old, new) rows."""
+    names = [n for n in full if n.endswith(VOCAB_PARAM)]
+    if rows is None or not names or full[names[0]].shape[0] == rows:
+        return None
+    old = full[names[0]].shape[0]
+    for name in names:
+        full[name] = repad_vocab(full[name], rows)
+        for tensors in state.tensors.values() if state is not None else ():
+            if name in tensors:
+                tensors[name] = repad_vocab(tensors[name], rows)
+    return old, rows
 
 
 def merge_shards(
@@ -262,6 +304,7 @@ def reshard_checkpoint(
     pp: int = 1,
     tag: str | None = None,
     optimizer: bool = True,
+    vocab_rows: int | None = None,
 ) -> ReshardResult:
     """Rewrite the checkpoint ``load_dir/<tag>`` for (``tp``, ``pp``) in ``save_dir`` + ``latest``.
 
@@ -270,14 +313,15 @@ def reshard_checkpoint(
     (:func:`write_checkpoint`); its optimizer state, unless ``optimizer`` is False, goes into
     ``optimizer_state.pt`` (:func:`.optimizer_state.read_optimizer_state`). Every non-weight
     entry of the model-states file (client state: iteration, consumed samples, LR schedule,
-    config) is copied from the source's ``mp_rank_00``.
+    config) is copied from the source's ``mp_rank_00``. ``vocab_rows``: the target layout's
+    padded vocabulary (module docstring); None keeps the source's.
     """
     if tp < 1:
         raise ValueError(f"--tp must be >= 1, got {tp}")
     if pp < 1:
         raise ValueError(f"--pp must be >= 1, got {pp}")
     tag = resolve_tag(load_dir, tag)
-    src = _Source.read(Path(load_dir) / tag, layout, tp, optimizer=optimizer)
+    src = _Source.read(Path(load_dir) / tag, layout, tp, optimizer=optimizer, vocab_rows=vocab_rows)
     dst = Path(save_dir) / tag
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"{dst} already exists and is not empty; choose another --save")
@@ -297,7 +341,15 @@ def reshard_checkpoint(
     write_latest(save_dir, tag)
     dropped = _not_carried(src.tag_dir, optimizer_kept=kept)
     return ReshardResult(
-        tag, src.tp, tp, written, dropped, source_pp=src.pp, target_pp=pp, optimizer_kept=kept
+        tag,
+        src.tp,
+        tp,
+        written,
+        dropped,
+        source_pp=src.pp,
+        target_pp=pp,
+        optimizer_kept=kept,
+        vocab_rows=src.vocab_rows,
     )
 
 
@@ -312,12 +364,20 @@ class _Source:
     """``mp_rank_00``'s blob (client state); its weights are read by read_weight_shards."""
     full: dict[str, Tensor]
     state: FullOptimizerState | None
+    vocab_rows: tuple[int, int] | None
 
     @classmethod
     def read(
-        cls, src: Path, layout: Mapping[str, int | None], target_tp: int, *, optimizer: bool
+        cls,
+        src: Path,
+        layout: Mapping[str, int | None],
+        target_tp: int,
+        *,
+        optimizer: bool,
+        vocab_rows: int | None,
     ) -> _Source:
-        """Everything of ``src``; the target's split errors come before the optimizer is read."""
+        """Everything of ``src``, the vocabulary re-padded to ``vocab_rows``; the target's split
+        errors come before the optimizer is read."""
         src_tp, src_pp = checkpoint_layout(src)
         base = _peek(src)
         if base.get("mp_world_size", src_tp * src_pp) != src_tp * src_pp:
@@ -328,9 +388,13 @@ class _Source:
         shards = read_weight_shards(src)
         full = merge_shards(shards, layout)
         for name, tensor in full.items():
-            _check_splits(name, tensor, layout[name], target_tp)
+            rows = vocab_rows if name.endswith(VOCAB_PARAM) else None
+            _check_splits(
+                name, repad_vocab(tensor, rows) if rows else tensor, layout[name], target_tp
+            )
         state = read_optimizer_state(src, shards, layout, pp=src_pp) if optimizer else None
-        return cls(src, src_tp, src_pp, base, full, state)
+        repadded = _repad_all(full, state, vocab_rows)
+        return cls(src, src_tp, src_pp, base, full, state, repadded)
 
 
 def _not_carried(src: Path, *, optimizer_kept: bool) -> list[str]:
