@@ -51,13 +51,16 @@ def _vocab_rows(
 
     With ``model.vocab_size = 0`` the rows are the tokenizer's size padded to
     ``make_vocab_size_divisible_by * tp``: they change with tp, so the tokenizer is needed (the
-    snapshot's ``data.tokenizer_model``, or ``--tokenizer``).
+    snapshot's ``data.tokenizer_model``, or ``--tokenizer``). A config that names no tokenizer
+    (a model built with an explicit vocabulary through the library) keeps the source's rows.
     """
     if model.vocab_size > 0:
         return None
     saved = saved_config(Path(load) / tag) or {}
     path = tokenizer or saved.get("data", {}).get("tokenizer_model")
-    if not path or not Path(path).is_file():
+    if not path:
+        return None
+    if not Path(path).is_file():
         raise ValueError(
             f"{load}/{tag}: model.vocab_size is 0 (the tokenizer's, padded for tp), so the "
             f"padded vocabulary at tp {tp} needs the tokenizer; {path!r} is not a file: pass "
