@@ -33,7 +33,7 @@ from megatron_glm.training.batches import Batch, BatchSource
 from megatron_glm.training.distributed import DistEnv, destroy_distributed, init_distributed
 from megatron_glm.training.loop import Trainer, TrainResult
 from megatron_glm.training.signals import LauncherWatch, StopConditions
-from megatron_glm.training.step import build_runner
+from megatron_glm.training.step import StepRunner, build_runner
 from megatron_glm.training.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
@@ -117,16 +117,7 @@ def train_in_group(
         rank=env.rank,
         log=log or logger.info,
     )
-    trainer.log(dims.describe())
-    trainer.log(
-        f"model {cfg.model.name}: {num_parameters(cfg.model, vocab) / 1e6:.2f}M parameters, "
-        f"vocab {vocab}, seq {cfg.data.seq_length} | world {env.world_size}, dp {dp_size}, "
-        f"grad accumulation {eng.grad_accum}, ZeRO-{cfg.train.zero_stage}, "
-        f"{cfg.train.precision} | device {device}"
-    )
-    schedule = runner.describe()
-    if schedule is not None:
-        trainer.log(schedule)
+    _log_run_header(trainer, cfg, dims, env, runner, vocab, device)
     load_dir = ckpt.resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)
     start = None
     if load_dir is not None:
@@ -144,6 +135,28 @@ def train_in_group(
             stop=stop,
             start_is_saved=load_dir is not None and load_dir == cfg.checkpoint.save,
         )
+
+
+def _log_run_header(
+    trainer: Trainer,
+    cfg: RunConfig,
+    dims: ParallelDims,
+    env: DistEnv,
+    runner: StepRunner,
+    vocab: int,
+    device: torch.device,
+) -> None:
+    """The run's first lines: the parallel layout, the model and batch, the pipeline schedule."""
+    trainer.log(dims.describe())
+    trainer.log(
+        f"model {cfg.model.name}: {num_parameters(cfg.model, vocab) / 1e6:.2f}M parameters, "
+        f"vocab {vocab}, seq {cfg.data.seq_length} | world {env.world_size}, dp {dims.dp_size}, "
+        f"grad accumulation {runner.eng.grad_accum}, ZeRO-{cfg.train.zero_stage}, "
+        f"{cfg.train.precision} | device {device}"
+    )
+    schedule = runner.describe()
+    if schedule is not None:
+        trainer.log(schedule)
 
 
 def run_pretraining(
