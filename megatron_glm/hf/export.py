@@ -1,0 +1,324 @@
+"""Export a checkpoint of ours as a Hugging Face folder in THUDM's GLM layout.
+
+Any (tp, pp) layout that :func:`~megatron_glm.training.checkpoint.read_full_state` merges is
+read back to the full model (ZeRO-3 is refused there), each tensor renamed to THUDM's key
+(``layers.0.word_embeddings.weight`` -> ``glm.word_embeddings.weight``, block ``i`` of ours is
+``layers.i`` and THUDM's ``layers.(i-1)``), the fused QKV permuted from our per-head
+``[heads, 3, d]`` rows to THUDM's ``[3, heads, d]``, cast, and written as safetensors files of at
+most ``max_shard_bytes`` each (one file, or ``model-0000k-of-0000n.safetensors`` with
+``model.safetensors.index.json``, as ``transformers`` names them). Tensors are converted one at a
+time and a shard's tensors are released once written, so the converted copy never exists whole.
+
+The folder holds our ``configuration_glm.py`` and ``modeling_glm.py`` (copied from this package,
+referenced by ``auto_map``), so ``transformers`` loads it with ``trust_remote_code=True``. The
+padded vocabulary is kept (every row of the embedding, as trained): ``config.vocab_size`` is the
+padded size, ``config.real_vocab_size`` the tokenizer's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from megatron_glm.config import ModelConfig, from_dict
+from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.hf.configuration_glm import GLMConfig
+from megatron_glm.model import tensor_parallel_layout
+from megatron_glm.serialization import load_file
+from megatron_glm.training.checkpoint import (
+    model_state_files,
+    read_full_state,
+    resolve_tag,
+    saved_config,
+)
+
+logger = logging.getLogger(__name__)
+
+HF_DIR = Path(__file__).parent
+REMOTE_CODE = ("configuration_glm.py", "modeling_glm.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_glm.GLMConfig",
+    "AutoModel": "modeling_glm.GLMModel",
+    "AutoModelForSeq2SeqLM": "modeling_glm.GLMForConditionalGeneration",
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"10KB"`` or a byte count -> bytes (decimal units, as HF's)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, flags=re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 1000000")
+    unit = (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    scale.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    return int(float(match.group(1)) * scale[unit])
+
+
+def hf_key(name: str, num_layers: int) -> str:
+    """THUDM's key of our ``GLMModel`` parameter ``name`` (module docstring)."""
+    index_text, _, inner = name.partition(".")[2].partition(".")
+    index = int(index_text)
+    if index == 0:
+        prefix = "glm." if inner.startswith("word_embeddings") else "glm.transformer."
+        return prefix + inner
+    if index == num_layers + 1:
+        return f"glm.transformer.{inner}"
+    return f"glm.transformer.layers.{index - 1}.{inner}"
+
+
+def qkv_to_thudm(tensor: Tensor, num_heads: int) -> Tensor:
+    """Our fused QKV rows ``[heads, 3, d]`` -> THUDM's ``[3, heads, d]`` (weight or bias)."""
+    rest = tensor.shape[1:]
+    grouped = tensor.reshape(num_heads, 3, -1, *rest)  # [heads, 3, d, ...]
+    return grouped.transpose(0, 1).reshape(tensor.shape).contiguous()
+
+
+def convert_state(
+    full: dict[str, Tensor], cfg: ModelConfig, dtype: torch.dtype
+) -> Iterator[tuple[str, Tensor]]:
+    """``(THUDM key, tensor)`` pairs, consuming ``full`` one tensor at a time."""
+    for name in list(full):
+        tensor = full.pop(name)
+        if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
+            tensor = qkv_to_thudm(tensor, cfg.num_attention_heads)
+        yield hf_key(name, cfg.num_layers), tensor.to(dtype).contiguous()
+
+
+def hf_config(cfg: ModelConfig, vocab_rows: int, real_vocab: int | None) -> GLMConfig:
+    """The exported ``config.json``: THUDM's fields from our ``ModelConfig``."""
+    config = GLMConfig(
+        num_layers=cfg.num_layers,
+        vocab_size=vocab_rows,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        embedding_dropout_prob=cfg.hidden_dropout,
+        attention_dropout_prob=cfg.attention_dropout,
+        output_dropout_prob=cfg.hidden_dropout,
+        max_sequence_length=cfg.max_position_embeddings,
+        initializer_range=cfg.init_method_std,
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        gelu_approximate="tanh",
+        intermediate_size=cfg.ffn_hidden_size,
+        real_vocab_size=real_vocab,
+        architectures=["GLMForConditionalGeneration"],
+    )
+    config.auto_map = dict(AUTO_MAP)
+    return config
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the export takes from a checkpoint tag besides the weights."""
+
+    tag_dir: Path
+    model: ModelConfig
+    iteration: int | None
+    consumed_samples: int | None
+    tokenizer_model: Path | None
+
+    @classmethod
+    def read(cls, load_dir: str | os.PathLike[str], tag: str | None) -> Checkpoint:
+        """Resolve the tag (``latest`` when None) and read its client state and config."""
+        tag = resolve_tag(load_dir, tag)
+        tag_dir = Path(load_dir) / tag
+        if not tag_dir.is_dir():
+            raise ValueError(f"{load_dir}: no checkpoint tag {tag!r} (no directory {tag_dir})")
+        saved = saved_config(tag_dir)
+        if saved is None or "model" not in saved:
+            raise ValueError(f"{tag_dir}: the checkpoint holds no config snapshot ('config')")
+        blob = load_file(model_state_files(tag_dir)[0], mmap=True)
+        tokenizer = saved.get("data", {}).get("tokenizer_model")
+        return cls(
+            tag_dir,
+            from_dict(ModelConfig, saved["model"], prefix="model."),
+            _int_or_none(blob.get("iteration")),
+            _int_or_none(blob.get("consumed_samples")),
+            Path(tokenizer) if tokenizer else None,
+        )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_to_hf` wrote."""
+
+    save_dir: Path
+    weight_files: list[Path]
+    num_parameters: int
+    vocab_rows: int
+    real_vocab_size: int | None
+    tokenizer: str
+    """``"exported"`` (tokenizer hook), ``"copied"`` (SentencePiece model only) or ``"none"``."""
+
+
+def export_to_hf(
+    load_dir: str | os.PathLike[str],
+    save_dir: str | os.PathLike[str],
+    *,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    max_shard_bytes: int = 5 * 10**9,
+) -> ExportResult:
+    """Write the checkpoint ``load_dir/<tag>`` as a Hugging Face folder ``save_dir``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    src = Checkpoint.read(load_dir, tag)
+    dst = Path(save_dir)
+    if dst.exists() and any(dst.iterdir()):
+        raise ValueError(f"{dst} already exists and is not empty; choose another --save")
+    full = read_full_state(src.tag_dir, tensor_parallel_layout(src.model))  # errors first
+    dst.mkdir(parents=True, exist_ok=True)
+    vocab_rows = full["layers.0.word_embeddings.weight"].shape[0]
+    num_parameters = sum(t.numel() for t in full.values())
+    real_vocab, tokenizer = _write_tokenizer(src, dst)
+    tensors = convert_state(full, src.model, DTYPES[dtype])
+    files = write_safetensors(tensors, dst, max_shard_bytes)
+    config = hf_config(src.model, vocab_rows, real_vocab)
+    config.to_json_file(dst / "config.json", use_diff=False)
+    for name in REMOTE_CODE:
+        shutil.copyfile(HF_DIR / name, dst / name)
+    _write_generation_config(src, dst)
+    (dst / "README.md").write_text(model_card(src, config, num_parameters, dtype))
+    logger.info("exported %s to %s (%d weight files)", src.tag_dir, dst, len(files))
+    return ExportResult(dst, files, num_parameters, vocab_rows, real_vocab, tokenizer)
+
+
+def write_safetensors(
+    tensors: Iterator[tuple[str, Tensor]], dst: Path, max_shard_bytes: int
+) -> list[Path]:
+    """Shards of at most ``max_shard_bytes`` (a bigger tensor gets its own), plus the index."""
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    written: list[Path] = []
+    weight_map: dict[str, int] = {}
+    total = 0
+    for key, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            written.append(_save_shard(shards[-1], dst, len(written)))
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        weight_map[key] = len(written)
+        size += nbytes
+        total += nbytes
+    written.append(_save_shard(shards[-1], dst, len(written)))
+    if len(written) == 1:
+        final = dst / SAFE_WEIGHTS
+        written[0].rename(final)
+        return [final]
+    return _name_shards(written, weight_map, total, dst)
+
+
+def _save_shard(shard: dict[str, Tensor], dst: Path, index: int) -> Path:
+    path = dst / f"shard-{index:05d}.tmp"
+    save_file(shard, str(path), metadata={"format": "pt"})
+    shard.clear()  # release the converted tensors
+    return path
+
+
+def _name_shards(tmp: list[Path], weight_map: dict[str, int], total: int, dst: Path) -> list[Path]:
+    """Rename the shards to ``model-0000k-of-0000n.safetensors`` and write the index."""
+    n = len(tmp)
+    names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    for path, name in zip(tmp, names, strict=True):
+        path.rename(dst / name)
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {key: names[k] for key, k in sorted(weight_map.items())},
+    }
+    (dst / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [dst / name for name in names]
+
+
+def _write_tokenizer(src: Checkpoint, dst: Path) -> tuple[int | None, str]:
+    """The tokenizer into the folder; (its vocabulary size or None, what was done).
+
+    The Hugging Face tokenizer export lives in ``megatron_glm.hf.export_tokenizer`` when that
+    exists; until then the SentencePiece model is copied as ``tokenizer.model``.
+    """
+    path = src.tokenizer_model
+    if path is None:
+        return None, "none"
+    if not path.is_file():
+        logger.warning(
+            "tokenizer %s named by the checkpoint's config is missing: not exported", path
+        )
+        return None, "none"
+    vocab = GLMTokenizer(path).vocab_size
+    import megatron_glm.hf as package
+
+    hook = getattr(package, "export_tokenizer", None)
+    if hook is not None:
+        hook(path, dst)
+        return vocab, "exported"
+    shutil.copyfile(path, dst / "tokenizer.model")
+    return vocab, "copied"
+
+
+def _write_generation_config(src: Checkpoint, dst: Path) -> None:
+    """``generation_config.json``: eos/pad (and GLM's eop, which ends a generated span)."""
+    values: dict[str, Any] = {"_from_model_config": False}
+    if src.tokenizer_model is not None and src.tokenizer_model.is_file():
+        tok = GLMTokenizer(src.tokenizer_model)
+        values.update(
+            bos_token_id=tok.sop_id,
+            eos_token_id=[tok.eop_id, tok.eos_id],
+            pad_token_id=tok.pad_id,
+            decoder_start_token_id=tok.sop_id,
+        )
+    (dst / "generation_config.json").write_text(json.dumps(values, indent=2) + "\n")
+
+
+def model_card(src: Checkpoint, config: GLMConfig, num_parameters: int, dtype: str) -> str:
+    """A short README.md: what the model is, where it came from, how to load it."""
+    cfg = src.model
+    return f"""---
+library_name: transformers
+tags: [glm, megatron_glm]
+---
+# GLM ({cfg.num_layers} layers, hidden {cfg.hidden_size})
+
+A GLM (General Language Model, blank infilling) trained with megatron_glm and exported by
+`tools/convert_checkpoint.py to-hf` from `{src.tag_dir}`.
+
+| | |
+|---|---|
+| architecture | pre-LN transformer, {cfg.num_layers} layers, hidden {cfg.hidden_size}, \
+{cfg.num_attention_heads} heads, MLP {config.intermediate_size}, tanh-GeLU, 2D positions, \
+tied head |
+| parameters | {num_parameters:,} |
+| vocabulary | {config.vocab_size} rows (padded; `vocab_size`), {config.real_vocab_size} real \
+tokens (`real_vocab_size`) |
+| max sequence length | {cfg.max_position_embeddings} |
+| weights | {dtype} |
+| training iterations | {src.iteration} |
+| consumed samples | {src.consumed_samples} |
+
+## Load
+```python
+from transformers import AutoModelForSeq2SeqLM
+model = AutoModelForSeq2SeqLM.from_pretrained("PATH", trust_remote_code=True)
+out = model(input_ids, position_ids=position_ids, attention_mask=sep)  # THUDM's inputs
+out.logits  # [batch, seq, {config.vocab_size}]
+```
+`position_ids` is `[batch, 2, seq]` (position, position inside a span); `attention_mask` the
+length of part A per row, or a full `[batch, seq, seq]` mask.
+"""
