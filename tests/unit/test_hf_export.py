@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from megatron_glm.config import ModelConfig, ObjectiveConfig
 from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
-from megatron_glm.hf.export import export_to_hf, qkv_to_thudm
+from megatron_glm.hf.export import export_to_hf, parse_size, qkv_to_thudm
 from megatron_glm.model import GLMModel, build_model, tensor_parallel_layout
 from megatron_glm.training.checkpoint import write_checkpoint
 
@@ -41,11 +41,14 @@ def _cfg() -> ModelConfig:
     )
 
 
-def _checkpoint(root: Path, model: GLMModel, *, tp: int = 1, pp: int = 1) -> Path:
+def _checkpoint(
+    root: Path, model: GLMModel, *, tp: int = 1, pp: int = 1, data: dict | None = None
+) -> Path:
     """``root/global_step7`` + ``latest``, as a (tp, pp) run writes it."""
     tag = root / "global_step7"
     tag.mkdir(parents=True)
-    base = {"iteration": 7, "consumed_samples": 56, "config": {"model": asdict(model.cfg)}}
+    config = {"model": asdict(model.cfg), "data": data or {}}
+    base = {"iteration": 7, "consumed_samples": 56, "config": config}
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     layout = tensor_parallel_layout(model.cfg)
     write_checkpoint(full, layout, tag, tp=tp, pp=pp, base=base, marker={})
@@ -246,3 +249,121 @@ def test_folder_config_keys_and_card(exported: Path, model: GLMModel) -> None:
     assert (
         json.loads((exported / "generation_config.json").read_text())["_from_model_config"] is False
     )
+
+
+def _max_diff(path: Path, model: GLMModel) -> float:
+    batch = _rows("span")
+    theirs = _theirs(_load(path), batch, batch["sep"])
+    return (_ours(model, batch) - theirs)[_valid(batch)].abs().max().item()
+
+
+def test_tensor_and_pipeline_parallel_checkpoint(model: GLMModel, tmp_path: Path) -> None:
+    """A (tp 2, pp 2) checkpoint (DeepSpeed's pipeline layer files) exports the same model."""
+    _checkpoint(tmp_path / "ckpt", model, tp=2, pp=2)
+    assert (tmp_path / "ckpt/global_step7/layer_01-model_01-model_states.pt").is_file()
+    export_to_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert _max_diff(tmp_path / "hf", model) < 1e-5
+
+
+def test_bf16_halves_the_weights_and_sharding_writes_an_index(
+    exported: Path, model: GLMModel, tmp_path: Path
+) -> None:
+    ckpt = exported.parent / "ckpt"
+    export_to_hf(ckpt, tmp_path / "bf16", dtype="bf16", tag="global_step7")
+    fp32 = (exported / "model.safetensors").stat().st_size
+    bf16 = (tmp_path / "bf16/model.safetensors").stat().st_size
+    assert abs(bf16 / fp32 - 0.5) < 0.01
+    with safe_open(tmp_path / "bf16/model.safetensors", "pt") as f:
+        names = f.keys()
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+
+    limit = parse_size("100KB")
+    result = export_to_hf(ckpt, tmp_path / "sharded", max_shard_bytes=limit)
+    index = json.loads((tmp_path / "sharded/model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert files == sorted(p.name for p in result.weight_files) and len(files) > 2
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (tmp_path / "sharded/model.safetensors").exists()
+    held: dict[str, str] = {}
+    total = 0
+    for name in files:
+        with safe_open(tmp_path / "sharded" / name, "pt") as f:
+            names = f.keys()
+            tensors = {k: f.get_tensor(k) for k in names}
+        sizes = [t.numel() * t.element_size() for t in tensors.values()]
+        assert sum(sizes) <= limit or len(sizes) == 1  # one oversized tensor gets its own file
+        held.update(dict.fromkeys(tensors, name))
+        total += sum(sizes)
+    with safe_open(exported / "model.safetensors", "pt") as f:
+        assert set(held) == set(f.keys())
+    assert index["weight_map"] == held
+    assert index["metadata"]["total_size"] == total
+    assert _max_diff(tmp_path / "sharded", model) < 1e-5
+
+
+def test_parse_size() -> None:
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MB") == 5 * 10**8
+    assert parse_size("2MiB") == 2 * 2**20
+    assert parse_size("1234") == 1234
+    with pytest.raises(ValueError, match="--max-shard-size 'five': expected a size"):
+        parse_size("five")
+
+
+def test_errors_name_what_is_wrong(model: GLMModel, exported: Path, tmp_path: Path) -> None:
+    ckpt = exported.parent / "ckpt"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"^{empty}: no 'latest' file; pass the checkpoint tag"):
+        export_to_hf(empty, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"no checkpoint tag 'global_step9' \(no directory "):
+        export_to_hf(ckpt, tmp_path / "out", tag="global_step9")
+    with pytest.raises(ValueError, match=f"^{exported} already exists and is not empty"):
+        export_to_hf(ckpt, exported)
+    with pytest.raises(ValueError, match=r"--dtype 'fp8': expected one of \['bf16', 'fp16'"):
+        export_to_hf(ckpt, tmp_path / "out", dtype="fp8")
+    zero3 = tmp_path / "zero3"
+    _checkpoint(zero3, model)
+    tag = zero3 / "global_step7"
+    (tag / "mp_rank_00_model_states.pt").rename(tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(ValueError, match=r"a ZeRO-3 checkpoint .* cannot be merged"):
+        export_to_hf(zero3, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written for a refused checkpoint
+
+
+def test_cli_and_tokenizer_copy(
+    model: GLMModel, tmp_path: Path, tiny_tokenizer_model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The tool's output line; the checkpoint's SentencePiece model travels with the folder and
+    sets ``real_vocab_size`` and the generation config's special ids."""
+    from megatron_glm.data.tokenizer import GLMTokenizer
+    from tools.convert_checkpoint import main
+
+    _checkpoint(tmp_path / "ckpt", model, data={"tokenizer_model": str(tiny_tokenizer_model)})
+    main(
+        [
+            "to-hf",
+            "--load",
+            str(tmp_path / "ckpt"),
+            "--save",
+            str(tmp_path / "hf"),
+            "--dtype",
+            "fp16",
+        ]
+    )
+    tok = GLMTokenizer(tiny_tokenizer_model)
+    n = sum(p.numel() for p in model.parameters())
+    assert capsys.readouterr().out.splitlines()[-1] == (  # after the log line
+        f"{tmp_path / 'hf'}: {n:,} parameters (fp16) in model.safetensors; vocabulary {VOCAB} "
+        f"rows ({tok.vocab_size} real); tokenizer copied"
+    )
+    assert (tmp_path / "hf/tokenizer.model").read_bytes() == tiny_tokenizer_model.read_bytes()
+    assert (
+        json.loads((tmp_path / "hf/config.json").read_text())["real_vocab_size"] == tok.vocab_size
+    )
+    generation = json.loads((tmp_path / "hf/generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tok.eop_id, tok.eos_id]
+    with pytest.raises(SystemExit) as exc:
+        main(["to-hf", "--load", str(tmp_path / "nothing"), "--save", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "error: " in capsys.readouterr().err
