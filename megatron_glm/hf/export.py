@@ -12,7 +12,7 @@ time and a shard's tensors are released once written, so the converted copy neve
 The folder holds our ``configuration_glm.py`` and ``modeling_glm.py`` (copied from this package,
 referenced by ``auto_map``), so ``transformers`` loads it with ``trust_remote_code=True``. The
 padded vocabulary is kept (every row of the embedding, as trained): ``config.vocab_size`` is the
-padded size, ``config.real_vocab_size`` the tokenizer's.
+padded size, ``config.real_vocab_size`` the tokenizer's (docs/design.md, "Hugging Face format").
 """
 
 from __future__ import annotations
