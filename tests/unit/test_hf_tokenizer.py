@@ -112,3 +112,139 @@ def test_export_refuses_a_model_without_glm_specials(tmp_path: Path) -> None:
     with pytest.raises(TokenizerError, match=r"bad\.model"):
         export_tokenizer(bad, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# ------------------------------------------------ Hugging Face tokenizer folders (WordPiece, BPE)
+
+HF_VOCAB = 2000
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _train_hf_folder(kind: str, texts: list[str], out: Path) -> Path:
+    """A small tokenizer of THUDM's kinds trained on the demo documents, saved as a folder:
+    ``wordpiece`` as BERT uncased (glm-large), ``bpe`` as GPT-2 byte-level BPE (glm-10b)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(cleanup=False)
+        trainer: Any = trainers.WordPieceTrainer(vocab_size=HF_VOCAB, special_tokens=BERT_SPECIALS)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=HF_VOCAB,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    tok.train_from_iterator(texts, trainer)
+    out.mkdir(parents=True)
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def _demo_texts(demo_corpus_path: Path) -> list[str]:
+    lines = demo_corpus_path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines]
+
+
+@pytest.fixture(scope="module", params=["wordpiece", "bpe"])
+def hf_folder(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, demo_corpus_path: Path
+) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp(request.param) / "tokenizer"
+    return request.param, _train_hf_folder(request.param, _demo_texts(demo_corpus_path), out)
+
+
+def test_glm_specials_kept_or_appended(hf_folder: tuple[str, Path]) -> None:
+    """Specials the vocabulary holds keep their ids (BERT's [CLS]/[MASK], GPT-2's eos); the
+    others follow the vocabulary in GLM's order (THUDM's convention); all distinct and inside
+    the padded vocabulary; a special inside a text is one id (BERT's lower-casing spares it)."""
+    from megatron_glm.data.hf_tokenizer import HFTokenizer
+    from megatron_glm.data.tokenizer import load_tokenizer
+
+    kind, folder = hf_folder
+    tok = load_tokenizer(folder, tp=2)
+    assert isinstance(tok, HFTokenizer)
+    base = tok.base_vocab_size
+    kept = {"[CLS]": 2, "[MASK]": 4} if kind == "wordpiece" else {EOS_TOKEN: 0}
+    appended = [t for t in SPECIAL_TOKENS if t not in kept]
+    assert tok.special_ids() == {**kept, **{t: base + k for k, t in enumerate(appended)}}
+    ids = list(tok.special_ids().values())
+    assert len(set(ids)) == len(SPECIAL_TOKENS) and tok.vocab_size == base + len(appended)
+    assert max(ids) < tok.vocab_size <= tok.padded_vocab_size and tok.padded_vocab_size % 256 == 0
+    assert tok.pad_id == tok.eos_id
+    for token, i in tok.special_ids().items():
+        got = tok.encode(f"Some text {token}more text")
+        assert got.count(i) == 1, (token, got)
+        assert token in tok.decode(got)
+
+
+def _expected_text(tok: Any, text: str, kind: str) -> str:
+    """What the vocabulary can give back: byte-level BPE the text itself; uncased WordPiece the
+    normalised words joined by spaces (its decoder, clean-up off, joins ``##`` pieces)."""
+    if kind == "bpe":
+        return text
+    normalized = tok.tokenizer.normalizer.normalize_str(text)
+    return " ".join(w for w, _ in tok.tokenizer.pre_tokenizer.pre_tokenize_str(normalized))
+
+
+def test_preprocess_with_a_tokenizer_folder(
+    hf_folder: tuple[str, Path], demo_corpus_path: Path, tmp_path: Path
+) -> None:
+    """preprocess_data reads the folder through the same factory: every document's stored ids
+    are the tokenizer's ids plus eos, inside the vocabulary, and decode to the text; sentence
+    pieces encoded by 2 worker processes put together give the same text."""
+    from megatron_glm.data.indexed import IndexedDataset
+    from megatron_glm.data.preprocess import output_prefix_for, preprocess_data
+    from megatron_glm.data.tokenizer import load_tokenizer
+
+    kind, folder = hf_folder
+    tok = load_tokenizer(folder)
+    texts = _demo_texts(demo_corpus_path)
+    preprocess_data([demo_corpus_path], tmp_path / "doc", folder, append_eod=True, progress=False)
+    ds = IndexedDataset(output_prefix_for(tmp_path / "doc", "text", split=False))
+    assert ds.num_documents == len(texts)
+    for d, text in enumerate(texts):
+        ids = ds[d].tolist()
+        assert ids == [*tok.encode(text), tok.eos_id], d
+        assert max(ids) < tok.vocab_size
+        assert tok.decode(ids) == _expected_text(tok, text, kind) + (
+            EOS_TOKEN if kind == "bpe" else f" {EOS_TOKEN}"
+        )
+    if kind == "bpe":
+        kw: dict[str, Any] = {"split_sentences": True, "workers": 2, "progress": False}
+        preprocess_data([demo_corpus_path], tmp_path / "split", folder, **kw)
+        split = IndexedDataset(output_prefix_for(tmp_path / "split", "text", split=True))
+        assert split.num_documents == len(texts) and len(split) > 2 * len(texts)
+        for d, text in enumerate(texts):
+            lo, hi = split.doc_idx[d], split.doc_idx[d + 1]
+            assert "".join(tok.decode(split[i]) for i in range(lo, hi)) == text, d
+    print(f"{kind}: {len(texts)} preprocessed documents round-trip, specials {tok.special_ids()}")
+
+
+def test_training_preflight_accepts_a_tokenizer_folder(hf_folder: tuple[str, Path]) -> None:
+    from megatron_glm.config import RunConfig
+    from megatron_glm.training.preflight import load_tokenizer
+
+    _, folder = hf_folder
+    cfg = RunConfig()
+    cfg.data.tokenizer_model = str(folder)
+    cfg.parallel.tp = 2
+    tok = load_tokenizer(cfg)
+    assert tok.model_path == folder
+    assert tok.padded_vocab_size % (cfg.model.make_vocab_size_divisible_by * 2) == 0
+
+
+def test_folder_without_tokenizer_json_is_refused(tmp_path: Path) -> None:
+    from megatron_glm.data.tokenizer import load_tokenizer
+
+    (tmp_path / "vocab.txt").write_text("[PAD]\n")
+    with pytest.raises(TokenizerError, match=f"{tmp_path} has no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="is not a tokenizers file"):
+        load_tokenizer(tmp_path)
