@@ -8,8 +8,12 @@ no ``megatron_glm`` installed), ``tokenizer_config.json`` (its ``auto_map`` poin
 exactly as :class:`megatron_glm.data.tokenizer.GLMTokenizer` (tokenization_glm's docstring says
 why this is remote code and not a converted ``tokenizer.json``).
 
-A model export writes the tokenizer into the same folder; its ``config.json`` should carry the
-same entry, :data:`AUTO_MAP`, under ``auto_map["AutoTokenizer"]``.
+A Hugging Face tokenizer folder (``data.tokenizer_model`` naming one) is exported as a plain
+fast tokenizer (``tokenizer.json``, no remote code) with GLM's special tokens added.
+
+A model export writes the tokenizer into the same folder; the AutoTokenizer entry of its
+``config.json`` ``auto_map`` must match: :data:`AUTO_MAP` for a SentencePiece model, none for a
+folder (``transformers`` would otherwise look for ``tokenization_glm.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from megatron_glm.data.hf_tokenizer import HFTokenizer
 from megatron_glm.data.tokenizer import EOS_TOKEN, SPECIAL_TOKENS, GLMTokenizer
 from megatron_glm.hf import tokenization_glm
 
@@ -69,9 +74,14 @@ def export_tokenizer(
 ) -> None:
     """Write the tokenizer files of ``tokenizer_model_path`` into ``hf_dir`` (created if absent).
 
-    The model is validated first by :class:`GLMTokenizer` (it must hold GLM's special tokens),
-    so a model the trainer would refuse is never exported.
+    A SentencePiece model is validated first by :class:`GLMTokenizer` (it must hold GLM's
+    special tokens), so a model the trainer would refuse is never exported. A Hugging Face
+    tokenizer folder (a model imported from THUDM's WordPiece or BPE) is written as a plain
+    fast tokenizer, GLM's special tokens added as the trainer adds them: no remote code.
     """
+    if Path(tokenizer_model_path).is_dir():
+        _export_folder(Path(tokenizer_model_path), Path(hf_dir))
+        return
     tok = GLMTokenizer(tokenizer_model_path)
     out = Path(hf_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +91,22 @@ def export_tokenizer(
     config = _tokenizer_config(tok)
     _write_json(out / "tokenizer_config.json", config)
     _write_json(out / "special_tokens_map.json", _special_tokens_map(config["unk_token"]))
+
+
+def _export_folder(folder: Path, out: Path) -> None:
+    """``tokenizer.json`` with GLM's specials (ids as :class:`HFTokenizer` gives them) and a
+    ``tokenizer_config.json`` naming the library's fast class and the specials' roles."""
+    tok = HFTokenizer(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.tokenizer.save(str(out / "tokenizer.json"))
+    specials = _special_tokens_map(str(tok.tokenizer.id_to_token(tok.unk_id)))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "clean_up_tokenization_spaces": False,
+    }
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", specials)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -248,3 +248,26 @@ def test_folder_without_tokenizer_json_is_refused(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="is not a tokenizers file"):
         load_tokenizer(tmp_path)
+
+
+def test_export_of_a_tokenizer_folder_needs_no_remote_code(
+    hf_folder: tuple[str, Path], demo_corpus_path: Path, tmp_path: Path
+) -> None:
+    """A model trained on a WordPiece/BPE folder exports a plain fast tokenizer holding GLM's
+    specials at the trainer's ids: AutoTokenizer (no trust_remote_code) gives the same ids."""
+    from megatron_glm.data.tokenizer import load_tokenizer
+
+    _, folder = hf_folder
+    tok = load_tokenizer(folder)
+    export_tokenizer(folder, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "tokenization_glm.py").exists()
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = _demo_texts(demo_corpus_path)
+    for text in texts:
+        ids = tok.encode(text)
+        assert auto.encode(text, add_special_tokens=False) == ids
+        assert auto.decode(ids) == tok.decode(ids)
+    for token, i in tok.special_ids().items():
+        assert auto.convert_tokens_to_ids(token) == i
+    assert auto.eos_token_id == auto.pad_token_id == tok.eos_id
+    assert auto.mask_token_id == tok.mask_id and auto.cls_token_id == tok.cls_id
