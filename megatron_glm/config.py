@@ -168,7 +168,8 @@ class DataConfig:
     """Blending weights, one positive number per data_path prefix (normalised to sum to 1);
     null (None) means proportional to each corpus's tokens."""
     tokenizer_model: str = ""
-    """Path to the SentencePiece ``.model`` with GLM's special tokens."""
+    """Path to the SentencePiece ``.model`` with GLM's special tokens, or to a Hugging Face
+    tokenizer folder (``tokenizer.json``; GLM's special tokens are added if absent)."""
     split: str = "969,30,1"
     """Train/valid/test weights over documents, ``,`` or ``/`` separated (see parse_split)."""
     seq_length: int = 512

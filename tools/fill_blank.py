@@ -18,14 +18,14 @@ import numpy as np
 from megatron_glm.config import RunConfig, load_config, parse_split
 from megatron_glm.data.dataset_builder import split_documents
 from megatron_glm.data.indexed import IndexedDataset
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_glm.generation.blank_fill import fill_blank
 from megatron_glm.logs import setup_logging
 from megatron_glm.model import build_model
 from megatron_glm.training.checkpoint import load_model_state
 
 
-def held_out_sentence(cfg: RunConfig, tok: GLMTokenizer, min_tokens: int = 8) -> np.ndarray:
+def held_out_sentence(cfg: RunConfig, tok: Tokenizer, min_tokens: int = 8) -> np.ndarray:
     """Token ids of the first test-split sentence with at least ``min_tokens`` tokens.
 
     A sentence of a split dataset keeps the whitespace before it (so documents decode back
@@ -44,7 +44,7 @@ def held_out_sentence(cfg: RunConfig, tok: GLMTokenizer, min_tokens: int = 8) ->
     raise ValueError(f"{cfg.data.data_path[0]}: test split has no sentence of {min_tokens}+ tokens")
 
 
-def mask_middle(tok: GLMTokenizer, ids: np.ndarray) -> tuple[str, str]:
+def mask_middle(tok: Tokenizer, ids: np.ndarray) -> tuple[str, str]:
     """(text with one [MASK] over a middle span of 1-3 tokens, the span's original text)."""
     length = min(3, max(1, len(ids) // 6))
     start = len(ids) // 2 - length // 2
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        tok = GLMTokenizer(
+        tok = load_tokenizer(
             cfg.data.tokenizer_model,
             make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
         )

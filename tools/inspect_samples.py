@@ -16,14 +16,16 @@ import sys
 
 from megatron_glm.data.blank_infilling import OBJECTIVES, format_row, row_to_json
 from megatron_glm.data.loader import inspection_dataset
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import load_tokenizer
 from megatron_glm.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data-prefix", required=True, help="indexed dataset prefix (no .bin/.idx)")
-    ap.add_argument("--tokenizer-model", required=True, help="SentencePiece .model")
+    ap.add_argument(
+        "--tokenizer-model", required=True, help="SentencePiece .model or tokenizer folder"
+    )
     ap.add_argument("--seq-length", type=int, default=512, help="row length S")
     ap.add_argument("--num-samples", type=int, default=4, help="rows to print")
     ap.add_argument("--objective", choices=[*OBJECTIVES, "mixed"], default="mixed")
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
     args = ap.parse_args(argv)
     try:
-        tok = GLMTokenizer(args.tokenizer_model)
+        tok = load_tokenizer(args.tokenizer_model)
         ds = inspection_dataset(
             args.data_prefix,
             tok,

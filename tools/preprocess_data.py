@@ -20,7 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize")
     parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    parser.add_argument(
+        "--tokenizer-model",
+        required=True,
+        help="SentencePiece .model file or Hugging Face tokenizer folder",
+    )
     parser.add_argument(
         "--workers",
         type=int,

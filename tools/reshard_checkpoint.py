@@ -27,7 +27,7 @@ import argparse
 from pathlib import Path
 
 from megatron_glm.config import ModelConfig, from_dict, load_config
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import load_tokenizer
 from megatron_glm.logs import setup_logging
 from megatron_glm.model import tensor_parallel_layout
 from megatron_glm.training.checkpoint import reshard_checkpoint, resolve_tag, saved_config
@@ -60,14 +60,14 @@ def _vocab_rows(
     path = tokenizer or saved.get("data", {}).get("tokenizer_model")
     if not path:
         return None
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ValueError(
             f"{load}/{tag}: model.vocab_size is 0 (the tokenizer's, padded for tp), so the "
             f"padded vocabulary at tp {tp} needs the tokenizer; {path!r} is not a file: pass "
             "--tokenizer PATH"
         )
     multiple = model.make_vocab_size_divisible_by
-    return GLMTokenizer(path, make_vocab_size_divisible_by=multiple, tp=tp).padded_vocab_size
+    return load_tokenizer(path, make_vocab_size_divisible_by=multiple, tp=tp).padded_vocab_size
 
 
 def main(argv: list[str] | None = None) -> None:

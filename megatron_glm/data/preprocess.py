@@ -76,7 +76,7 @@ from megatron_glm.data.jsonl import (
 )
 from megatron_glm.data.native import NATIVE
 from megatron_glm.data.sentence_split import split_sentences_batch
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "BAD_LINE_REASONS",
@@ -172,7 +172,7 @@ def _prepare(texts: list[str], split: bool) -> _Prepared:
     return _Prepared(texts, np.ones(len(texts), dtype=np.int64))
 
 
-def _encode(tokenizer: GLMTokenizer, prepared: _Prepared, split: bool) -> list[list[int]]:
+def _encode(tokenizer: Tokenizer, prepared: _Prepared, split: bool) -> list[list[int]]:
     """Ids of the sequences, with one SentencePiece thread: sentences as the pieces of their
     documents (they decode back to the documents exactly), whole documents each alone."""
     if split:
@@ -268,13 +268,13 @@ class _EncoderProcess:
     """State and work of one encoder process; :meth:`start` is the pool's initializer."""
 
     job: _Job
-    tokenizer: GLMTokenizer
+    tokenizer: Tokenizer
 
     @classmethod
-    def start(cls, job: _Job, tokenizer: GLMTokenizer | None) -> None:
+    def start(cls, job: _Job, tokenizer: Tokenizer | None) -> None:
         gc.disable()  # as _gc_paused, for the life of the process
         cls.job = job
-        cls.tokenizer = tokenizer if tokenizer is not None else GLMTokenizer(job.model)
+        cls.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(job.model)
 
     @classmethod
     def process(cls, chunk: Chunk) -> _Encoded:
@@ -297,9 +297,7 @@ class _EncoderProcess:
 
 
 @contextmanager
-def _encoder_pool(
-    workers: int, job: _Job, tokenizer: GLMTokenizer
-) -> Iterator[ProcessPoolExecutor]:
+def _encoder_pool(workers: int, job: _Job, tokenizer: Tokenizer) -> Iterator[ProcessPoolExecutor]:
     """``workers`` encoder processes, running when this returns.
 
     Forked where the platform can (Linux): no re-import, no fresh interpreter, and the parent's
@@ -423,7 +421,7 @@ def preprocess_data(
     if chunk_bytes < 1 or log_interval < 1:
         raise ValueError("chunk_bytes and log_interval must be >= 1")
     paths = resolve_inputs(list(inputs))
-    tok = GLMTokenizer(tokenizer_model)
+    tok = load_tokenizer(tokenizer_model)
     outputs = {k: output_prefix_for(output_prefix, k, split_sentences) for k in json_keys}
     Path(os.fspath(output_prefix)).parent.mkdir(parents=True, exist_ok=True)
     summary = PreprocessSummary(

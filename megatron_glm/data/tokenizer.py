@@ -54,6 +54,7 @@ from collections.abc import Iterable, Sequence
 from itertools import compress, repeat
 from operator import itemgetter
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -342,3 +343,50 @@ class GLMTokenizer:
         """The vocabulary piece of id ``i`` (``▁`` marks a space); ``<pad:ID>`` for padding rows."""
         self._check_id(i, "")
         return self._sp.id_to_piece(i) if i < self.vocab_size else f"<pad:{i}>"
+
+
+class Tokenizer(Protocol):
+    """What preprocessing, training and blank filling use of a tokenizer: :class:`GLMTokenizer`
+    (a SentencePiece model) and :class:`megatron_glm.data.hf_tokenizer.HFTokenizer` (a Hugging
+    Face ``tokenizer.json`` folder) both provide it; :func:`load_tokenizer` picks one."""
+
+    model_path: Path
+    vocab_size: int
+    padded_vocab_size: int
+    unk_id: int
+    cls_id: int
+    mask_id: int
+    smask_id: int
+    gmask_id: int
+    sop_id: int
+    eop_id: int
+    eos_id: int
+    pad_id: int
+
+    def special_ids(self) -> dict[str, int]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]: ...
+
+    def encode_pieces(
+        self, pieces: list[str], per_doc: np.ndarray, num_threads: int = -1
+    ) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+
+    def id_to_piece(self, i: int) -> str: ...
+
+
+def load_tokenizer(
+    path: str | os.PathLike[str], *, make_vocab_size_divisible_by: int = 128, tp: int = 1
+) -> Tokenizer:
+    """The tokenizer at ``path``: a folder is a Hugging Face tokenizer (``tokenizer.json``, as
+    THUDM's WordPiece and BPE models need), anything else a SentencePiece ``.model``. The one
+    entry point for preprocessing, training and blank filling, so all three read a vocabulary
+    the same way."""
+    if Path(path).is_dir():
+        from megatron_glm.data.hf_tokenizer import HFTokenizer  # imports this module
+
+        return HFTokenizer(path, make_vocab_size_divisible_by=make_vocab_size_divisible_by, tp=tp)
+    return GLMTokenizer(path, make_vocab_size_divisible_by=make_vocab_size_divisible_by, tp=tp)

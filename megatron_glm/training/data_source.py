@@ -24,7 +24,7 @@ from megatron_glm.config import ConfigError, RunConfig, parse_split
 from megatron_glm.data.blank_infilling import BlankInfilling, SpecialIds
 from megatron_glm.data.dataset_builder import build_pretrain_datasets
 from megatron_glm.data.loader import GLMPretrainDataset, build_dataloader
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import Tokenizer
 from megatron_glm.training.batches import Batch
 from megatron_glm.training.signals import STOP_SIGNALS
 
@@ -48,7 +48,7 @@ class PretrainData:
     def __init__(
         self,
         cfg: RunConfig,
-        tokenizer: GLMTokenizer,
+        tokenizer: Tokenizer,
         *,
         dp_rank: int,
         dp_size: int,

@@ -27,7 +27,8 @@ import torch
 
 from megatron_glm.config import ConfigError, RunConfig
 from megatron_glm.data.indexed import check_dataset
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import Tokenizer
+from megatron_glm.data.tokenizer import load_tokenizer as _load
 from megatron_glm.model import resolve_vocab_size
 from megatron_glm.training.checkpoint import check_checkpoint, check_layout, resolve_load_dir
 
@@ -79,9 +80,9 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
         _check_data(cfg)
 
 
-def load_tokenizer(cfg: RunConfig) -> GLMTokenizer:
+def load_tokenizer(cfg: RunConfig) -> Tokenizer:
     """The run's tokenizer, its vocabulary padded for the model (multiple of 128 x tp)."""
-    return GLMTokenizer(
+    return _load(
         cfg.data.tokenizer_model,
         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
         tp=cfg.parallel.tp,
@@ -101,8 +102,11 @@ def _check_data(cfg: RunConfig) -> None:
                     "tools/preprocess_data.py; give the prefix without .bin/.idx)",
                 )
     if not d.tokenizer_model:
-        raise ConfigError("data.tokenizer_model", "is empty; give a SentencePiece .model path")
-    if not Path(d.tokenizer_model).is_file():
+        raise ConfigError(
+            "data.tokenizer_model",
+            "is empty; give a SentencePiece .model path or a tokenizer folder",
+        )
+    if not Path(d.tokenizer_model).exists():
         raise ConfigError("data.tokenizer_model", f"{d.tokenizer_model} not found")
     tokenizer = load_tokenizer(cfg)
     resolve_vocab_size(cfg.model, tokenizer.padded_vocab_size)  # names model.vocab_size
