@@ -32,8 +32,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from megatron_glm.config import ModelConfig, from_dict
-from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.data.tokenizer import load_tokenizer
 from megatron_glm.hf.configuration_glm import GLMConfig
+from megatron_glm.hf.tokenizer_export import AUTO_MAP as TOKENIZER_AUTO_MAP
+from megatron_glm.hf.tokenizer_export import export_tokenizer
 from megatron_glm.model import tensor_parallel_layout
 from megatron_glm.serialization import load_file
 from megatron_glm.training.checkpoint import (
@@ -165,7 +167,8 @@ class ExportResult:
     vocab_rows: int
     real_vocab_size: int | None
     tokenizer: str
-    """``"exported"`` (tokenizer hook), ``"copied"`` (SentencePiece model only) or ``"none"``."""
+    """``"exported"`` (the tokenizer's files and, for SentencePiece, its AutoTokenizer class) or
+    ``"none"`` (the checkpoint's config names no tokenizer, or it is missing: logged)."""
 
 
 def export_to_hf(
@@ -191,6 +194,12 @@ def export_to_hf(
     tensors = convert_state(full, src.model, DTYPES[dtype])
     files = write_safetensors(tensors, dst, max_shard_bytes)
     config = hf_config(src.model, vocab_rows, real_vocab)
+    if (
+        tokenizer == "exported"
+        and src.tokenizer_model is not None
+        and src.tokenizer_model.is_file()
+    ):
+        config.auto_map["AutoTokenizer"] = TOKENIZER_AUTO_MAP  # SentencePiece: our remote code
     config.to_json_file(dst / "config.json", use_diff=False)
     for name in REMOTE_CODE:
         shutil.copyfile(HF_DIR / name, dst / name)
@@ -249,35 +258,26 @@ def _name_shards(tmp: list[Path], weight_map: dict[str, int], total: int, dst: P
 
 
 def _write_tokenizer(src: Checkpoint, dst: Path) -> tuple[int | None, str]:
-    """The tokenizer into the folder; (its vocabulary size or None, what was done).
-
-    The Hugging Face tokenizer export lives in ``megatron_glm.hf.export_tokenizer`` when that
-    exists; until then the SentencePiece model is copied as ``tokenizer.model``.
-    """
+    """The tokenizer into the folder (:func:`.tokenizer_export.export_tokenizer`: a SentencePiece
+    model with our remote tokenizer class, or a tokenizer folder's ``tokenizer.json``); returns
+    (its vocabulary size or None, ``"exported"`` or ``"none"``)."""
     path = src.tokenizer_model
     if path is None:
         return None, "none"
-    if not path.is_file():
+    if not path.exists():
         logger.warning(
             "tokenizer %s named by the checkpoint's config is missing: not exported", path
         )
         return None, "none"
-    vocab = GLMTokenizer(path).vocab_size
-    import megatron_glm.hf as package
-
-    hook = getattr(package, "export_tokenizer", None)
-    if hook is not None:
-        hook(path, dst)
-        return vocab, "exported"
-    shutil.copyfile(path, dst / "tokenizer.model")
-    return vocab, "copied"
+    export_tokenizer(path, dst)
+    return load_tokenizer(path).vocab_size, "exported"
 
 
 def _write_generation_config(src: Checkpoint, dst: Path) -> None:
     """``generation_config.json``: eos/pad (and GLM's eop, which ends a generated span)."""
     values: dict[str, Any] = {"_from_model_config": False}
-    if src.tokenizer_model is not None and src.tokenizer_model.is_file():
-        tok = GLMTokenizer(src.tokenizer_model)
+    if src.tokenizer_model is not None and src.tokenizer_model.exists():
+        tok = load_tokenizer(src.tokenizer_model)
         values.update(
             bos_token_id=tok.sop_id,
             eos_token_id=[tok.eop_id, tok.eos_id],

@@ -331,11 +331,12 @@ def test_errors_name_what_is_wrong(model: GLMModel, exported: Path, tmp_path: Pa
     assert not (tmp_path / "out").exists()  # nothing written for a refused checkpoint
 
 
-def test_cli_and_tokenizer_copy(
+def test_cli_and_tokenizer_export(
     model: GLMModel, tmp_path: Path, tiny_tokenizer_model: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """The tool's output line; the checkpoint's SentencePiece model travels with the folder and
-    sets ``real_vocab_size`` and the generation config's special ids."""
+    """The tool's output line; the checkpoint's SentencePiece model travels with the folder as a
+    transformers tokenizer (AutoTokenizer from the model folder gives GLMTokenizer's ids) and sets
+    ``real_vocab_size`` and the generation config's special ids."""
     from megatron_glm.data.tokenizer import GLMTokenizer
     from tools.convert_checkpoint import main
 
@@ -355,12 +356,17 @@ def test_cli_and_tokenizer_copy(
     n = sum(p.numel() for p in model.parameters())
     assert capsys.readouterr().out.splitlines() == [
         f"{tmp_path / 'hf'}: {n:,} parameters (fp16) in model.safetensors; vocabulary {VOCAB} "
-        f"rows ({tok.vocab_size} real); tokenizer copied"
+        f"rows ({tok.vocab_size} real); tokenizer exported"
     ]  # the result line only: library INFO goes to stderr under the tool's logging set-up
     assert (tmp_path / "hf/tokenizer.model").read_bytes() == tiny_tokenizer_model.read_bytes()
     assert (
         json.loads((tmp_path / "hf/config.json").read_text())["real_vocab_size"] == tok.vocab_size
     )
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert config["auto_map"]["AutoTokenizer"] == ["tokenization_glm.GLMTokenizer", None]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    text = "Return a [MASK] of the list.<|endoftext|>"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
     generation = json.loads((tmp_path / "hf/generation_config.json").read_text())
     assert generation["eos_token_id"] == [tok.eop_id, tok.eos_id]
     with pytest.raises(SystemExit) as exc:
