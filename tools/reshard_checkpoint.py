@@ -13,7 +13,9 @@ checkpoint, or from ``--config`` (a run YAML).
 The optimizer state (fp32 master weights, Adam's moments and step, from ZeRO-0/1/2) is carried
 over in ``--save/<tag>/optimizer_state.pt``, so the resumed run continues with its Adam moments at
 any (tp, pp, data-parallel size, ZeRO stage); ``--no-optimizer`` writes weights only (Adam
-restarts). See ``megatron_glm.training.checkpoint.optimizer_state`` for how and why.
+restarts). See ``megatron_glm.training.checkpoint.optimizer_state`` for how and why. A ZeRO-3
+checkpoint's weights are gathered from its data-parallel partitions; its optimizer state is not
+read (``--no-optimizer``).
 
 With ``model.vocab_size = 0`` the padded vocabulary depends on tp (the tokenizer's size rounded
 up to ``make_vocab_size_divisible_by * tp``): the embedding is re-padded for the target tp, padding

@@ -11,7 +11,8 @@ that knows how DeepSpeed 0.19 lays those out on disk and inside a ``PipelineModu
   rank instead (``zero_pp_rank_D_mp_rank_XX_model_states.pt``).
 - ``layer_II-model_TT-model_states.pt``: pipeline layer ``II``'s ``state_dict`` on TP rank ``TT``.
 - ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` (``bf16_zero_...`` for DeepSpeed's bf16
-  optimizer without ZeRO): data-parallel rank ``D``'s flat ZeRO partition of the optimizer.
+  optimizer without ZeRO): data-parallel rank ``D``'s flat ZeRO partition of the optimizer;
+  under ZeRO-3 also the only copy of the weights (:func:`read_zero3_weights`).
 - Pipeline parameter names: layer ``I`` of the ``PipelineModule`` is registered as module
   ``"I"``; the tied embedding / output head lives under ``tied_modules.<key>`` on the first and
   the last stage. ``training.pipeline`` puts ``GLMModel.layers[I]`` at layer ``I``, so the GLM
@@ -249,3 +250,105 @@ def read_zero_partition(path: Path) -> list[ZeroGroup]:
             )
         )
     return groups
+
+
+def read_zero3_weights(tag_dir: str | os.PathLike[str], mp_rank: int) -> dict[str, Tensor]:
+    """A ZeRO-3 model-parallel rank's full fp32 weights, by module name, in DeepSpeed's order.
+
+    ZeRO-3 keeps no weights in the model-states files: each parameter is split over the ``D``
+    data-parallel ranks, rank ``d`` holding ``ceil(numel / D)`` of its elements (the last rank's
+    share zero-padded) in its ``fp32_flat_groups`` of ``zero_pp_rank_d_mp_rank_XX_optim_states
+    .pt``. The parameters lie one after another in every rank's flat groups (read as one
+    concatenated buffer), in the order of the model-states file's ``param_shapes``, which also
+    gives the full shapes. Rebuilt as DeepSpeed's ``zero_to_fp32.py`` does for stage 3
+    (``_zero3_merge_trainable_params``): per parameter, the ranks' pieces concatenated in rank
+    order and cut to ``numel``; all files read through the restricted loader, memory-mapped.
+    """
+    tag_dir = Path(tag_dir)
+    models = _model_files_by_rank(tag_dir).get(mp_rank, {})
+    optims = optimizer_files(tag_dir, mp_rank)
+    if not optims or len(optims) != len(models):
+        raise CheckpointFileError(
+            f"{tag_dir}: ZeRO-3 model-parallel rank {mp_rank} has {len(models)} model-states "
+            f"and {len(optims)} optimizer-state files (zero_pp_rank_D_mp_rank_{mp_rank:02d}_"
+            "optim_states.pt, one per data-parallel rank, hold its weights): incomplete checkpoint"
+        )
+    blob = load_file(models[0], mmap=True)
+    shapes = _zero3_param_shapes(blob, models[0])
+    flats = [_zero3_flat_groups(path, len(optims)) for path in optims]
+    weights = _gather_zero3(shapes, flats, optims[0])
+    buffers = blob.get("buffer_names") or []
+    weights.update({n: t.float() for n, t in (blob.get("module") or {}).items() if n in buffers})
+    return weights
+
+
+def _zero3_param_shapes(blob: Any, path: Path) -> dict[str, torch.Size]:
+    """``param_shapes`` (a list of per-group ordered dicts), flattened in order."""
+    groups = blob.get("param_shapes") if isinstance(blob, dict) else None
+    if not isinstance(groups, list):
+        raise CheckpointFileError(f"{path}: no 'param_shapes' (not a ZeRO-3 model-states file)")
+    return {name: torch.Size(shape) for group in groups for name, shape in group.items()}
+
+
+def _zero3_flat_groups(path: Path, dp: int) -> list[Tensor]:
+    """One data-parallel rank's fp32 flat groups; its partition count must be ``dp``."""
+    from deepspeed.checkpoint.constants import (  # deferred: importing deepspeed takes seconds
+        FP32_FLAT_GROUPS,
+        OPTIMIZER_STATE_DICT,
+        PARTITION_COUNT,
+    )
+
+    from megatron_glm.compat.deepspeed import load_deepspeed_file
+
+    try:
+        osd = load_deepspeed_file(str(path), mmap=True)[OPTIMIZER_STATE_DICT]
+        flats, count = list(osd[FP32_FLAT_GROUPS]), osd[PARTITION_COUNT]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointFileError(f"{path}: not a ZeRO-3 optimizer-state file (no {exc})") from None
+    counts = set(count) if isinstance(count, list) else {count}
+    if counts != {dp}:
+        raise CheckpointFileError(
+            f"{path}: partitioned over {sorted(counts)} data-parallel ranks, the tag has {dp} "
+            "optimizer-state files for this model-parallel rank"
+        )
+    return flats
+
+
+def _gather_zero3(
+    shapes: dict[str, torch.Size], flats: list[list[Tensor]], where: Path
+) -> dict[str, Tensor]:
+    """Each parameter's pieces from every rank's flat groups, joined and cut to its shape."""
+    dp = len(flats)
+    sizes = [[t.numel() for t in rank] for rank in flats]
+    if any(s != sizes[0] for s in sizes):
+        raise CheckpointFileError(f"{where}: ZeRO-3 flat groups differ in size between ranks")
+    bounds = [0, *torch.tensor(sizes[0], dtype=torch.long).cumsum(0).tolist()]
+    out, offset = {}, 0
+    for name, shape in shapes.items():
+        part = -(-shape.numel() // dp)  # ceil: every rank holds this many, the tail padded
+        if offset + part > bounds[-1]:
+            raise CheckpointFileError(
+                f"{where}: ZeRO-3 flat groups hold {bounds[-1]} elements per rank, too few for "
+                f"'{name}' {tuple(shape)} at offset {offset}"
+            )
+        pieces = [_flat_range(rank, bounds, offset, part) for rank in flats]
+        out[name] = torch.cat(pieces)[: shape.numel()].view(shape)
+        offset += part
+    if offset != bounds[-1]:
+        raise CheckpointFileError(
+            f"{where}: parameters take {offset} of the {bounds[-1]} elements of each rank's "
+            "ZeRO-3 flat groups (param_shapes does not describe this partition)"
+        )
+    return out
+
+
+def _flat_range(groups: list[Tensor], bounds: list[int], start: int, numel: int) -> Tensor:
+    """Elements ``[start, start + numel)`` of ``groups`` read as one concatenated buffer."""
+    pieces = []
+    for index, flat in enumerate(groups):
+        lo, hi = max(start, bounds[index]), min(start + numel, bounds[index + 1])
+        if lo < hi:
+            pieces.append(flat.narrow(0, lo - bounds[index], hi - lo))
+    if not pieces:  # a parameter without elements
+        return groups[0].new_empty(0)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]

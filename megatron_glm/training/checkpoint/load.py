@@ -235,13 +235,12 @@ def load_model_state(
     *,
     layout: Mapping[str, int | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The full (tp = 1) ``GLMModel`` state dict of a checkpoint saved without ZeRO-3.
+    """The full (tp = 1) ``GLMModel`` state dict of a checkpoint (any tp, pp, ZeRO stage).
 
     A tensor- or pipeline-parallel checkpoint (``mp_rank_00..N-1``, or DeepSpeed's per-layer
     pipeline files) is merged with ``layout`` (name -> split dimension,
     :func:`megatron_glm.model.tensor_parallel_layout`), taken from the checkpoint's config
-    snapshot when not given. ZeRO-3 checkpoints hold partitioned weights and are refused with
-    a message saying so.
+    snapshot when not given. ZeRO-3's partitioned weights are gathered (fp32).
     """
     tag = tag or read_latest(checkpoint_dir)
     if tag is None:

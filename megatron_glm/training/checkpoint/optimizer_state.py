@@ -24,7 +24,8 @@ Reading (:func:`read_optimizer_state`), per model-parallel rank of the source:
 - ZeRO-0: the torch optimizer's own state in the model-states file, indexed by position, named
   by the names ``save`` records (``optimizer_param_names``); the fp32 weights are the module's.
 
-then the TP shards are merged like the weights. ZeRO-3 is refused (its weights are refused too).
+then the TP shards are merged like the weights. ZeRO-3's optimizer state is refused (its
+weights are read: :func:`.deepspeed_files.read_zero3_weights`).
 
 Restoring (:func:`restore_optimizer_state`): the torch optimizer's state is created for every
 parameter it holds (the flat partitions under ZeRO), with the saved step count; under ZeRO-0 it
@@ -52,6 +53,7 @@ from megatron_glm.parallel.layers import partition_dims
 from megatron_glm.serialization import CheckpointFileError, load_file
 from megatron_glm.training.checkpoint.deepspeed_files import (
     glm_name,
+    is_zero3,
     load_shards,
     mp_rank_of,
     optimizer_files,
@@ -118,6 +120,12 @@ def read_optimizer_state(
     tag_dir = Path(tag_dir)
     if (tag_dir / STORE).is_file():
         return FullOptimizerState.load(tag_dir / STORE)
+    if is_zero3(tag_dir):
+        raise CheckpointFileError(
+            f"{tag_dir}: ZeRO-3 optimizer state (Adam's moments partitioned per parameter over "
+            "the data-parallel ranks) is not carried over; reshard with --no-optimizer (the "
+            "weights are read, Adam restarts)"
+        )
     tp = len(weight_shards)
     blobs = load_shards(tag_dir, mmap=True)
     found = [

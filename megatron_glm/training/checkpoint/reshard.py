@@ -46,9 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megatron_glm.serialization import CheckpointFileError, load_file
+from megatron_glm.serialization import load_file
 from megatron_glm.training.checkpoint.deepspeed_files import (
     checkpoint_layout,
+    glm_name,
     is_optimizer_file,
     is_zero3,
     layer_file_name,
@@ -56,6 +57,7 @@ from megatron_glm.training.checkpoint.deepspeed_files import (
     load_shards,
     model_state_files,
     model_states_name,
+    read_zero3_weights,
     split_layer_name,
 )
 from megatron_glm.training.checkpoint.latest import resolve_tag, write_latest
@@ -197,16 +199,17 @@ def read_weight_shards(tag_dir: str | os.PathLike[str]) -> list[dict[str, Tensor
 
     Pipeline layer files hold their layer's own ``state_dict``; layer ``i`` of the pipeline is
     ``layers.i`` of the model (the tied output head is not saved: it is the embedding).
-    ZeRO-3 checkpoints keep the weights as flat fp32 partitions inside the optimizer states, one
-    per data-parallel rank; they are refused here with a message saying so.
+    ZeRO-3 checkpoints (never pipelined: DeepSpeed's pipeline takes ZeRO 0-1) keep the weights
+    as flat fp32 partitions inside the optimizer-state files, one per data-parallel rank; each
+    TP rank's full fp32 tensors are gathered from them
+    (:func:`.deepspeed_files.read_zero3_weights`).
     """
     tag_dir = Path(tag_dir)
     if is_zero3(tag_dir):
-        raise CheckpointFileError(
-            f"{tag_dir}: a ZeRO-3 checkpoint (weights partitioned over data-parallel ranks) "
-            "cannot be merged or resharded here yet; resume it with the same layout, or "
-            "consolidate it with DeepSpeed's zero_to_fp32.py first"
-        )
+        return [
+            {glm_name(n, pipeline=False): t for n, t in read_zero3_weights(tag_dir, mp).items()}
+            for mp in range(len(model_state_files(tag_dir)))
+        ]
     layers = layer_files(tag_dir)
     if not layers:
         return [dict(b["module"]) for b in load_shards(tag_dir)]
@@ -308,7 +311,7 @@ def reshard_checkpoint(
 ) -> ReshardResult:
     """Rewrite the checkpoint ``load_dir/<tag>`` for (``tp``, ``pp``) in ``save_dir`` + ``latest``.
 
-    Any source layout (unpipelined or DeepSpeed pipeline files, any TP size, ZeRO 0-2) is read
+    Any source layout (unpipelined or DeepSpeed pipeline files, any TP size, ZeRO 0-3) is read
     back to the full model (:func:`read_weight_shards`) and written for the target
     (:func:`write_checkpoint`); its optimizer state, unless ``optimizer`` is False, goes into
     ``optimizer_state.pt`` (:func:`.optimizer_state.read_optimizer_state`). Every non-weight
