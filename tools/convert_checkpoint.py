@@ -3,7 +3,7 @@
     python tools/convert_checkpoint.py to-hf --load CKPT_DIR [--tag global_stepN] --save HF_DIR \
         [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
 
-``to-hf`` reads any (tp, pp) checkpoint of ZeRO stage 0-2 (ZeRO-3 is refused, naming why) and
+``to-hf`` reads any (tp, pp) checkpoint of ZeRO stage 0-3 (ZeRO-3's partitions are gathered) and
 writes a folder that ``transformers`` loads with ``trust_remote_code=True``
 (:mod:`megatron_glm.hf.export`). Prints the folder and what it holds.
 """

@@ -1,8 +1,8 @@
 """Export a checkpoint of ours as a Hugging Face folder in THUDM's GLM layout.
 
-Any (tp, pp) layout that :func:`~megatron_glm.training.checkpoint.read_full_state` merges is
-read back to the full model (ZeRO-3 is refused there), each tensor renamed to THUDM's key
-(``layers.0.word_embeddings.weight`` -> ``glm.word_embeddings.weight``, block ``i`` of ours is
+Any (tp, pp) layout that :func:`~megatron_glm.training.checkpoint.read_full_state` merges is read
+back to the full model (ZeRO-3's data-parallel partitions gathered), each tensor renamed to THUDM's
+key (``layers.0.word_embeddings.weight`` -> ``glm.word_embeddings.weight``, block ``i`` of ours is
 ``layers.i`` and THUDM's ``layers.(i-1)``), the fused QKV permuted from our per-head
 ``[heads, 3, d]`` rows to THUDM's ``[3, heads, d]``, cast, and written as safetensors files of at
 most ``max_shard_bytes`` each (one file, or ``model-0000k-of-0000n.safetensors`` with

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_hf_export_trained import assert_export_logits
 from test_training import TINY, run_workers
 
 from megatron_glm.config import load_config
+from megatron_glm.hf.export import export_to_hf
 from megatron_glm.model import tensor_parallel_layout
 from megatron_glm.serialization import CheckpointFileError
 from megatron_glm.training.checkpoint import is_zero3, read_full_state, reshard_checkpoint
@@ -78,6 +80,8 @@ def test_zero3_checkpoint_weights_are_gathered_and_reshard_to_zero0(tmp_path: Pa
     diff = _max_diff({n: zero0[n] for n in gathered}, gathered)
     print(f"ZeRO-3 gathered vs ZeRO-0 weights after 2 steps: max abs diff {diff:.3g}")
     assert diff <= 1e-6
+    export_to_hf(z3, tmp_path / "hf", tag=TAG)  # to-hf of a ZeRO-3 checkpoint: our logits
+    assert_export_logits(z3 / TAG, tmp_path / "hf", "dp 2 ZeRO-3")
 
     with pytest.raises(CheckpointFileError, match=r"ZeRO-3 optimizer state .* --no-optimizer"):
         reshard_checkpoint(z3, tmp_path / "refused", 1, layout)
