@@ -166,3 +166,20 @@ def test_vocabulary_padded_by_copying_last_row(hf_dir: Path, tmp_path: Path) -> 
     assert torch.equal(emb[:200], source)
     assert torch.equal(emb[200:], source[-1:].expand(56, -1))
     assert any("padded to 256" in w for w in result.warnings)
+
+
+def test_cli_from_hf(hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.convert_checkpoint import main
+
+    save = tmp_path / "ck"
+    main(["from-hf", "--load", str(hf_dir), "--save", str(save), "--tp", "2", "--pp", "2"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"{save / 'global_step0'}: ")
+    assert "at tp 2 x pp 2; vocabulary 256 rows; iteration 0, optimizer restarts" in out
+    assert sorted(p.name for p in (save / "global_step0").glob("mp_rank_*")) == [
+        f"mp_rank_0{i}_model_states.pt" for i in range(4)
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["from-hf", "--load", str(tmp_path / "nowhere"), "--save", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert f"error: {tmp_path / 'nowhere'}: no config.json" in capsys.readouterr().err
