@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file as load_safetensors
+from safetensors import safe_open
 from torch import Tensor
 
 from megatron_glm.config import ModelConfig, RunConfig, load_config, to_dict
@@ -115,36 +115,51 @@ def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConf
     return cfg, warnings
 
 
-def read_hf_weights(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of the folder, by its key as stored (sharded files merged)."""
+def iter_hf_weights(folder: Path) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor of the folder as ``(key as stored, tensor)``, one at a time: safetensors
+    are read tensor by tensor, ``.bin`` files memory-mapped, so the source is never held whole
+    next to the converted copy."""
     for name in WEIGHT_FILES:
         path = folder / name
         if path.is_file():
             break
     else:
         raise ValueError(f"{folder}: no weights (looked for {', '.join(WEIGHT_FILES)})")
-    if not name.endswith(".index.json"):
-        return _read_weight_file(path)
+    files = _index_shards(path) if name.endswith(".index.json") else [path]
+    for file in files:
+        yield from _iter_weight_file(file)
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files an index names (each in the folder: a name with a path is refused)."""
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{path}: not a weight index ({e})") from None
-    state: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        state.update(_read_weight_file(folder / shard))
-    return state
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise ValueError(f"{index}: shard {shard!r} is not a file name in the folder")
+    return [index.parent / shard for shard in shards]
 
 
-def _read_weight_file(path: Path) -> dict[str, Tensor]:
+def _iter_weight_file(path: Path) -> Iterator[tuple[str, Tensor]]:
+    if not path.is_file():
+        raise ValueError(f"{path}: weight file not found")
     if path.suffix == ".safetensors":
-        return load_safetensors(str(path))
-    blob = load_file(path)  # restricted unpickler: the folder is user input
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield key, f.get_tensor(key)
+        return
+    blob = load_file(path, mmap=True)  # restricted unpickler: the folder is user input
     if not isinstance(blob, dict) or not all(isinstance(v, Tensor) for v in blob.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
-    return dict(blob)
+    yield from blob.items()
 
 
-def convert_from_hf(weights: dict[str, Tensor], cfg: ModelConfig, where: Path) -> dict[str, Tensor]:
+def convert_from_hf(
+    weights: Iterable[tuple[str, Tensor]], cfg: ModelConfig, where: Path
+) -> dict[str, Tensor]:
     """Our full ``GLMModel`` state dict (fp32) from THUDM-named tensors; errors name the key."""
     table = {
         hf_key(name, cfg.num_layers).removeprefix(PREFIX): name
@@ -152,8 +167,7 @@ def convert_from_hf(weights: dict[str, Tensor], cfg: ModelConfig, where: Path) -
     }
     expected = _expected_shapes(cfg)
     full: dict[str, Tensor] = {}
-    for key in list(weights):
-        tensor = weights.pop(key)
+    for key, tensor in weights:
         name = table.get(key.removeprefix(PREFIX))
         if name is None:
             raise ValueError(f"{where}: unexpected key '{key}' (not a parameter of GLM)")
@@ -164,6 +178,8 @@ def convert_from_hf(weights: dict[str, Tensor], cfg: ModelConfig, where: Path) -
                 f"{where}: '{key}' has shape {tuple(tensor.shape)}, config.json implies "
                 f"{expected[name]}"
             )
+        if not tensor.is_floating_point():
+            raise ValueError(f"{where}: '{key}' has dtype {tensor.dtype}, expected a float dtype")
         tensor = tensor.to(torch.float32)
         if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
             tensor = qkv_from_thudm(tensor, cfg.num_attention_heads)
@@ -261,7 +277,7 @@ def import_from_hf(
     warnings += differ
     if cfg.num_layers % pp:
         raise ValueError(f"--pp {pp} does not divide num_layers {cfg.num_layers}")
-    full = convert_from_hf(read_hf_weights(src), cfg, src)
+    full = convert_from_hf(iter_hf_weights(src), cfg, src)
     source_rows = cfg.vocab_size
     cfg, padded = _pad_vocab(full, cfg, tp)
     warnings += padded

@@ -183,3 +183,31 @@ def test_cli_from_hf(hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
         main(["from-hf", "--load", str(tmp_path / "nowhere"), "--save", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert f"error: {tmp_path / 'nowhere'}: no config.json" in capsys.readouterr().err
+
+
+def test_sharded_safetensors(hf_dir: Path, model: GLMModel, tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    _checkpoint(root, model)
+    export = export_to_hf(root, tmp_path / "hf", max_shard_bytes=100_000, dtype="bf16")
+    assert len(export.weight_files) > 2
+    result = import_from_hf(tmp_path / "hf", tmp_path / "ck", pp=2)
+    back = read_full_state(result.tag_dir, tensor_parallel_layout(model.cfg))
+    for name, tensor in _original(model).items():
+        assert torch.equal(back[name], tensor.bfloat16().float()), name
+
+
+def test_planted_pickle_refused(hf_dir: Path, tmp_path: Path) -> None:
+    """``pytorch_model.bin`` is user input: a pickle that would run code is refused, naming it."""
+    import pickle
+
+    class Planted:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (print, ("code ran",))
+
+    folder = _copy(hf_dir, tmp_path / "hf")
+    (folder / "model.safetensors").unlink()
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"glm.word_embeddings.weight": Planted()}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: refused to load: .*type print"):
+        import_from_hf(folder, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
