@@ -6,6 +6,12 @@
 ``to-hf`` reads any (tp, pp) checkpoint of ZeRO stage 0-3 (ZeRO-3's partitions are gathered) and
 writes a folder that ``transformers`` loads with ``trust_remote_code=True``
 (:mod:`megatron_glm.hf.export`). Prints the folder and what it holds.
+
+    python tools/convert_checkpoint.py from-hf --load HF_DIR --save CKPT_DIR --tp N --pp M \
+        [--config RUN.yaml]
+
+``from-hf`` turns a GLM folder in THUDM's layout into a checkpoint of ours at (tp, pp) that
+``pretrain`` resumes from at iteration 0 with a fresh optimizer (:mod:`megatron_glm.hf.import_hf`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_glm.hf.export import DTYPES, export_to_hf, parse_size
+from megatron_glm.hf.import_hf import import_from_hf
 from megatron_glm.logs import setup_logging
 
 
@@ -27,12 +34,37 @@ def _parser() -> argparse.ArgumentParser:
     to_hf.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)"
     )
+    from_hf = sub.add_parser("from-hf", help="Hugging Face folder (THUDM layout) -> checkpoint")
+    from_hf.add_argument("--load", required=True, help="Hugging Face model folder")
+    from_hf.add_argument("--save", required=True, help="checkpoint directory to write")
+    from_hf.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    from_hf.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    from_hf.add_argument(
+        "--config", default=None, help="run config whose snapshot the checkpoint carries"
+    )
     return parser
+
+
+def _from_hf(args: argparse.Namespace) -> None:
+    result = import_from_hf(args.load, args.save, tp=args.tp, pp=args.pp, run_config=args.config)
+    rows, written = result.vocab_rows
+    padded = f" (padded from {rows})" if rows != written else ""
+    print(
+        f"{result.tag_dir}: {result.num_parameters:,} parameters at tp {args.tp} x pp {args.pp}; "
+        f"vocabulary {written} rows{padded}; iteration 0, optimizer restarts"
+        + "".join(f"\nwarning: {w}" for w in result.warnings)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "from-hf":
+        try:
+            _from_hf(args)
+        except ValueError as e:  # ConfigError and CheckpointFileError included
+            parser.exit(2, f"error: {e}\n")
+        return
     try:
         result = export_to_hf(
             args.load,

@@ -89,6 +89,14 @@ def qkv_to_thudm(tensor: Tensor, num_heads: int) -> Tensor:
     return grouped.transpose(0, 1).reshape(tensor.shape).contiguous()
 
 
+def qkv_from_thudm(tensor: Tensor, num_heads: int) -> Tensor:
+    """THUDM's fused QKV rows ``[3, heads, d]`` -> ours ``[heads, 3, d]`` (inverse of
+    :func:`qkv_to_thudm`)."""
+    rest = tensor.shape[1:]
+    grouped = tensor.reshape(3, num_heads, -1, *rest)  # [3, heads, d, ...]
+    return grouped.transpose(0, 1).reshape(tensor.shape).contiguous()
+
+
 def convert_state(
     full: dict[str, Tensor], cfg: ModelConfig, dtype: torch.dtype
 ) -> Iterator[tuple[str, Tensor]]:

@@ -1,0 +1,351 @@
+"""Import a GLM folder in THUDM's Hugging Face layout as a checkpoint of ours, at any (tp, pp).
+
+The inverse of :mod:`.export`: the key table is built from our model's own parameter names
+through :func:`.export.hf_key`, so the two directions cannot drift apart; a key is accepted with
+or without THUDM's ``glm.`` prefix (their ``GLMModel`` saves without it, the seq2seq wrapper
+with it). The fused QKV goes back from THUDM's ``[3, heads, d]`` rows to our per-head
+``[heads, 3, d]`` (:func:`.export.qkv_from_thudm`). Weights are read from safetensors (one file
+or sharded with its index) or from ``pytorch_model.bin`` (also sharded) through the restricted
+unpickler (:func:`megatron_glm.serialization.load_file`): a published folder is user input.
+Every tensor becomes fp32, the dtype our trainer keeps its master weights in.
+
+A missing, unexpected or misshapen key is an error naming it, never a silent random init.
+
+The result is written with :func:`~megatron_glm.training.checkpoint.write_checkpoint` and
+marked like a reshard with ``"optimizer_state": "dropped"``: ``pretrain`` loads the weights and
+restarts Adam, at iteration 0, with the LR schedule at step 0 (docs/design.md, "Hugging Face
+format").
+
+GeLU: our trainer computes the tanh form; THUDM's HF code (config without ``gelu_approximate``)
+the erf form. Importing such a model is allowed (the difference is below 1e-3 per activation)
+but logged as a warning and recorded in the checkpoint's marker (``"hf_gelu"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from megatron_glm.config import ModelConfig, RunConfig, load_config, to_dict
+from megatron_glm.hf.export import hf_key, qkv_from_thudm
+from megatron_glm.model import tensor_parallel_layout
+from megatron_glm.serialization import load_file
+from megatron_glm.training.checkpoint import (
+    CLIENT_STATE_VERSION,
+    write_checkpoint,
+    write_latest,
+)
+from megatron_glm.training.checkpoint.reshard import VOCAB_PARAM, repad_vocab
+
+logger = logging.getLogger(__name__)
+
+TAG = "global_step0"
+PREFIX = "glm."
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What :func:`import_from_hf` wrote."""
+
+    tag_dir: Path
+    model: ModelConfig
+    files: list[Path]
+    num_parameters: int
+    vocab_rows: tuple[int, int]
+    """(rows in the folder, rows written): they differ when padding was added for tp."""
+    warnings: list[str]
+
+
+def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConfig, list[str]]:
+    """Our ``ModelConfig`` from a THUDM ``config.json`` (and warnings about numerics)."""
+    if raw.get("model_type") != "glm":
+        raise ValueError(f"{where}: model_type {raw.get('model_type')!r} is not 'glm'")
+    for field, want in (("block_position_encoding", True), ("relative_encoding", False)):
+        if raw.get(field, want) != want:
+            raise ValueError(f"{where}: {field}={raw[field]!r} is not supported (needs {want})")
+    if float(raw.get("attention_scale", 1.0)) != 1.0:
+        raise ValueError(f"{where}: attention_scale={raw['attention_scale']!r} is not supported")
+    missing = [
+        f
+        for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")
+        if f not in raw
+    ]
+    if missing:
+        raise ValueError(f"{where}: config.json lacks {missing}")
+    cfg = ModelConfig(
+        num_layers=int(raw["num_layers"]),
+        hidden_size=int(raw["hidden_size"]),
+        num_attention_heads=int(raw["num_attention_heads"]),
+        ffn_hidden_size=raw.get("intermediate_size"),
+        vocab_size=int(raw["vocab_size"]),
+        max_position_embeddings=int(raw.get("max_sequence_length", 512)),
+        hidden_dropout=float(raw.get("output_dropout_prob", 0.1)),
+        attention_dropout=float(raw.get("attention_dropout_prob", 0.1)),
+        layernorm_epsilon=float(raw.get("layernorm_epsilon", 1e-5)),
+        init_method_std=float(raw.get("initializer_range", 0.02)),
+    )
+    warnings = []
+    gelu = raw.get("gelu_approximate", "none")
+    if gelu != "tanh":
+        warnings.append(
+            f"{where}: gelu_approximate={gelu!r} (erf GeLU, THUDM's) but this trainer computes "
+            "the tanh form: the imported model's logits differ slightly from the folder's"
+        )
+    embedding_dropout = raw.get("embedding_dropout_prob", cfg.hidden_dropout)
+    if float(embedding_dropout) != cfg.hidden_dropout:
+        warnings.append(
+            f"{where}: embedding_dropout_prob {embedding_dropout} differs from "
+            f"output_dropout_prob {cfg.hidden_dropout}; both use model.hidden_dropout"
+        )
+    return cfg, warnings
+
+
+def iter_hf_weights(folder: Path) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor of the folder as ``(key as stored, tensor)``, one at a time: safetensors
+    are read tensor by tensor, ``.bin`` files memory-mapped, so the source is never held whole
+    next to the converted copy."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if path.is_file():
+            break
+    else:
+        raise ValueError(f"{folder}: no weights (looked for {', '.join(WEIGHT_FILES)})")
+    files = _index_shards(path) if name.endswith(".index.json") else [path]
+    for file in files:
+        yield from _iter_weight_file(file)
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files an index names (each in the folder: a name with a path is refused)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise ValueError(f"{index}: shard {shard!r} is not a file name in the folder")
+    return [index.parent / shard for shard in shards]
+
+
+def _iter_weight_file(path: Path) -> Iterator[tuple[str, Tensor]]:
+    if not path.is_file():
+        raise ValueError(f"{path}: weight file not found")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield key, f.get_tensor(key)
+        return
+    blob = load_file(path, mmap=True)  # restricted unpickler: the folder is user input
+    if not isinstance(blob, dict) or not all(isinstance(v, Tensor) for v in blob.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    yield from blob.items()
+
+
+def convert_from_hf(
+    weights: Iterable[tuple[str, Tensor]], cfg: ModelConfig, where: Path
+) -> dict[str, Tensor]:
+    """Our full ``GLMModel`` state dict (fp32) from THUDM-named tensors; errors name the key."""
+    table = {
+        hf_key(name, cfg.num_layers).removeprefix(PREFIX): name
+        for name in tensor_parallel_layout(cfg)
+    }
+    expected = _expected_shapes(cfg)
+    full: dict[str, Tensor] = {}
+    for key, tensor in weights:
+        name = table.get(key.removeprefix(PREFIX))
+        if name is None:
+            raise ValueError(f"{where}: unexpected key '{key}' (not a parameter of GLM)")
+        if name in full:
+            raise ValueError(f"{where}: key '{key}' appears twice (with and without 'glm.')")
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(
+                f"{where}: '{key}' has shape {tuple(tensor.shape)}, config.json implies "
+                f"{expected[name]}"
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"{where}: '{key}' has dtype {tensor.dtype}, expected a float dtype")
+        tensor = tensor.to(torch.float32)
+        if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
+            tensor = qkv_from_thudm(tensor, cfg.num_attention_heads)
+        full[name] = tensor.contiguous()
+    missing = [hf_key(n, cfg.num_layers) for n in table.values() if n not in full]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing[:5]} (no random init)")
+    return full
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the (tp = 1) model, read off a meta-device build."""
+    from megatron_glm.model import GLMModel
+
+    with torch.device("meta"):
+        model = GLMModel(cfg, cfg.vocab_size)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _vocab_rows(rows: int, cfg: ModelConfig, tp: int) -> int:
+    multiple = cfg.make_vocab_size_divisible_by * tp
+    return -(-rows // multiple) * multiple
+
+
+RUN_FIELDS = ("name", "kernels", "activation_checkpointing", "make_vocab_size_divisible_by")
+"""Model fields that are choices of the run, not of the weights: taken from ``--config``."""
+
+
+def _with_run_choices(cfg: ModelConfig, run: RunConfig | None) -> tuple[ModelConfig, list[str]]:
+    """The folder's architecture with the run's choices; warnings where the run's own
+    architecture differs (the folder's wins: it is what the weights are)."""
+    if run is None:
+        return cfg, []
+    ours, theirs = to_dict(cfg), to_dict(run.model)
+    differ = [
+        f"{k}: --config {theirs[k]!r}, folder {ours[k]!r}"
+        for k in ours
+        if k not in RUN_FIELDS and k != "vocab_size" and ours[k] != theirs[k]
+    ]
+    warnings = [f"--config model differs from config.json ({'; '.join(differ)})"] if differ else []
+    return replace(
+        cfg,
+        name=run.model.name,
+        kernels=run.model.kernels,
+        activation_checkpointing=run.model.activation_checkpointing,
+        make_vocab_size_divisible_by=run.model.make_vocab_size_divisible_by,
+    ), warnings
+
+
+def _snapshot(cfg: ModelConfig, run: RunConfig | None) -> dict[str, Any]:
+    """The config snapshot: the run config's sections (if any) with the imported model."""
+    if run is None:
+        return {"model": to_dict(cfg)}
+    return to_dict(replace(run, model=cfg))
+
+
+def _client_base(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """DeepSpeed's bookkeeping and our client state of a run that has not started."""
+    return {
+        "version": CLIENT_STATE_VERSION,
+        "iteration": 0,
+        "consumed_samples": 0,
+        "lr_scheduler": {"num_steps": 0},
+        "config": snapshot,
+        "valid_history": [],
+        "global_steps": 0,
+        "global_samples": 0,
+        "skipped_steps": 0,
+        "dp_world_size": 1,
+    }
+
+
+def import_from_hf(
+    hf_dir: str | os.PathLike[str],
+    save_dir: str | os.PathLike[str],
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    run_config: str | os.PathLike[str] | None = None,
+) -> ImportResult:
+    """Write the THUDM-layout folder ``hf_dir`` as ``save_dir/global_step0`` + ``latest``.
+
+    Everything is read and checked before anything is written. ``run_config``: a run YAML
+    whose sections go into the checkpoint's config snapshot and whose model choices (kernels,
+    activation checkpointing, vocabulary padding multiple) apply; the architecture is the
+    folder's.
+    """
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tp and --pp must be >= 1, got tp {tp}, pp {pp}")
+    src = Path(hf_dir)
+    raw = _read_hf_config(src)
+    cfg, warnings = model_config_from_hf(raw, src / "config.json")
+    run: RunConfig | None = load_config(Path(run_config)) if run_config is not None else None
+    cfg, differ = _with_run_choices(cfg, run)
+    warnings += differ
+    if cfg.num_layers % pp:
+        raise ValueError(f"--pp {pp} does not divide num_layers {cfg.num_layers}")
+    full = convert_from_hf(iter_hf_weights(src), cfg, src)
+    source_rows = cfg.vocab_size
+    cfg, padded = _pad_vocab(full, cfg, tp)
+    warnings += padded
+    for text in warnings:
+        logger.warning("warning: %s", text)
+    gelu = "tanh" if raw.get("gelu_approximate") == "tanh" else "erf"
+    return _write(full, cfg, Path(save_dir), tp, pp, run, warnings, source_rows, src, gelu)
+
+
+def _read_hf_config(src: Path) -> dict[str, Any]:
+    path = src / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{src}: no config.json (not a Hugging Face model folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: top level must be an object")
+    return raw
+
+
+def _pad_vocab(full: dict[str, Tensor], cfg: ModelConfig, tp: int) -> tuple[ModelConfig, list[str]]:
+    """Pad the vocabulary rows to ``make_vocab_size_divisible_by * tp`` (the last row copied, as
+    :func:`~megatron_glm.training.checkpoint.reshard.repad_vocab`): equal TP shards."""
+    rows = _vocab_rows(cfg.vocab_size, cfg, tp)
+    if rows == cfg.vocab_size:
+        return cfg, []
+    for name in [n for n in full if n.endswith(VOCAB_PARAM)]:
+        full[name] = repad_vocab(full[name], rows)
+    warning = (
+        f"vocabulary of {cfg.vocab_size} rows padded to {rows} (a multiple of "
+        f"make_vocab_size_divisible_by {cfg.make_vocab_size_divisible_by} x tp {tp}) by "
+        "copying the last row"
+    )
+    return replace(cfg, vocab_size=rows), [warning]
+
+
+def _write(
+    full: dict[str, Tensor],
+    cfg: ModelConfig,
+    save_dir: Path,
+    tp: int,
+    pp: int,
+    run: RunConfig | None,
+    warnings: list[str],
+    source_rows: int,
+    src: Path,
+    gelu: str,
+) -> ImportResult:
+    dst = save_dir / TAG
+    if dst.exists() and any(dst.iterdir()):
+        raise ValueError(f"{dst} already exists and is not empty; choose another --save")
+    dst.mkdir(parents=True, exist_ok=True)
+    marker: dict[str, Any] = {
+        "from_tp": 1,
+        "to_tp": tp,
+        "optimizer_state": "dropped",
+        "source": f"hf:{src}",
+        "hf_gelu": gelu,
+        "warnings": list(warnings),
+    }
+    if pp > 1:
+        marker.update(from_pp=1, to_pp=pp)
+    layout = tensor_parallel_layout(cfg)
+    num_parameters = sum(t.numel() for t in full.values())
+    base = _client_base(_snapshot(cfg, run))
+    files = write_checkpoint(full, layout, dst, tp=tp, pp=pp, base=base, marker=marker)
+    write_latest(save_dir, TAG)
+    logger.info("imported %s into %s (tp %d, pp %d)", src, dst, tp, pp)
+    return ImportResult(dst, cfg, files, num_parameters, (source_rows, cfg.vocab_size), warnings)
