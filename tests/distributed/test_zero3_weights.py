@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from test_hf_export_trained import assert_export_logits
+from test_hf_export_trained import SHAPE, assert_export_logits
 from test_training import TINY, run_workers
 
 from megatron_glm.config import load_config
@@ -33,11 +32,6 @@ from megatron_glm.training.checkpoint import is_zero3, read_full_state, reshard_
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("training")]
 
 REPO = Path(__file__).resolve().parents[2]
-GLM_TINY = yaml.safe_load((REPO / "configs" / "model" / "glm-tiny.yaml").read_text())
-SHAPE = [
-    *(f"model.{k}={v}" for k, v in GLM_TINY.items() if k not in ("name", "vocab_size")),
-    "model.num_layers=4",
-]
 RUN = [
     *SHAPE,
     "model.hidden_dropout=0.0",
