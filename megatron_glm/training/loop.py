@@ -48,6 +48,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["Batch", "BatchSource", "NonFiniteLossError", "TrainResult", "Trainer"]
 
 
+def _discard(msg: str) -> None:
+    """A non-zero rank's sink for a caller-supplied ``log``."""
+
+
 class NonFiniteLossError(NonFiniteError):
     """Too many consecutive skipped updates (non-finite loss or gradients); names the step."""
 
@@ -160,7 +164,9 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.rank = rank
-        self._log_fn = log or logger.info
+        # The default goes through logging, whose handler picks the ranks (rank 0 unless every
+        # rank is asked for); a caller's own ``log`` gets rank 0's lines only, as ``print`` did.
+        self._log_fn = logger.info if log is None else (log if rank == 0 else _discard)
         self._bar: tqdm | None = None
         self.peak = device_peak_tflops(cfg.train.precision)
 

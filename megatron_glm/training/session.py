@@ -17,7 +17,6 @@ Order matters for exact resume and for clean failure:
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
 
@@ -35,10 +34,6 @@ from megatron_glm.training.loop import Trainer, TrainResult
 from megatron_glm.training.signals import LauncherWatch, StopConditions
 from megatron_glm.training.step import StepRunner, build_runner
 from megatron_glm.training.watchdog import Watchdog
-
-logger = logging.getLogger(__name__)
-"""The run's console lines (layout, model, steps, validation, checkpoints): INFO, shown on rank 0
-once the entry point has called :func:`megatron_glm.logs.setup_logging`."""
 
 SourceFactory = Callable[[int, int], tuple[BatchSource, int]]
 """(dp_rank, dp_size) -> (this rank's batch source, padded vocabulary size)."""
@@ -93,7 +88,8 @@ def train_in_group(
     ``watchdog`` (optional) is told of every micro-batch read, forward and optimizer step. Two
     torch warnings DeepSpeed causes are ignored for the duration of the call only
     (:func:`megatron_glm.compat.deepspeed.known_warnings_silenced`).
-    ``log`` receives the run's console lines; by default they are logged at INFO (:data:`logger`).
+    ``log`` receives the run's console lines (rank 0's); by default they are logged at INFO by
+    ``megatron_glm.training.loop``, and the logging set-up decides which ranks show them.
     """
     dims = ParallelDims.build(
         tp=cfg.parallel.tp, pp=cfg.parallel.pp, sequence_parallel=cfg.parallel.sequence_parallel
@@ -115,7 +111,7 @@ def train_in_group(
         flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_length),
         world_size=env.world_size,
         rank=env.rank,
-        log=log or logger.info,
+        log=log,
     )
     _log_run_header(trainer, cfg, dims, env, runner, vocab, device)
     load_dir = ckpt.resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)
