@@ -1,13 +1,16 @@
 """Export a checkpoint of ours as a Hugging Face folder in THUDM's GLM layout.
 
-Any (tp, pp) layout that :func:`~megatron_glm.training.checkpoint.read_full_state` merges is read
-back to the full model (ZeRO-3's data-parallel partitions gathered), each tensor renamed to THUDM's
-key (``layers.0.word_embeddings.weight`` -> ``glm.word_embeddings.weight``, block ``i`` of ours is
-``layers.i`` and THUDM's ``layers.(i-1)``), the fused QKV permuted from our per-head
-``[heads, 3, d]`` rows to THUDM's ``[3, heads, d]``, cast, and written as safetensors files of at
-most ``max_shard_bytes`` each (one file, or ``model-0000k-of-0000n.safetensors`` with
-``model.safetensors.index.json``, as ``transformers`` names them). Tensors are converted one at a
-time and a shard's tensors are released once written, so the converted copy never exists whole.
+Any (tp, pp) layout is read back to full (tp = 1) tensors one at a time
+(:class:`~megatron_glm.training.checkpoint.stream.StreamingState`: memory-mapped files, one
+pipeline layer at a time, merged over TP per parameter; ZeRO-3's data-parallel partitions are
+gathered whole), each tensor renamed to THUDM's key (``layers.0.word_embeddings.weight`` ->
+``glm.word_embeddings.weight``, block ``i`` of ours is ``layers.i`` and THUDM's
+``layers.(i-1)``), the fused QKV permuted from our per-head ``[heads, 3, d]`` rows to THUDM's
+``[3, heads, d]``, cast, and written straight to its place in a safetensors file
+(:mod:`.safetensors_stream`: the shards are planned from the checkpoint's shapes, so headers come
+first) of at most ``max_shard_bytes`` (one file, or ``model-0000k-of-0000n.safetensors`` with
+``model.safetensors.index.json``, as ``transformers`` names them). Peak memory is about one merged
+tensor (and the pages of the layer being read), neither the model nor a shard.
 
 The folder holds our ``configuration_glm.py`` and ``modeling_glm.py`` (copied from this package,
 referenced by ``auto_map``), so ``transformers`` loads it with ``trust_remote_code=True``. The
@@ -22,28 +25,24 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from megatron_glm.config import ModelConfig, from_dict
 from megatron_glm.data.tokenizer import load_tokenizer
 from megatron_glm.hf.configuration_glm import GLMConfig
+from megatron_glm.hf.safetensors_stream import ShardWriter, TensorSpec, plan_shards
 from megatron_glm.hf.tokenizer_export import AUTO_MAP as TOKENIZER_AUTO_MAP
 from megatron_glm.hf.tokenizer_export import export_tokenizer
 from megatron_glm.model import tensor_parallel_layout
 from megatron_glm.serialization import load_file
-from megatron_glm.training.checkpoint import (
-    model_state_files,
-    read_full_state,
-    resolve_tag,
-    saved_config,
-)
+from megatron_glm.training.checkpoint import model_state_files, resolve_tag, saved_config
+from megatron_glm.training.checkpoint.stream import StreamingState
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +97,10 @@ def qkv_from_thudm(tensor: Tensor, num_heads: int) -> Tensor:
 
 
 def convert_state(
-    full: dict[str, Tensor], cfg: ModelConfig, dtype: torch.dtype
+    tensors: Iterable[tuple[str, Tensor]], cfg: ModelConfig, dtype: torch.dtype
 ) -> Iterator[tuple[str, Tensor]]:
-    """``(THUDM key, tensor)`` pairs, consuming ``full`` one tensor at a time."""
-    for name in list(full):
-        tensor = full.pop(name)
+    """``(THUDM key, tensor)`` pairs from ``(our name, tensor)`` pairs, one at a time."""
+    for name, tensor in tensors:
         if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
             tensor = qkv_to_thudm(tensor, cfg.num_attention_heads)
         yield hf_key(name, cfg.num_layers), tensor.to(dtype).contiguous()
@@ -194,13 +192,20 @@ def export_to_hf(
     dst = Path(save_dir)
     if dst.exists() and any(dst.iterdir()):
         raise ValueError(f"{dst} already exists and is not empty; choose another --save")
-    full = read_full_state(src.tag_dir, tensor_parallel_layout(src.model))  # errors first
+    state = StreamingState(src.tag_dir, tensor_parallel_layout(src.model))  # errors first
+    vocab_rows = state.shapes["layers.0.word_embeddings.weight"][0]
+    num_parameters = sum(shape.numel() for shape in state.shapes.values())
+    specs = hf_specs(state.shapes, src.model, DTYPES[dtype])
+    created = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
-    vocab_rows = full["layers.0.word_embeddings.weight"].shape[0]
-    num_parameters = sum(t.numel() for t in full.values())
+    try:
+        files = write_safetensors(
+            convert_state(state, src.model, DTYPES[dtype]), specs, dst, max_shard_bytes
+        )
+    except BaseException:
+        _remove_partial(dst, created)  # e.g. replicated TP pieces that differ: no half folder
+        raise
     real_vocab, tokenizer = _write_tokenizer(src, dst)
-    tensors = convert_state(full, src.model, DTYPES[dtype])
-    files = write_safetensors(tensors, dst, max_shard_bytes)
     config = hf_config(src.model, vocab_rows, real_vocab)
     if (
         tokenizer == "exported"
@@ -217,52 +222,64 @@ def export_to_hf(
     return ExportResult(dst, files, num_parameters, vocab_rows, real_vocab, tokenizer)
 
 
+def hf_specs(
+    shapes: Mapping[str, torch.Size], cfg: ModelConfig, dtype: torch.dtype
+) -> list[TensorSpec]:
+    """The exported tensors' keys, dtype and shapes, in the order :func:`convert_state` yields
+    them (the QKV permutation keeps the shape)."""
+    return [TensorSpec(hf_key(n, cfg.num_layers), dtype, tuple(s)) for n, s in shapes.items()]
+
+
 def write_safetensors(
-    tensors: Iterator[tuple[str, Tensor]], dst: Path, max_shard_bytes: int
+    tensors: Iterable[tuple[str, Tensor]],
+    specs: list[TensorSpec],
+    dst: Path,
+    max_shard_bytes: int,
 ) -> list[Path]:
-    """Shards of at most ``max_shard_bytes`` (a bigger tensor gets its own), plus the index."""
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    written: list[Path] = []
-    weight_map: dict[str, int] = {}
-    total = 0
+    """Shards of at most ``max_shard_bytes`` (a bigger tensor gets its own), plus the index when
+    there are several; each tensor is written as it arrives (:mod:`.safetensors_stream`)."""
+    shards = plan_shards(specs, max_shard_bytes)
+    n = len(shards)
+    names = (
+        [SAFE_WEIGHTS]
+        if n == 1
+        else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    )
+    shard_of = {spec.name: k for k, shard in enumerate(shards) for spec in shard}
+    writers: dict[int, ShardWriter] = {}
     for key, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            written.append(_save_shard(shards[-1], dst, len(written)))
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        weight_map[key] = len(written)
-        size += nbytes
-        total += nbytes
-    written.append(_save_shard(shards[-1], dst, len(written)))
-    if len(written) == 1:
-        final = dst / SAFE_WEIGHTS
-        written[0].rename(final)
-        return [final]
-    return _name_shards(written, weight_map, total, dst)
-
-
-def _save_shard(shard: dict[str, Tensor], dst: Path, index: int) -> Path:
-    path = dst / f"shard-{index:05d}.tmp"
-    save_file(shard, str(path), metadata={"format": "pt"})
-    shard.clear()  # release the converted tensors
-    return path
-
-
-def _name_shards(tmp: list[Path], weight_map: dict[str, int], total: int, dst: Path) -> list[Path]:
-    """Rename the shards to ``model-0000k-of-0000n.safetensors`` and write the index."""
-    n = len(tmp)
-    names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    for path, name in zip(tmp, names, strict=True):
-        path.rename(dst / name)
-    index = {
-        "metadata": {"total_size": total},
-        "weight_map": {key: names[k] for key, k in sorted(weight_map.items())},
-    }
-    (dst / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if key not in shard_of:
+            raise ValueError(f"{dst}: tensor '{key}' is not in the planned export")
+        k = shard_of[key]
+        if k not in writers:
+            writers[k] = ShardWriter(dst / names[k], shards[k], {"format": "pt"})
+        writers[k].write(key, tensor)
+        if writers[k].complete:
+            writers.pop(k).close()
+    for writer in writers.values():
+        writer.close()  # raises: a planned tensor never came
+    missing = [name for name in names if not (dst / name).exists()]
+    if missing:
+        raise ValueError(f"{dst}: no tensor arrived for shard(s) {missing}")
+    if n > 1:
+        index = {
+            "metadata": {"total_size": sum(spec.nbytes for spec in specs)},
+            "weight_map": {key: names[k] for key, k in sorted(shard_of.items())},
+        }
+        (dst / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return [dst / name for name in names]
+
+
+def _remove_partial(dst: Path, created: bool) -> None:
+    """Remove what a failed export wrote (the folder was new or empty)."""
+    if created:
+        shutil.rmtree(dst, ignore_errors=True)
+        return
+    for path in dst.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _write_tokenizer(src: Checkpoint, dst: Path) -> tuple[int | None, str]:

@@ -9,7 +9,9 @@ or sharded with its index) or from ``pytorch_model.bin`` (also sharded) through 
 unpickler (:func:`megatron_glm.serialization.load_file`): a published folder is user input.
 Every tensor becomes fp32, the dtype our trainer keeps its master weights in.
 
-A missing, unexpected or misshapen key is an error naming it, never a silent random init.
+A missing, unexpected or misshapen key is an error naming it, never a silent random init. The
+folder is checked from its metadata before anything is written, then read one tensor at a time
+as each output file is built (:mod:`.hf_weights`), so the model is never held whole.
 
 The result is written with :func:`~megatron_glm.training.checkpoint.write_checkpoint` and
 marked like a reshard with ``"optimizer_state": "dropped"``: ``pretrain`` loads the weights and
@@ -26,36 +28,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-from torch import Tensor
-
 from megatron_glm.config import ModelConfig, RunConfig, load_config, to_dict
-from megatron_glm.hf.export import hf_key, qkv_from_thudm
+from megatron_glm.hf.hf_weights import HFWeights, plan_weights, scan_weights
 from megatron_glm.model import tensor_parallel_layout
-from megatron_glm.serialization import load_file
 from megatron_glm.training.checkpoint import (
     CLIENT_STATE_VERSION,
     write_checkpoint,
     write_latest,
 )
-from megatron_glm.training.checkpoint.reshard import VOCAB_PARAM, repad_vocab
 
 logger = logging.getLogger(__name__)
 
 TAG = "global_step0"
-PREFIX = "glm."
-WEIGHT_FILES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
 
 
 @dataclass(frozen=True)
@@ -113,90 +102,6 @@ def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConf
             f"output_dropout_prob {cfg.hidden_dropout}; both use model.hidden_dropout"
         )
     return cfg, warnings
-
-
-def iter_hf_weights(folder: Path) -> Iterator[tuple[str, Tensor]]:
-    """Every tensor of the folder as ``(key as stored, tensor)``, one at a time: safetensors
-    are read tensor by tensor, ``.bin`` files memory-mapped, so the source is never held whole
-    next to the converted copy."""
-    for name in WEIGHT_FILES:
-        path = folder / name
-        if path.is_file():
-            break
-    else:
-        raise ValueError(f"{folder}: no weights (looked for {', '.join(WEIGHT_FILES)})")
-    files = _index_shards(path) if name.endswith(".index.json") else [path]
-    for file in files:
-        yield from _iter_weight_file(file)
-
-
-def _index_shards(index: Path) -> list[Path]:
-    """The shard files an index names (each in the folder: a name with a path is refused)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
-    for shard in shards:
-        if not isinstance(shard, str) or Path(shard).name != shard:
-            raise ValueError(f"{index}: shard {shard!r} is not a file name in the folder")
-    return [index.parent / shard for shard in shards]
-
-
-def _iter_weight_file(path: Path) -> Iterator[tuple[str, Tensor]]:
-    if not path.is_file():
-        raise ValueError(f"{path}: weight file not found")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield key, f.get_tensor(key)
-        return
-    blob = load_file(path, mmap=True)  # restricted unpickler: the folder is user input
-    if not isinstance(blob, dict) or not all(isinstance(v, Tensor) for v in blob.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
-    yield from blob.items()
-
-
-def convert_from_hf(
-    weights: Iterable[tuple[str, Tensor]], cfg: ModelConfig, where: Path
-) -> dict[str, Tensor]:
-    """Our full ``GLMModel`` state dict (fp32) from THUDM-named tensors; errors name the key."""
-    table = {
-        hf_key(name, cfg.num_layers).removeprefix(PREFIX): name
-        for name in tensor_parallel_layout(cfg)
-    }
-    expected = _expected_shapes(cfg)
-    full: dict[str, Tensor] = {}
-    for key, tensor in weights:
-        name = table.get(key.removeprefix(PREFIX))
-        if name is None:
-            raise ValueError(f"{where}: unexpected key '{key}' (not a parameter of GLM)")
-        if name in full:
-            raise ValueError(f"{where}: key '{key}' appears twice (with and without 'glm.')")
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(
-                f"{where}: '{key}' has shape {tuple(tensor.shape)}, config.json implies "
-                f"{expected[name]}"
-            )
-        if not tensor.is_floating_point():
-            raise ValueError(f"{where}: '{key}' has dtype {tensor.dtype}, expected a float dtype")
-        tensor = tensor.to(torch.float32)
-        if name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
-            tensor = qkv_from_thudm(tensor, cfg.num_attention_heads)
-        full[name] = tensor.contiguous()
-    missing = [hf_key(n, cfg.num_layers) for n in table.values() if n not in full]
-    if missing:
-        raise ValueError(f"{where}: missing key(s) {missing[:5]} (no random init)")
-    return full
-
-
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the (tp = 1) model, read off a meta-device build."""
-    from megatron_glm.model import GLMModel
-
-    with torch.device("meta"):
-        model = GLMModel(cfg, cfg.vocab_size)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def _vocab_rows(rows: int, cfg: ModelConfig, tp: int) -> int:
@@ -277,10 +182,12 @@ def import_from_hf(
     warnings += differ
     if cfg.num_layers % pp:
         raise ValueError(f"--pp {pp} does not divide num_layers {cfg.num_layers}")
-    full = convert_from_hf(iter_hf_weights(src), cfg, src)
+    planned = plan_weights(scan_weights(src), cfg, src)  # every check; no tensor read yet
     source_rows = cfg.vocab_size
-    cfg, padded = _pad_vocab(full, cfg, tp)
+    cfg, padded = _pad_vocab(cfg, tp)
     warnings += padded
+    full = HFWeights(planned, cfg, cfg.vocab_size)
+    full.check_splits(tensor_parallel_layout(cfg), tp)
     for text in warnings:
         logger.warning("warning: %s", text)
     gelu = "tanh" if raw.get("gelu_approximate") == "tanh" else "erf"
@@ -300,14 +207,13 @@ def _read_hf_config(src: Path) -> dict[str, Any]:
     return raw
 
 
-def _pad_vocab(full: dict[str, Tensor], cfg: ModelConfig, tp: int) -> tuple[ModelConfig, list[str]]:
-    """Pad the vocabulary rows to ``make_vocab_size_divisible_by * tp`` (the last row copied, as
-    :func:`~megatron_glm.training.checkpoint.reshard.repad_vocab`): equal TP shards."""
+def _pad_vocab(cfg: ModelConfig, tp: int) -> tuple[ModelConfig, list[str]]:
+    """The vocabulary rows padded to ``make_vocab_size_divisible_by * tp`` (the last row copied,
+    as :func:`~megatron_glm.training.checkpoint.reshard.repad_vocab`, when :class:`.HFWeights`
+    reads it): equal TP shards."""
     rows = _vocab_rows(cfg.vocab_size, cfg, tp)
     if rows == cfg.vocab_size:
         return cfg, []
-    for name in [n for n in full if n.endswith(VOCAB_PARAM)]:
-        full[name] = repad_vocab(full[name], rows)
     warning = (
         f"vocabulary of {cfg.vocab_size} rows padded to {rows} (a multiple of "
         f"make_vocab_size_divisible_by {cfg.make_vocab_size_divisible_by} x tp {tp}) by "
@@ -317,7 +223,7 @@ def _pad_vocab(full: dict[str, Tensor], cfg: ModelConfig, tp: int) -> tuple[Mode
 
 
 def _write(
-    full: dict[str, Tensor],
+    full: HFWeights,
     cfg: ModelConfig,
     save_dir: Path,
     tp: int,
@@ -343,7 +249,7 @@ def _write(
     if pp > 1:
         marker.update(from_pp=1, to_pp=pp)
     layout = tensor_parallel_layout(cfg)
-    num_parameters = sum(t.numel() for t in full.values())
+    num_parameters = full.num_parameters
     base = _client_base(_snapshot(cfg, run))
     files = write_checkpoint(full, layout, dst, tp=tp, pp=pp, base=base, marker=marker)
     write_latest(save_dir, TAG)

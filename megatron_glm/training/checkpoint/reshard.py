@@ -146,14 +146,16 @@ def merge_shards(
                 f"checkpoint tensor '{name}' is not a parameter of the model described by the "
                 "config (different architecture?)"
             )
-        full[name] = _merge_one(name, [shard[name] for shard in shards], layout[name])
+        full[name] = merge_tensor(name, [shard[name] for shard in shards], layout[name])
     missing = sorted(set(layout) - set(full))
     if missing:
         raise ValueError(f"checkpoint lacks model parameters {missing[:5]}")
     return full
 
 
-def _merge_one(name: str, parts: list[Tensor], dim: int | None) -> Tensor:
+def merge_tensor(name: str, parts: list[Tensor], dim: int | None) -> Tensor:
+    """One full tensor from its TP pieces: concatenated along ``dim``, or (replicated, ``dim``
+    None) the first piece after checking the others equal it."""
     if dim is not None:
         return torch.cat(parts, dim=dim)
     for rank, part in enumerate(parts[1:], start=1):
@@ -171,18 +173,22 @@ def split_state(
     """``tp`` shards of a full state dict (replicated tensors copied to every shard)."""
     shards: list[dict[str, Tensor]] = [{} for _ in range(tp)]
     for name, tensor in full.items():
-        dim = layout[name]
-        _check_splits(name, tensor, dim, tp)
-        pieces = [tensor] * tp if dim is None else [p.clone() for p in tensor.chunk(tp, dim=dim)]
-        for rank in range(tp):
-            shards[rank][name] = pieces[rank]
+        for rank, piece in enumerate(split_tensor(name, tensor, layout[name], tp)):
+            shards[rank][name] = piece
     return shards
 
 
-def _check_splits(name: str, tensor: Tensor, dim: int | None, tp: int) -> None:
-    if dim is not None and tensor.shape[dim] % tp:
+def split_tensor(name: str, tensor: Tensor, dim: int | None, tp: int) -> list[Tensor]:
+    """``tensor``'s ``tp`` TP pieces (its own copies; a replicated tensor itself, ``tp`` times)."""
+    check_splits(name, tensor.shape, dim, tp)
+    return [tensor] * tp if dim is None else [p.clone() for p in tensor.chunk(tp, dim=dim)]
+
+
+def check_splits(name: str, shape: torch.Size, dim: int | None, tp: int) -> None:
+    """ValueError naming the tensor unless its split dimension divides into ``tp`` pieces."""
+    if dim is not None and shape[dim] % tp:
         raise ValueError(
-            f"cannot split '{name}' {tuple(tensor.shape)} along dim {dim} into {tp} "
+            f"cannot split '{name}' {tuple(shape)} along dim {dim} into {tp} "
             f"equal shards (for the vocabulary: pad it to a multiple of {tp})"
         )
 
@@ -248,27 +254,36 @@ def write_checkpoint(
     base: Mapping[str, Any],
     marker: dict[str, Any],
 ) -> list[Path]:
-    """Write ``full`` as a (tp, pp) checkpoint tag in ``dst``; returns the files in write order.
+    """Write ``full`` as a (tp, pp) checkpoint tag in ``dst``; returns the files, the layer
+    files by TP rank then layer, then the ``mp_rank_XX`` files.
 
     pp = 1: ``mp_rank_TT`` with the TP shard under ``"module"`` (GLMModel names). pp > 1:
     DeepSpeed's pipeline layout, ``layer_II-model_TT`` per layer and TP rank (names inside the
     layer) plus ``mp_rank_XX`` for every model-parallel rank with ``"module": None``. Layer
     files do not depend on how layers are partitioned over the stages, so any partition loads.
+
+    One file is built at a time: pp = 1, each TP rank's shard in turn (``full[name]`` is looked
+    up once per rank and only that rank's piece kept); pp > 1, layer by layer (each tensor looked
+    up once, its pieces written to the layer's ``tp`` files). ``full`` may be a lazy mapping that
+    reads and converts a tensor on lookup (the Hugging Face import): then peak memory is one
+    output file plus one tensor, never the model.
     """
-    shards = split_state(full, layout, tp)
     if pp == 1:
         return [
-            _write_tp_shard(dst, rank, shard, base, marker, tp) for rank, shard in enumerate(shards)
+            _write_tp_shard(dst, rank, _tp_shard(full, layout, tp, rank), base, marker, tp)
+            for rank in range(tp)
         ]
-    written: list[Path] = []
-    for rank, shard in enumerate(shards):
-        by_layer: dict[int, dict[str, Tensor]] = {}
-        for name, tensor in shard.items():
-            index, inner = split_layer_name(name)
-            by_layer.setdefault(index, {})[inner] = tensor
-        for index, state in sorted(by_layer.items()):
-            written.append(dst / layer_file_name(index, rank))
-            torch.save(state, written[-1])
+    by_layer: dict[int, list[str]] = {}
+    for name in full:
+        by_layer.setdefault(split_layer_name(name)[0], []).append(name)
+    layer_paths: dict[tuple[int, int], Path] = {}
+    for index, names in sorted(by_layer.items()):
+        pieces = {name: split_tensor(name, full[name], layout[name], tp) for name in names}
+        for rank in range(tp):
+            state = {split_layer_name(n)[1]: p[rank] for n, p in pieces.items()}
+            layer_paths[rank, index] = dst / layer_file_name(index, rank)
+            torch.save(state, layer_paths[rank, index])
+    written = [layer_paths[key] for key in sorted(layer_paths)]
     for mp_rank in range(pp * tp):
         blob = _client_blob(base, marker, pp * tp)
         blob["module"] = None
@@ -276,6 +291,18 @@ def write_checkpoint(
         written.append(dst / model_states_name(mp_rank))
         torch.save(blob, written[-1])
     return written
+
+
+def _tp_shard(
+    full: Mapping[str, Tensor], layout: Mapping[str, int | None], tp: int, rank: int
+) -> dict[str, Tensor]:
+    """TP rank ``rank``'s shard, one tensor looked up at a time (its other pieces dropped)."""
+    shard: dict[str, Tensor] = {}
+    for name in full:
+        tensor, dim = full[name], layout[name]
+        check_splits(name, tensor.shape, dim, tp)
+        shard[name] = tensor if dim is None or tp == 1 else tensor.chunk(tp, dim=dim)[rank].clone()
+    return shard
 
 
 def _write_tp_shard(
@@ -392,8 +419,11 @@ class _Source:
         full = merge_shards(shards, layout)
         for name, tensor in full.items():
             rows = vocab_rows if name.endswith(VOCAB_PARAM) else None
-            _check_splits(
-                name, repad_vocab(tensor, rows) if rows else tensor, layout[name], target_tp
+            check_splits(
+                name,
+                repad_vocab(tensor, rows).shape if rows else tensor.shape,
+                layout[name],
+                target_tp,
             )
         state = read_optimizer_state(src, shards, layout, pp=src_pp) if optimizer else None
         repadded = _repad_all(full, state, vocab_rows)
