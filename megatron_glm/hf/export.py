@@ -195,16 +195,7 @@ def export_to_hf(
     state = StreamingState(src.tag_dir, tensor_parallel_layout(src.model))  # errors first
     vocab_rows = state.shapes["layers.0.word_embeddings.weight"][0]
     num_parameters = sum(shape.numel() for shape in state.shapes.values())
-    specs = hf_specs(state.shapes, src.model, DTYPES[dtype])
-    created = not dst.exists()
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        files = write_safetensors(
-            convert_state(state, src.model, DTYPES[dtype]), specs, dst, max_shard_bytes
-        )
-    except BaseException:
-        _remove_partial(dst, created)  # e.g. replicated TP pieces that differ: no half folder
-        raise
+    files = _write_weights(state, src.model, dst, DTYPES[dtype], max_shard_bytes)
     real_vocab, tokenizer = _write_tokenizer(src, dst)
     config = hf_config(src.model, vocab_rows, real_vocab)
     if (
@@ -220,6 +211,20 @@ def export_to_hf(
     (dst / "README.md").write_text(model_card(src, config, num_parameters, dtype))
     logger.info("exported %s to %s (%d weight files)", src.tag_dir, dst, len(files))
     return ExportResult(dst, files, num_parameters, vocab_rows, real_vocab, tokenizer)
+
+
+def _write_weights(
+    state: StreamingState, cfg: ModelConfig, dst: Path, dtype: torch.dtype, max_shard_bytes: int
+) -> list[Path]:
+    """The converted weights into ``dst`` (created); a failure removes what was written."""
+    specs = hf_specs(state.shapes, cfg, dtype)
+    created = not dst.exists()
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return write_safetensors(convert_state(state, cfg, dtype), specs, dst, max_shard_bytes)
+    except BaseException:
+        _remove_partial(dst, created)  # e.g. replicated TP pieces that differ: no half folder
+        raise
 
 
 def hf_specs(
