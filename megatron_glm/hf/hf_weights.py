@@ -12,7 +12,9 @@ file at a time, so the weights are read twice over, differently:
   ``get_tensor``; the ``.bin`` memory-mapped), makes it fp32, permutes THUDM's fused QKV rows
   ``[3, heads, d]`` back to ours ``[heads, 3, d]`` (:func:`.export.qkv_from_thudm`) and pads the
   vocabulary; :func:`~megatron_glm.training.checkpoint.write_checkpoint` looks tensors up as it
-  builds each output file, so peak memory is one output file plus one tensor.
+  builds each output file, so peak memory is one output file plus one tensor. (A ``.bin`` file
+  stays mapped while its tensors are read, so the pages read from it stay resident until the
+  next file: pickles cannot be read per tensor. safetensors files are opened per lookup.)
 
 The key table is built from our model's own parameter names through :func:`.export.hf_key`, so
 the two directions cannot drift apart; a key is accepted with or without THUDM's ``glm.`` prefix.
