@@ -211,7 +211,7 @@ def export_to_hf(
     config.to_json_file(dst / "config.json", use_diff=False)
     for name in REMOTE_CODE:
         shutil.copyfile(HF_DIR / name, dst / name)
-    _write_generation_config(src, dst)
+    _write_generation_config(src, dst, vocab_rows)
     (dst / "README.md").write_text(model_card(src, config, num_parameters, dtype))
     logger.info("exported %s to %s (%d weight files)", src.tag_dir, dst, len(files))
     return ExportResult(dst, files, num_parameters, vocab_rows, real_vocab, tokenizer)
@@ -281,8 +281,10 @@ def _write_tokenizer(src: Checkpoint, dst: Path) -> tuple[int | None, str]:
     return load_tokenizer(path).vocab_size, "exported"
 
 
-def _write_generation_config(src: Checkpoint, dst: Path) -> None:
-    """``generation_config.json``: eos/pad (and GLM's eop, which ends a generated span)."""
+def _write_generation_config(src: Checkpoint, dst: Path, vocab_rows: int) -> None:
+    """``generation_config.json``: eos/pad (and GLM's eop, which ends a generated span), and the
+    padding rows of the vocabulary suppressed: no tokenizer id, so ``generate`` never picks one
+    (our decoder does the same)."""
     values: dict[str, Any] = {"_from_model_config": False}
     if src.tokenizer_model is not None and src.tokenizer_model.exists():
         tok = load_tokenizer(src.tokenizer_model)
@@ -292,6 +294,8 @@ def _write_generation_config(src: Checkpoint, dst: Path) -> None:
             pad_token_id=tok.pad_id,
             decoder_start_token_id=tok.sop_id,
         )
+        if vocab_rows > tok.vocab_size:
+            values["suppress_tokens"] = list(range(tok.vocab_size, vocab_rows))
     (dst / "generation_config.json").write_text(json.dumps(values, indent=2) + "\n")
 
 

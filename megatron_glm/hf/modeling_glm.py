@@ -16,6 +16,7 @@ The GeLU is erf or tanh as ``config.gelu_approximate`` says (ours trains with ta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -307,6 +308,23 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
             "past_key_values": past_key_values,
             "use_cache": use_cache,
         }
+
+    def _update_model_kwargs_for_generation(
+        self,
+        outputs: ModelOutput,
+        model_kwargs: dict[str, Any],
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
+    ) -> dict[str, Any]:
+        """transformers' update (the cache, a 1 appended to the padding mask) without its
+        ``position_ids + 1``, wrong for GLM's part B: :meth:`prepare_inputs_for_generation`
+        extends the prompt's 2D positions itself."""
+        position_ids = model_kwargs.pop("position_ids", None)
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder, num_new_tokens
+        )
+        model_kwargs["position_ids"] = position_ids
+        return model_kwargs
 
 
 def extend_generation_positions(position_ids: Tensor | None, total: int) -> Tensor:
