@@ -333,4 +333,20 @@ out.logits  # [batch, seq, {config.vocab_size}]
 ```
 `position_ids` is `[batch, 2, seq]` (position, position inside a span); `attention_mask` the
 length of part A per row, or a full `[batch, seq, seq]` mask.
+
+## Generate (fill a blank)
+```python
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)
+model = AutoModelForSeq2SeqLM.from_pretrained("PATH", trust_remote_code=True)
+inputs = tokenizer.build_inputs_for_generation(["Return a [MASK] of the list."])
+out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+```
+Each text holds a `[MASK]`, `[sMASK]` (a sentence) or `[gMASK]` (continue the text, at its
+end); the prompt is the text and `[sop]`, and generation stops at `[eop]` (or
+`<|endoftext|>`; `generation_config.json`). Texts of different lengths are left-padded in one
+batch and decode as they would alone; a KV cache is used unless `use_cache=False`. Without the
+tokenizer, `modeling_glm.build_inputs_for_generation(token_ids, mask_token_ids=...,
+sop_token_id=..., pad_token_id=...)` builds the same inputs from ids.
 """
