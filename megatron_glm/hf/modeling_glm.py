@@ -206,10 +206,13 @@ class GLMModel(GLMPreTrainedModel):
         attention_mask: Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: object,
     ) -> GLMModelOutput:
         """``input_ids`` are the tokens after the ``past_key_values`` (when given): their
-        ``position_ids`` and mask rows (``[b, 1, s, past + s]`` for a full mask) only."""
+        ``position_ids`` and mask rows (``[b, 1, s, past + s]`` for a full mask) only.
+        ``logits_to_keep`` > 0 computes the logits of the last that many positions only
+        (``generate`` needs the last one; the head is a quarter of a glm-base prompt's cost)."""
         b, s = input_ids.shape
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -223,7 +226,8 @@ class GLMModel(GLMPreTrainedModel):
         mask = build_attention_mask(attention_mask, b, s, input_ids.device, past)
         embeddings = self.word_embeddings(input_ids)
         hidden = self.transformer(embeddings, position_ids, mask, past_key_values)
-        logits = F.linear(hidden, self.word_embeddings.weight) if self.output_predict else None
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = F.linear(kept, self.word_embeddings.weight) if self.output_predict else None
         return GLMModelOutput(
             last_hidden_states=hidden, logits=logits, mems=[], past_key_values=past_key_values
         )
@@ -257,12 +261,17 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
         labels: Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: object,
     ) -> CausalLMOutputWithPast:
-        out = self.glm(input_ids, position_ids, attention_mask, past_key_values, use_cache)
+        out = self.glm(
+            input_ids, position_ids, attention_mask, past_key_values, use_cache, logits_to_keep
+        )
         logits = out.logits
         if logits is None:
-            logits = F.linear(out.last_hidden_states, self.glm.word_embeddings.weight)
+            hidden = out.last_hidden_states
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            logits = F.linear(hidden, self.glm.word_embeddings.weight)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -278,6 +287,7 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
         position_ids: Tensor | None = None,
         generation_attention_mask: Tensor | None = None,
         use_cache: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: object,
     ) -> dict[str, object]:
         """The tokens not yet in the cache, their 2D positions and their rows of GLM's mask.
@@ -307,7 +317,26 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
             "attention_mask": mask,
             "past_key_values": past_key_values,
             "use_cache": use_cache,
+            "logits_to_keep": logits_to_keep,
         }
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.LongTensor, dict[str, Any]]:
+        """transformers' expansion (beams, ``num_return_sequences``), with GLM's
+        ``position_ids [b, 2, L]`` repeated on the batch dim: transformers takes a 3D
+        ``position_ids`` for multimodal ``[3, b, L]`` and would repeat dim 1."""
+        position_ids = model_kwargs.pop("position_ids", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(  # type: ignore[misc]
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if position_ids is not None:
+            model_kwargs["position_ids"] = position_ids.repeat_interleave(expand_size, dim=0)
+        return input_ids, model_kwargs
 
     def _update_model_kwargs_for_generation(
         self,

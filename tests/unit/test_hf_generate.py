@@ -191,6 +191,18 @@ def test_batched_equals_one_at_a_time(hf: torch.nn.Module) -> None:
         assert diff < 1e-5
 
 
+def test_beam_search_expands_the_2d_positions(hf: torch.nn.Module) -> None:
+    """Beams repeat ``position_ids [b, 2, L]`` on the batch dim (transformers' own expansion
+    takes a 3D one for multimodal ``[3, b, L]``): cached beams equal uncached ones, and the
+    best beam of a row in the batch equals that row's alone."""
+    prompts = _prompts("sentence")
+    beams = {"num_beams": 3, "eos_token_id": None}
+    cached = _generate(hf, prompts, **beams).sequences
+    assert torch.equal(cached, _generate(hf, prompts, use_cache=False, **beams).sequences)
+    alone = _generate(hf, prompts[1:2], **beams).sequences[0]
+    assert torch.equal(alone, cached[1, cached.shape[1] - alone.shape[0] :])
+
+
 def test_thudm_inputs_give_the_same_tokens(hf: torch.nn.Module) -> None:
     """THUDM's generate inputs (positions for the whole generation, generation_attention_mask
     ``[b, 1, L + n, L + n]``, as their tokenizer's build_inputs_for_generation makes them)."""
