@@ -11,6 +11,11 @@ in the corrupted text, row 1 the position inside a span: GLM's 2D encoding) and
 query i sees key j iff ``j < sep or j <= i``, or a full mask ``[b, s, s]`` / ``[b, 1, s, s]``
 (nonzero or True = may attend). A query row that sees no key outputs zeros, as in our trainer.
 The GeLU is erf or tanh as ``config.gelu_approximate`` says (ours trains with tanh).
+
+With ``past_key_values`` (a transformers ``Cache``; ``use_cache=True`` makes a ``DynamicCache``)
+the inputs are the new tokens only and a full mask has ``past + s`` columns.
+``GLMForConditionalGeneration.generate`` fills a blank with that cache (its docstring and
+:func:`build_inputs_for_generation` say how the prompt is laid out).
 """
 
 from __future__ import annotations

@@ -297,6 +297,24 @@ def test_tokenizer_helper_and_generation_config(tmp_path: Path, tiny_tokenizer_m
         row = out.sequences[i, width:].tolist()
         row = row[: row.index(tok.eop_id)] if tok.eop_id in row else row
         assert tok.decode(row) == fill_blank(model, tok, text, max_new_tokens=NEW)
+    first = out.sequences[0, width:].tolist()
+    first = first[: min(first.index(t) if t in first else NEW for t in (tok.eop_id, tok.eos_id))]
+    want_text = hf_tok.decode(first, skip_special_tokens=True)
+    print(f"card snippet fill: {want_text!r}")
+    assert _run_card_snippet(tmp_path / "hf", texts[0], max_new=NEW) == want_text
+
+
+def _run_card_snippet(folder: Path, text: str, max_new: int) -> object:
+    """The model card's generate() code run on the folder (stops at [eop] or <|endoftext|>,
+    the folder's generation config): the text its last line decodes."""
+    card = (folder / "README.md").read_text()
+    code = card.split("## Generate (fill a blank)\n```python\n")[1].split("```")[0]
+    code = code.replace('"PATH"', repr(str(folder))).replace("Return a [MASK] of the list.", text)
+    code = code.replace("max_new_tokens=32", f"max_new_tokens={max_new}")
+    *lines, last = code.strip().splitlines()
+    scope: dict[str, object] = {}
+    exec("\n".join([*lines, f"fill = {last}"]), scope)
+    return scope["fill"]
 
 
 def test_errors(hf: torch.nn.Module) -> None:
