@@ -207,7 +207,7 @@ def export_to_hf(
     config.to_json_file(dst / "config.json", use_diff=False)
     for name in REMOTE_CODE:
         shutil.copyfile(HF_DIR / name, dst / name)
-    _write_generation_config(src, dst)
+    _write_generation_config(src, dst, vocab_rows)
     (dst / "README.md").write_text(model_card(src, config, num_parameters, dtype))
     logger.info("exported %s to %s (%d weight files)", src.tag_dir, dst, len(files))
     return ExportResult(dst, files, num_parameters, vocab_rows, real_vocab, tokenizer)
@@ -303,8 +303,10 @@ def _write_tokenizer(src: Checkpoint, dst: Path) -> tuple[int | None, str]:
     return load_tokenizer(path).vocab_size, "exported"
 
 
-def _write_generation_config(src: Checkpoint, dst: Path) -> None:
-    """``generation_config.json``: eos/pad (and GLM's eop, which ends a generated span)."""
+def _write_generation_config(src: Checkpoint, dst: Path, vocab_rows: int) -> None:
+    """``generation_config.json``: eos/pad (and GLM's eop, which ends a generated span), and the
+    padding rows of the vocabulary suppressed: no tokenizer id, so ``generate`` never picks one
+    (our decoder does the same)."""
     values: dict[str, Any] = {"_from_model_config": False}
     if src.tokenizer_model is not None and src.tokenizer_model.exists():
         tok = load_tokenizer(src.tokenizer_model)
@@ -314,6 +316,8 @@ def _write_generation_config(src: Checkpoint, dst: Path) -> None:
             pad_token_id=tok.pad_id,
             decoder_start_token_id=tok.sop_id,
         )
+        if vocab_rows > tok.vocab_size:
+            values["suppress_tokens"] = list(range(tok.vocab_size, vocab_rows))
     (dst / "generation_config.json").write_text(json.dumps(values, indent=2) + "\n")
 
 
@@ -351,4 +355,20 @@ out.logits  # [batch, seq, {config.vocab_size}]
 ```
 `position_ids` is `[batch, 2, seq]` (position, position inside a span); `attention_mask` the
 length of part A per row, or a full `[batch, seq, seq]` mask.
+
+## Generate (fill a blank)
+```python
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)
+model = AutoModelForSeq2SeqLM.from_pretrained("PATH", trust_remote_code=True)
+inputs = tokenizer.build_inputs_for_generation(["Return a [MASK] of the list."])
+out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+```
+Each text holds a `[MASK]`, `[sMASK]` (a sentence) or `[gMASK]` (continue the text, at its
+end); the prompt is the text and `[sop]`, and generation stops at `[eop]` (or
+`<|endoftext|>`; `generation_config.json`). Texts of different lengths are left-padded in one
+batch and decode as they would alone; a KV cache is used unless `use_cache=False`. Without the
+tokenizer, `modeling_glm.build_inputs_for_generation(token_ids, mask_token_ids=...,
+sop_token_id=..., pad_token_id=...)` builds the same inputs from ids.
 """

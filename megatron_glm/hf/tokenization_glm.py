@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import sentencepiece as spm
-from transformers import PreTrainedTokenizer
+from transformers import BatchEncoding, PreTrainedTokenizer
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 SPECIAL_TOKENS = (
@@ -134,6 +134,38 @@ class GLMTokenizer(PreTrainedTokenizer):
             return str(self.sp_model.id_to_piece(index))
         return f"<pad:{index}>"
 
+    def build_inputs_for_generation(self, texts: str | list[str]) -> BatchEncoding:
+        """``model.generate`` inputs for texts with a blank each (THUDM's method, same purpose).
+
+        Each text (with ``[MASK]``, ``[sMASK]`` or ``[gMASK]``; the first is filled) becomes
+        part A, then ``[sop]``, rows left-padded: ``input_ids [b, L]``, ``position_ids
+        [b, 2, L]`` (part A 0..n-1 with block 0; [sop] at the mask's index with block 1) and
+        the padding ``attention_mask [b, L]``, as torch tensors. modeling_glm's
+        ``build_inputs_for_generation`` builds the same from ids (this file cannot import it:
+        a tokenizer folder travels without the model's code). Unlike THUDM's, it takes the
+        texts, not a ``BatchEncoding``, and no ``max_gen_length``: the model extends the
+        positions itself while generating.
+        """
+        rows = [self._generation_row(t, i) for i, t in enumerate(_as_list(texts))]
+        width = max(len(ids) for ids, _, _ in rows)
+        batch: dict[str, list[Any]] = {"input_ids": [], "position_ids": [], "attention_mask": []}
+        for ids, positions, blocks in rows:
+            pad = width - len(ids)
+            batch["input_ids"].append([self.pad_token_id] * pad + ids)
+            batch["position_ids"].append([[0] * pad + positions, [0] * pad + blocks])
+            batch["attention_mask"].append([0] * pad + [1] * len(ids))
+        return BatchEncoding(batch, tensor_type="pt")
+
+    def _generation_row(self, text: str, row: int) -> tuple[list[int], list[int], list[int]]:
+        """(ids, positions, block positions) of one prompt: part A, then [sop]."""
+        ids = self.encode_ids(text)
+        masks = {int(self.sp_model.piece_to_id(m)) for m in SPECIAL_TOKENS[1:4]}
+        found = [i for i, t in enumerate(ids) if t in masks]
+        if not found:
+            raise ValueError(f"text {row} holds no [MASK]/[sMASK]/[gMASK]: nothing to fill")
+        n = len(ids)
+        return [*ids, self.sop_token_id], [*range(n), found[0]], [0] * n + [1]
+
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None
     ) -> list[int]:
@@ -189,6 +221,10 @@ class GLMTokenizer(PreTrainedTokenizer):
         if os.path.abspath(self.vocab_file) != os.path.abspath(out):
             shutil.copyfile(self.vocab_file, out)
         return (out,)
+
+
+def _as_list(texts: str | list[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
 
 
 def _without_dummy_prefix(sp: spm.SentencePieceProcessor) -> spm.SentencePieceProcessor:
