@@ -118,7 +118,7 @@ def hf_config(cfg: ModelConfig, vocab_rows: int, real_vocab: int | None) -> GLMC
         embedding_dropout_prob=cfg.hidden_dropout,
         attention_dropout_prob=cfg.attention_dropout,
         output_dropout_prob=cfg.hidden_dropout,
-        max_sequence_length=cfg.max_position_embeddings,
+        max_sequence_length=cfg.max_position_embeddings - 1,  # THUDM's tables: this + 1 rows
         initializer_range=cfg.init_method_std,
         layernorm_epsilon=cfg.layernorm_epsilon,
         gelu_approximate="tanh",
@@ -315,7 +315,7 @@ tied head |
 | parameters | {num_parameters:,} |
 | vocabulary | {config.vocab_size} rows (padded; `vocab_size`), {config.real_vocab_size} real \
 tokens (`real_vocab_size`) |
-| max sequence length | {cfg.max_position_embeddings} |
+| position rows | {cfg.max_position_embeddings} (`max_sequence_length` + 1, as THUDM's) |
 | weights | {dtype} |
 | training iterations | {src.iteration} |
 | consumed samples | {src.consumed_samples} |

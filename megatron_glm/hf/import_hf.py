@@ -93,7 +93,8 @@ def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConf
         num_attention_heads=int(raw["num_attention_heads"]),
         ffn_hidden_size=raw.get("intermediate_size"),
         vocab_size=int(raw["vocab_size"]),
-        max_position_embeddings=int(raw.get("max_sequence_length", 512)),
+        # THUDM's position tables have max_sequence_length + 1 rows (block_position_encoding)
+        max_position_embeddings=int(raw.get("max_sequence_length", 512)) + 1,
         hidden_dropout=float(raw.get("output_dropout_prob", 0.1)),
         attention_dropout=float(raw.get("attention_dropout_prob", 0.1)),
         layernorm_epsilon=float(raw.get("layernorm_epsilon", 1e-5)),

@@ -122,8 +122,11 @@ class GLMStack(nn.Module):
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
-        h, p = config.hidden_size, config.max_sequence_length
+        # THUDM's GLMStack: max_sequence_length + 1 rows with block positions (a span of the
+        # longest row has block positions up to max_sequence_length), else max_sequence_length
         self.block_position_encoding = config.block_position_encoding
+        h = config.hidden_size
+        p = config.max_sequence_length + int(config.block_position_encoding)
         self.position_embeddings = nn.Embedding(p, h)
         if config.block_position_encoding:
             self.block_position_embeddings = nn.Embedding(p, h)
