@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,79 @@ def test_tp2_pp2_import_merges_to_tp1(
     assert sorted(merged) == sorted(tp1)
     for name, tensor in tp1.items():
         assert torch.equal(merged[name], tensor), name
+
+
+# ------------------------------------------------------------- the folder's tokenizer travels
+
+
+def _run_config(tmp_path: Path, tokenizer_model: Path) -> Path:
+    path = tmp_path / "run.yaml"
+    data = {"tokenizer_model": str(tokenizer_model), "seq_length": S}
+    path.write_text(json.dumps({"data": data}))
+    return path  # JSON is YAML
+
+
+def test_import_copies_the_folders_tokenizer(
+    imported: ImportResult, tokenizer_dir: Path, demo_corpus_path: Path
+) -> None:
+    """``CKPT_DIR/tokenizer/`` holds the folder's tokenizer.json, the snapshot's
+    ``data.tokenizer_model`` names it, and it encodes as the folder's does, specials included."""
+    from megatron_glm.training.checkpoint import saved_config
+
+    copied = imported.tokenizer
+    assert copied == imported.tag_dir.parent.resolve() / "tokenizer"
+    assert (copied / "tokenizer.json").read_bytes() == (
+        tokenizer_dir / "tokenizer.json"
+    ).read_bytes()
+    saved = saved_config(imported.tag_dir)
+    assert saved is not None and saved["data"]["tokenizer_model"] == str(copied)
+    ours, theirs = load_tokenizer(copied), load_tokenizer(tokenizer_dir)
+    text = _demo_texts(demo_corpus_path)[0][:200] + " [MASK] x [gMASK]"
+    assert ours.encode(text) == theirs.encode(text)
+    assert ours.special_ids() == theirs.special_ids()
+    assert ours.padded_vocab_size == imported.model.vocab_size
+
+
+def test_config_tokenizer_must_match_the_folders(
+    thudm_dir: Path, tokenizer_dir: Path, tiny_tokenizer_model: Path, tmp_path: Path
+) -> None:
+    """A ``--config`` naming another vocabulary is refused, naming both; the same vocabulary
+    (another copy of it) is accepted and the snapshot names the checkpoint's copy."""
+    other = _run_config(tmp_path, tiny_tokenizer_model)
+    with pytest.raises(ValueError, match="is not the vocabulary") as err:
+        import_from_hf(thudm_dir, tmp_path / "refused", run_config=other)
+    assert str(tiny_tokenizer_model) in str(err.value) and str(thudm_dir) in str(err.value)
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+    same = _run_config(tmp_path, tokenizer_dir)
+    result = import_from_hf(thudm_dir, tmp_path / "ok", run_config=same)
+    assert result.tokenizer == (tmp_path / "ok" / "tokenizer").resolve()
+
+
+def test_tokenizer_outside_the_embedding_refused(
+    tokenizer: HFTokenizer, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "small"
+    folder.mkdir()
+    rows = 1024  # fewer embedding rows than the tokenizer has tokens
+    (folder / "config.json").write_text(json.dumps(thudm_config(rows)))
+    save_file(thudm_weights(rows), str(folder / "model.safetensors"))
+    (folder / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(
+        ValueError, match=rf"tokenizer of {tokenizer.vocab_size} tokens but the weights have only"
+    ):
+        import_from_hf(folder, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_sentencepiece_of_an_export_is_copied(tiny_tokenizer_model: Path, tmp_path: Path) -> None:
+    """Our own export carries ``tokenizer.model`` (SentencePiece): the import takes that file."""
+    from megatron_glm.hf.export import export_to_hf
+    from tests.unit.test_hf_export import _cfg, _checkpoint
+
+    vocab = load_tokenizer(tiny_tokenizer_model).padded_vocab_size
+    model = build_model(replace(_cfg(), vocab_size=vocab), seed=1)
+    _checkpoint(tmp_path / "src", model, data={"tokenizer_model": str(tiny_tokenizer_model)})
+    export_to_hf(tmp_path / "src", tmp_path / "hf")
+    result = import_from_hf(tmp_path / "hf", tmp_path / "ck")
+    assert result.tokenizer == (tmp_path / "ck" / "tokenizer" / "tokenizer.model").resolve()
+    assert result.tokenizer.read_bytes() == tiny_tokenizer_model.read_bytes()
