@@ -91,7 +91,7 @@ def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConf
         if f not in raw
     ]
     if missing:
-        raise ValueError(f"{where}: config.json lacks {missing}")
+        raise ValueError(f"{where}: missing field(s) {missing}")
     cfg = ModelConfig(
         num_layers=int(raw["num_layers"]),
         hidden_size=int(raw["hidden_size"]),

@@ -211,3 +211,44 @@ def test_planted_pickle_refused(hf_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"pytorch_model.bin: refused to load: .*type print"):
         import_from_hf(folder, tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda raw: raw.pop("num_layers"), r"config.json: missing field\(s\) \['num_layers'\]"),
+        (lambda raw: raw.update(relative_encoding=True), r"config.json: relative_encoding=True"),
+        (
+            lambda raw: raw.update(block_position_encoding=False),
+            r"config.json: block_position_encoding=False is not supported",
+        ),
+        (lambda raw: raw.update(attention_scale=2.0), r"config.json: attention_scale=2.0"),
+    ],
+)
+def test_config_json_refusals_name_the_field(
+    hf_dir: Path, tmp_path: Path, edit: object, message: str
+) -> None:
+    folder = _copy(hf_dir, tmp_path / "hf")
+    raw = json.loads((folder / "config.json").read_text())
+    edit(raw)  # type: ignore[operator]
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        import_from_hf(folder, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_folder_and_layout_refusals_name_what_is_wrong(hf_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--pp 3 does not divide num_layers 4"):
+        import_from_hf(hf_dir, tmp_path / "ck", pp=3)
+    folder = _copy(hf_dir, tmp_path / "hf")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=rf"^{folder / 'config.json'}: invalid JSON"):
+        import_from_hf(folder, tmp_path / "ck")
+    shutil.copyfile(hf_dir / "config.json", folder / "config.json")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=rf"^{folder}: no weights \(looked for model.safetensors"):
+        import_from_hf(folder, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+    import_from_hf(hf_dir, tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"global_step0 already exists and is not empty"):
+        import_from_hf(hf_dir, tmp_path / "ck")
