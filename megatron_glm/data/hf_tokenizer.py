@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
-from megatron_glm.data.tokenizer import SPECIAL_TOKENS, TokenizerError
+from megatron_glm.data.tokenizer import SPECIAL_TOKENS, SpecialIdsMixin, TokenizerError
 
 TOKENIZER_FILE = "tokenizer.json"
 _UNK_TOKENS = ("[UNK]", "<unk>")
 """Unknown-token spellings looked up for ``unk_id``; byte-level BPE has none (eos stands in)."""
 
 
-class HFTokenizer:
+class HFTokenizer(SpecialIdsMixin):
     """GLM's tokenizer interface over a ``tokenizer.json`` (see module docstring).
 
     Picklable (``tokenizers`` serialises its model), so preprocessing workers can receive one.
@@ -65,18 +65,7 @@ class HFTokenizer:
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         multiple = make_vocab_size_divisible_by * tp
         self.padded_vocab_size: int = -(-self.vocab_size // multiple) * multiple
-        ids = {t: _token_id(self._tok, t) for t in SPECIAL_TOKENS}
-        (
-            self.cls_id,
-            self.mask_id,
-            self.smask_id,
-            self.gmask_id,
-            self.sop_id,
-            self.eop_id,
-            self.eos_id,
-        ) = (ids[t] for t in SPECIAL_TOKENS)
-        self.pad_id: int = self.eos_id
-        self._special_ids = ids
+        self._set_special_ids({t: _token_id(self._tok, t) for t in SPECIAL_TOKENS})
         self.unk_id: int = next(
             (i for t in _UNK_TOKENS if (i := self._tok.token_to_id(t)) is not None), self.eos_id
         )
@@ -85,10 +74,6 @@ class HFTokenizer:
     def tokenizer(self) -> Tokenizer:
         """The wrapped ``tokenizers.Tokenizer`` (GLM's specials added)."""
         return self._tok
-
-    def special_ids(self) -> dict[str, int]:
-        """``{token text: id}`` for the 7 :data:`SPECIAL_TOKENS`."""
-        return dict(self._special_ids)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token strings inside it become their single id."""
