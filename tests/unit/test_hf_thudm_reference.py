@@ -375,3 +375,28 @@ def test_sentencepiece_of_an_export_is_copied(tiny_tokenizer_model: Path, tmp_pa
     result = import_from_hf(tmp_path / "hf", tmp_path / "ck")
     assert result.tokenizer == (tmp_path / "ck" / "tokenizer" / "tokenizer.model").resolve()
     assert result.tokenizer.read_bytes() == tiny_tokenizer_model.read_bytes()
+
+
+def test_modeling_file_loads_the_folder_with_thudms_logits(
+    thudm_dir: Path, tokenizer: HFTokenizer, demo_corpus_path: Path
+) -> None:
+    """Our remote code (``hf/modeling_glm.py``) reads the THUDM folder as published (no
+    ``gelu_approximate``: erf) and computes the reference forward's logits, erf GeLU included."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from megatron_glm.hf.modeling_glm import GLMForConditionalGeneration
+
+    hf = GLMForConditionalGeneration.from_pretrained(thudm_dir).eval()
+    w = load_file(str(thudm_dir / "model.safetensors"))
+    for task in TASKS:
+        batch = _rows(tokenizer, _demo_texts(demo_corpus_path), task)
+        with torch.no_grad():
+            got = hf(
+                batch["tokens"], position_ids=batch["position_ids"], attention_mask=batch["sep"]
+            )
+        want = reference_logits(w, batch["tokens"], batch["position_ids"], batch["sep"])
+        valid = _valid(batch)
+        diff = (got.logits[valid] - want[valid]).abs().max().item()
+        print(f"{task}: modeling_glm.py vs THUDM reference (erf) max abs diff {diff:.3g}")
+        assert diff < 1e-5
