@@ -58,7 +58,8 @@ def _from_hf(args: argparse.Namespace) -> None:
     )
     print(
         f"{result.tag_dir}: {result.num_parameters:,} parameters at tp {args.tp} x pp {args.pp}; "
-        f"vocabulary {written} rows{padded}; iteration 0, optimizer restarts\n{tokenizer}"
+        f"vocabulary {written} rows{padded}; iteration 0, optimizer restarts\n{tokenizer}\n"
+        f"GeLU {result.model.gelu} (the folder's form: set model.gelu: {result.model.gelu})"
         + "".join(f"\nwarning: {w}" for w in result.warnings)
     )
 

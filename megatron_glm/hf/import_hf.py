@@ -16,9 +16,9 @@ marked like a reshard with ``"optimizer_state": "dropped"``: ``pretrain`` loads 
 restarts Adam, at iteration 0, with the LR schedule at step 0 (docs/design.md, "Hugging Face
 format").
 
-GeLU: our trainer computes the tanh form; THUDM's HF code (config without ``gelu_approximate``)
-the erf form. Importing such a model is allowed (the difference is below 1e-3 per activation)
-but logged as a warning and recorded in the checkpoint's marker (``"hf_gelu"``).
+GeLU: THUDM's HF code (a config without ``gelu_approximate``) computes the erf form, our exports
+say ``"tanh"``; the imported ``ModelConfig.gelu`` is set to the folder's form, so the imported
+model computes the folder's logits (and trains on with that form).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from megatron_glm.config import ModelConfig, RunConfig, load_config, to_dict
+from megatron_glm.config import GeLUForm, ModelConfig, RunConfig, load_config, to_dict
 from megatron_glm.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from megatron_glm.hf.export import hf_key, qkv_from_thudm
 from megatron_glm.model import tensor_parallel_layout
@@ -104,14 +104,9 @@ def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConf
         attention_dropout=float(raw.get("attention_dropout_prob", 0.1)),
         layernorm_epsilon=float(raw.get("layernorm_epsilon", 1e-5)),
         init_method_std=float(raw.get("initializer_range", 0.02)),
+        gelu=_gelu_form(raw, where),
     )
     warnings = []
-    gelu = raw.get("gelu_approximate", "none")
-    if gelu != "tanh":
-        warnings.append(
-            f"{where}: gelu_approximate={gelu!r} (erf GeLU, THUDM's) but this trainer computes "
-            "the tanh form: the imported model's logits differ slightly from the folder's"
-        )
     embedding_dropout = raw.get("embedding_dropout_prob", cfg.hidden_dropout)
     if float(embedding_dropout) != cfg.hidden_dropout:
         warnings.append(
@@ -119,6 +114,14 @@ def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConf
             f"output_dropout_prob {cfg.hidden_dropout}; both use model.hidden_dropout"
         )
     return cfg, warnings
+
+
+def _gelu_form(raw: Mapping[str, Any], where: Path) -> GeLUForm:
+    """``ModelConfig.gelu`` from ``gelu_approximate``: absent or ``"none"`` is THUDM's erf."""
+    approximate = raw.get("gelu_approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{where}: gelu_approximate={approximate!r} is not 'none' or 'tanh'")
+    return "tanh" if approximate == "tanh" else "erf"
 
 
 def iter_hf_weights(folder: Path) -> Iterator[tuple[str, Tensor]]:
@@ -293,10 +296,9 @@ def import_from_hf(
     warnings += tokenizer_notes
     for text in warnings:
         logger.warning("warning: %s", text)
-    gelu = "tanh" if raw.get("gelu_approximate") == "tanh" else "erf"
     save = Path(save_dir)
     copied = _tokenizer_target(save, tokenizer) if tokenizer is not None else None
-    result = _write(full, cfg, save, tp, pp, run, warnings, source_rows, src, gelu, copied)
+    result = _write(full, cfg, save, tp, pp, run, warnings, source_rows, src, copied)
     if tokenizer is not None and copied is not None:
         _copy_tokenizer(tokenizer, copied)
     return replace(result, tokenizer=copied)
@@ -341,7 +343,6 @@ def _write(
     warnings: list[str],
     source_rows: int,
     src: Path,
-    gelu: str,
     tokenizer: Path | None = None,
 ) -> ImportResult:
     dst = save_dir / TAG
@@ -353,7 +354,6 @@ def _write(
         "to_tp": tp,
         "optimizer_state": "dropped",
         "source": f"hf:{src}",
-        "hf_gelu": gelu,
         "warnings": list(warnings),
     }
     if pp > 1:

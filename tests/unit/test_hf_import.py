@@ -133,7 +133,8 @@ def test_unknown_model_type_named(hf_dir: Path, tmp_path: Path) -> None:
 
 def test_unprefixed_bin_fp16_and_erf_gelu(hf_dir: Path, model: GLMModel, tmp_path: Path) -> None:
     """THUDM's ``GLMModel`` layout: no ``glm.`` prefix, ``pytorch_model.bin``, fp16, no
-    ``gelu_approximate`` (erf): loads the fp16-rounded weights and warns about the GeLU."""
+    ``gelu_approximate`` (erf): loads the fp16-rounded weights and the imported model config
+    computes the erf GeLU (no warning: nothing differs); an export of it says erf again."""
     folder = _copy(hf_dir, tmp_path / "hf")
     state = load_safetensors(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
@@ -147,9 +148,18 @@ def test_unprefixed_bin_fp16_and_erf_gelu(hf_dir: Path, model: GLMModel, tmp_pat
     back = read_full_state(result.tag_dir, tensor_parallel_layout(model.cfg))
     for name, tensor in _original(model).items():
         assert torch.equal(back[name], tensor.half().float()), name
-    assert len(result.warnings) == 1 and "erf" in result.warnings[0]
+    assert result.warnings == [] and result.model.gelu == "erf"
+    saved = saved_config(result.tag_dir)
+    assert saved is not None and saved["model"]["gelu"] == "erf"
     info = reshard_info(result.tag_dir)
-    assert info is not None and info["hf_gelu"] == "erf"
+    assert info is not None and "hf_gelu" not in info
+    export_to_hf(tmp_path / "ck", tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["gelu_approximate"] == "none"
+    raw["gelu_approximate"] = "exact"
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"config.json: gelu_approximate='exact' is not"):
+        import_from_hf(folder, tmp_path / "refused")
 
 
 def test_vocabulary_padded_by_copying_last_row(hf_dir: Path, tmp_path: Path) -> None:
