@@ -12,8 +12,10 @@ writes a folder that ``transformers`` loads with ``trust_remote_code=True``
 
 ``from-hf`` turns a GLM folder in THUDM's layout into a checkpoint of ours at (tp, pp) that
 ``pretrain`` resumes from at iteration 0 with a fresh optimizer (:mod:`megatron_glm.hf.import_hf`).
-The folder's tokenizer (``tokenizer.json``, or an export's SentencePiece ``tokenizer.model``) is
-copied to ``CKPT_DIR/tokenizer`` and printed: set ``data.tokenizer_model`` to it.
+The folder's tokenizer (``tokenizer.json``, an export's SentencePiece ``tokenizer.model``, or
+THUDM's ``vocab.txt`` / ``vocab.json`` + ``merges.txt`` converted to a ``tokenizer.json``) is
+copied to ``CKPT_DIR/tokenizer`` and printed: set ``data.tokenizer_model`` to it. The folder's GeLU
+form is printed too: set ``model.gelu`` to it in the run config.
 """
 
 from __future__ import annotations

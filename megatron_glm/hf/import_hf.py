@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ from torch import Tensor
 from megatron_glm.config import GeLUForm, ModelConfig, RunConfig, load_config, to_dict
 from megatron_glm.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from megatron_glm.hf.export import hf_key, qkv_from_thudm
+from megatron_glm.hf.thudm_tokenizer import convert_vocab_files, vocab_kind
 from megatron_glm.model import tensor_parallel_layout
 from megatron_glm.serialization import load_file
 from megatron_glm.training.checkpoint import (
@@ -292,15 +294,16 @@ def import_from_hf(
     source_rows = cfg.vocab_size
     cfg, padded = _pad_vocab(full, cfg, tp)
     warnings += padded
-    tokenizer, tokenizer_notes = folder_tokenizer(src, cfg, tp, run)
-    warnings += tokenizer_notes
-    for text in warnings:
-        logger.warning("warning: %s", text)
-    save = Path(save_dir)
-    copied = _tokenizer_target(save, tokenizer) if tokenizer is not None else None
-    result = _write(full, cfg, save, tp, pp, run, warnings, source_rows, src, copied)
-    if tokenizer is not None and copied is not None:
-        _copy_tokenizer(tokenizer, copied)
+    with tempfile.TemporaryDirectory(prefix="from-hf-tokenizer-") as scratch:
+        tokenizer, tokenizer_notes = folder_tokenizer(src, cfg, tp, run, Path(scratch))
+        warnings += tokenizer_notes
+        for text in warnings:
+            logger.warning("warning: %s", text)
+        save = Path(save_dir)
+        copied = _tokenizer_target(save, tokenizer) if tokenizer is not None else None
+        result = _write(full, cfg, save, tp, pp, run, warnings, source_rows, src, copied)
+        if tokenizer is not None and copied is not None:
+            _copy_tokenizer(tokenizer, copied)
     return replace(result, tokenizer=copied)
 
 
@@ -370,25 +373,33 @@ def _write(
 TOKENIZER_DIR = "tokenizer"
 """Where the folder's tokenizer goes: ``CKPT_DIR/tokenizer/`` (next to ``latest``)."""
 _VOCAB_ONLY_FILES = ("vocab.txt", "vocab.json", "merges.txt")
-"""THUDM's slow-tokenizer files: readable only through their remote code, so not taken."""
+"""THUDM's slow-tokenizer files: converted to a ``tokenizer.json`` when complete."""
 
 
 def folder_tokenizer(
-    src: Path, cfg: ModelConfig, tp: int, run: RunConfig | None
+    src: Path, cfg: ModelConfig, tp: int, run: RunConfig | None, scratch: Path | None = None
 ) -> tuple[Tokenizer | None, list[str]]:
     """The folder's own tokenizer, checked against the weights and ``--config``, and notes.
 
     Why: an imported model must train, preprocess and fill blanks on the vocabulary its
     embedding rows were trained with. Taken: a ``tokenizer.json`` (a Hugging Face folder, read
-    by :class:`~megatron_glm.data.hf_tokenizer.HFTokenizer`) or, failing that, the
-    SentencePiece ``tokenizer.model`` of an export of ours. A tokenizer whose ids would fall
-    outside the embedding is an error; so is a ``--config`` ``data.tokenizer_model`` with a
-    different vocabulary: training the folder's weights on other ids would be silently wrong.
+    by :class:`~megatron_glm.data.hf_tokenizer.HFTokenizer`), the SentencePiece
+    ``tokenizer.model`` of an export of ours, or THUDM's ``vocab.txt`` / ``vocab.json`` +
+    ``merges.txt`` converted into ``scratch`` (:mod:`.thudm_tokenizer`: GLM's specials at
+    THUDM's ids). A tokenizer whose ids would fall outside the embedding is an error; so is a
+    ``--config`` ``data.tokenizer_model`` with a different vocabulary: training the folder's
+    weights on other ids would be silently wrong.
     """
     if (src / "tokenizer.json").is_file():
         path = src
     elif (src / "tokenizer.model").is_file():
         path = src / "tokenizer.model"
+    elif scratch is not None and vocab_kind(src) is not None:
+        try:
+            path = convert_vocab_files(src, scratch / "converted")
+        except TokenizerError as e:
+            return None, [f"the folder's vocabulary files are not usable, not copied: {e}"]
+        logger.info("converted %s's %s vocabulary files to a tokenizer.json", src, vocab_kind(src))
     else:
         return None, _no_tokenizer_notes(src)
     kw = {"make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by, "tp": tp}
@@ -419,9 +430,9 @@ def _no_tokenizer_notes(src: Path) -> list[str]:
     if not vocab_only:
         return []
     return [
-        f"{src} holds {', '.join(vocab_only)} but no tokenizer.json: no tokenizer copied; "
-        "build a tokenizer.json from them with the tokenizers library and set "
-        "data.tokenizer_model to its folder"
+        f"{src} holds {', '.join(vocab_only)} but no tokenizer.json and not a complete "
+        "vocab.txt or vocab.json + merges.txt: no tokenizer copied; set data.tokenizer_model "
+        "to the model's tokenizer folder"
     ]
 
 
