@@ -419,3 +419,35 @@ def test_modeling_file_loads_the_folder_with_thudms_logits(
         diff = (got.logits[valid] - want[valid]).abs().max().item()
         print(f"{task}: modeling_glm.py vs THUDM reference (erf) max abs diff {diff:.3g}")
         assert diff < 1e-5
+
+
+def test_export_of_the_import_keeps_erf(
+    thudm_dir: Path,
+    imported: ImportResult,
+    tokenizer: HFTokenizer,
+    demo_corpus_path: Path,
+    tmp_path: Path,
+) -> None:
+    """``to-hf`` of the imported checkpoint writes ``gelu_approximate: "none"`` (from
+    ``model.gelu: erf``), and the exported folder loaded by ``transformers`` still computes
+    THUDM's logits."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from megatron_glm.hf.export import export_to_hf
+
+    export_to_hf(imported.tag_dir.parent, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["gelu_approximate"] == "none"
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(
+        tmp_path / "hf", trust_remote_code=True
+    ).eval()
+    w = load_file(str(thudm_dir / "model.safetensors"))
+    batch = _rows(tokenizer, _demo_texts(demo_corpus_path), "sentence")
+    with torch.no_grad():
+        got = hf(batch["tokens"], position_ids=batch["position_ids"], attention_mask=batch["sep"])
+    want = reference_logits(w, batch["tokens"], batch["position_ids"], batch["sep"])
+    valid = _valid(batch)
+    diff = (got.logits[valid] - want[valid]).abs().max().item()
+    print(f"export of the import vs THUDM reference (erf): max abs diff {diff:.3g}")
+    assert diff < 1e-5
