@@ -30,6 +30,7 @@ import yaml
 
 Precision = Literal["fp32", "bf16", "fp16"]
 KernelChoice = Literal["auto", "triton", "torch"]
+GeLUForm = Literal["tanh", "erf"]
 DecayStyle = Literal["cosine", "linear", "constant"]
 
 
@@ -90,6 +91,9 @@ class ModelConfig:
     """Epsilon added to the variance in every LayerNorm (a floor against division by zero)."""
     init_method_std: float = 0.02
     """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
+    gelu: GeLUForm = "tanh"
+    """The MLP's GeLU: tanh (the tanh approximation, Megatron's and GLM's training form) or erf
+    (the exact form THUDM's published Hugging Face models compute; from-hf sets it)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
     kernels: KernelChoice = "auto"
@@ -118,6 +122,7 @@ class ModelConfig:
         _require(
             self.kernels in ("auto", "triton", "torch"), "kernels", "one of auto, triton, torch"
         )
+        _require(self.gelu in ("tanh", "erf"), "gelu", "one of tanh, erf")
 
 
 _SPLIT_HINT = (

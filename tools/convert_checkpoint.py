@@ -12,6 +12,10 @@ writes a folder that ``transformers`` loads with ``trust_remote_code=True``
 
 ``from-hf`` turns a GLM folder in THUDM's layout into a checkpoint of ours at (tp, pp) that
 ``pretrain`` resumes from at iteration 0 with a fresh optimizer (:mod:`megatron_glm.hf.import_hf`).
+The folder's tokenizer (``tokenizer.json``, an export's SentencePiece ``tokenizer.model``, or
+THUDM's ``vocab.txt`` / ``vocab.json`` + ``merges.txt`` converted to a ``tokenizer.json``) is
+copied to ``CKPT_DIR/tokenizer`` and printed: set ``data.tokenizer_model`` to it. The folder's GeLU
+form is printed too: set ``model.gelu`` to it in the run config.
 """
 
 from __future__ import annotations
@@ -49,9 +53,15 @@ def _from_hf(args: argparse.Namespace) -> None:
     result = import_from_hf(args.load, args.save, tp=args.tp, pp=args.pp, run_config=args.config)
     rows, written = result.vocab_rows
     padded = f" (padded from {rows})" if rows != written else ""
+    tokenizer = (
+        f"tokenizer {result.tokenizer} (set data.tokenizer_model to it)"
+        if result.tokenizer is not None
+        else "no tokenizer in the folder (data.tokenizer_model must name the model's vocabulary)"
+    )
     print(
         f"{result.tag_dir}: {result.num_parameters:,} parameters at tp {args.tp} x pp {args.pp}; "
-        f"vocabulary {written} rows{padded}; iteration 0, optimizer restarts"
+        f"vocabulary {written} rows{padded}; iteration 0, optimizer restarts\n{tokenizer}\n"
+        f"GeLU {result.model.gelu} (the folder's form: set model.gelu: {result.model.gelu})"
         + "".join(f"\nwarning: {w}" for w in result.warnings)
     )
 

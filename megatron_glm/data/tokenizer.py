@@ -90,7 +90,33 @@ class TokenizerError(ValueError):
     """A tokenizer model or tokenizer-training input is unusable; the message names the file."""
 
 
-class GLMTokenizer:
+class SpecialIdsMixin:
+    """GLM's special-token ids as attributes (``cls_id`` .. ``eos_id``, ``pad_id`` = eos) and
+    :meth:`special_ids`: one definition for every tokenizer backend, which only looks the
+    :data:`SPECIAL_TOKENS` up in its vocabulary and calls :meth:`_set_special_ids`."""
+
+    cls_id: int
+    mask_id: int
+    smask_id: int
+    gmask_id: int
+    sop_id: int
+    eop_id: int
+    eos_id: int
+    pad_id: int
+    _special_ids: dict[str, int]
+
+    def _set_special_ids(self, ids: dict[str, int]) -> None:
+        for attr, token in zip(_SPECIAL_ATTRS, SPECIAL_TOKENS, strict=True):
+            setattr(self, attr, int(ids[token]))
+        self.pad_id = self.eos_id
+        self._special_ids = {token: int(ids[token]) for token in SPECIAL_TOKENS}
+
+    def special_ids(self) -> dict[str, int]:
+        """``{token text: id}`` for the 7 :data:`SPECIAL_TOKENS` (pad is eos)."""
+        return dict(self._special_ids)
+
+
+class GLMTokenizer(SpecialIdsMixin):
     """Encode/decode with GLM's special ids over a SentencePiece model (see module docstring).
 
     Instances are picklable (SentencePiece serialises its model proto), so worker processes can
@@ -124,17 +150,7 @@ class GLMTokenizer:
         self.padded_vocab_size: int = -(-self.vocab_size // multiple) * multiple
         self.unk_id: int = self._sp.unk_id()
         ids = self._find_special_ids()
-        (
-            self.cls_id,
-            self.mask_id,
-            self.smask_id,
-            self.gmask_id,
-            self.sop_id,
-            self.eop_id,
-            self.eos_id,
-        ) = (ids[t] for t in SPECIAL_TOKENS)
-        self.pad_id: int = self.eos_id
-        self._special_ids = ids
+        self._set_special_ids(ids)
         self._eos_is_control: bool = self._sp.is_control(self.eos_id)
         self._dummy_prefix = self._check_specials_encode_alone(ids)
         self._sp_continuing: spm.SentencePieceProcessor | None = None  # see _continuing()
@@ -184,10 +200,6 @@ class GLMTokenizer:
     def sentencepiece(self) -> spm.SentencePieceProcessor:
         """The underlying processor (for raw-speed baselines; prefer the methods here)."""
         return self._sp
-
-    def special_ids(self) -> dict[str, int]:
-        """``{token text: id}`` for the 7 :data:`SPECIAL_TOKENS` (pad is eos, unk is ``unk_id``)."""
-        return dict(self._special_ids)
 
     def _drop_dummy_prefix(self, text: str, ids: list[int]) -> list[int]:
         k = len(self._dummy_prefix)

@@ -8,6 +8,9 @@ same; the fields THUDM has no name for are ours:
 - ``gelu_approximate``: ``"tanh"`` for models trained here (our MLP uses tanh-GeLU), ``"none"``
   for THUDM's (their HF code uses the erf form). The modeling file honours it, so an export
   gives the logits of the trained model, not those of a near neighbour.
+- ``max_sequence_length``: as THUDM's, the position tables have ``max_sequence_length + 1``
+  rows with ``block_position_encoding`` (a checkpoint of ours with ``max_position_embeddings``
+  rows exports ``max_sequence_length = max_position_embeddings - 1``).
 - ``layernorm_epsilon``, ``intermediate_size`` (THUDM fixes 4h; ours is configurable).
 - ``vocab_size`` is the *padded* vocabulary (the rows of the embedding and tied head, as in
   THUDM's configs); ``real_vocab_size`` the tokenizer's size. Ids in between are padding rows:

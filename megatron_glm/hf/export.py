@@ -116,10 +116,10 @@ def hf_config(cfg: ModelConfig, vocab_rows: int, real_vocab: int | None) -> GLMC
         embedding_dropout_prob=cfg.hidden_dropout,
         attention_dropout_prob=cfg.attention_dropout,
         output_dropout_prob=cfg.hidden_dropout,
-        max_sequence_length=cfg.max_position_embeddings,
+        max_sequence_length=cfg.max_position_embeddings - 1,  # THUDM's tables: this + 1 rows
         initializer_range=cfg.init_method_std,
         layernorm_epsilon=cfg.layernorm_epsilon,
-        gelu_approximate="tanh",
+        gelu_approximate="none" if cfg.gelu == "erf" else "tanh",
         intermediate_size=cfg.ffn_hidden_size,
         real_vocab_size=real_vocab,
         architectures=["GLMForConditionalGeneration"],
@@ -336,12 +336,12 @@ A GLM (General Language Model, blank infilling) trained with megatron_glm and ex
 | | |
 |---|---|
 | architecture | pre-LN transformer, {cfg.num_layers} layers, hidden {cfg.hidden_size}, \
-{cfg.num_attention_heads} heads, MLP {config.intermediate_size}, tanh-GeLU, 2D positions, \
+{cfg.num_attention_heads} heads, MLP {config.intermediate_size}, {cfg.gelu}-GeLU, 2D positions, \
 tied head |
 | parameters | {num_parameters:,} |
 | vocabulary | {config.vocab_size} rows (padded; `vocab_size`), {config.real_vocab_size} real \
 tokens (`real_vocab_size`) |
-| max sequence length | {cfg.max_position_embeddings} |
+| position rows | {cfg.max_position_embeddings} (`max_sequence_length` + 1, as THUDM's) |
 | weights | {dtype} |
 | training iterations | {src.iteration} |
 | consumed samples | {src.consumed_samples} |

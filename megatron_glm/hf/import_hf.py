@@ -18,9 +18,9 @@ marked like a reshard with ``"optimizer_state": "dropped"``: ``pretrain`` loads 
 restarts Adam, at iteration 0, with the LR schedule at step 0 (docs/design.md, "Hugging Face
 format").
 
-GeLU: our trainer computes the tanh form; THUDM's HF code (config without ``gelu_approximate``)
-the erf form. Importing such a model is allowed (the difference is below 1e-3 per activation)
-but logged as a warning and recorded in the checkpoint's marker (``"hf_gelu"``).
+GeLU: THUDM's HF code (a config without ``gelu_approximate``) computes the erf form, our exports
+say ``"tanh"``; the imported ``ModelConfig.gelu`` is set to the folder's form, so the imported
+model computes the folder's logits (and trains on with that form).
 """
 
 from __future__ import annotations
@@ -28,13 +28,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from megatron_glm.config import ModelConfig, RunConfig, load_config, to_dict
+from megatron_glm.config import GeLUForm, ModelConfig, RunConfig, load_config, to_dict
+from megatron_glm.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from megatron_glm.hf.hf_weights import HFWeights, plan_weights, scan_weights
+from megatron_glm.hf.thudm_tokenizer import convert_vocab_files, vocab_kind
 from megatron_glm.model import tensor_parallel_layout
 from megatron_glm.training.checkpoint import (
     CLIENT_STATE_VERSION,
@@ -58,6 +62,9 @@ class ImportResult:
     vocab_rows: tuple[int, int]
     """(rows in the folder, rows written): they differ when padding was added for tp."""
     warnings: list[str]
+    tokenizer: Path | None = None
+    """The folder's tokenizer as copied into the checkpoint (``data.tokenizer_model`` of its
+    config snapshot), or None when the folder holds none that loads."""
 
 
 def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConfig, list[str]]:
@@ -75,26 +82,22 @@ def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConf
         if f not in raw
     ]
     if missing:
-        raise ValueError(f"{where}: config.json lacks {missing}")
+        raise ValueError(f"{where}: missing field(s) {missing}")
     cfg = ModelConfig(
         num_layers=int(raw["num_layers"]),
         hidden_size=int(raw["hidden_size"]),
         num_attention_heads=int(raw["num_attention_heads"]),
         ffn_hidden_size=raw.get("intermediate_size"),
         vocab_size=int(raw["vocab_size"]),
-        max_position_embeddings=int(raw.get("max_sequence_length", 512)),
+        # THUDM's position tables have max_sequence_length + 1 rows (block_position_encoding)
+        max_position_embeddings=int(raw.get("max_sequence_length", 512)) + 1,
         hidden_dropout=float(raw.get("output_dropout_prob", 0.1)),
         attention_dropout=float(raw.get("attention_dropout_prob", 0.1)),
         layernorm_epsilon=float(raw.get("layernorm_epsilon", 1e-5)),
         init_method_std=float(raw.get("initializer_range", 0.02)),
+        gelu=_gelu_form(raw, where),
     )
     warnings = []
-    gelu = raw.get("gelu_approximate", "none")
-    if gelu != "tanh":
-        warnings.append(
-            f"{where}: gelu_approximate={gelu!r} (erf GeLU, THUDM's) but this trainer computes "
-            "the tanh form: the imported model's logits differ slightly from the folder's"
-        )
     embedding_dropout = raw.get("embedding_dropout_prob", cfg.hidden_dropout)
     if float(embedding_dropout) != cfg.hidden_dropout:
         warnings.append(
@@ -102,6 +105,14 @@ def model_config_from_hf(raw: Mapping[str, Any], where: Path) -> tuple[ModelConf
             f"output_dropout_prob {cfg.hidden_dropout}; both use model.hidden_dropout"
         )
     return cfg, warnings
+
+
+def _gelu_form(raw: Mapping[str, Any], where: Path) -> GeLUForm:
+    """``ModelConfig.gelu`` from ``gelu_approximate``: absent or ``"none"`` is THUDM's erf."""
+    approximate = raw.get("gelu_approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{where}: gelu_approximate={approximate!r} is not 'none' or 'tanh'")
+    return "tanh" if approximate == "tanh" else "erf"
 
 
 def _vocab_rows(rows: int, cfg: ModelConfig, tp: int) -> int:
@@ -134,11 +145,13 @@ def _with_run_choices(cfg: ModelConfig, run: RunConfig | None) -> tuple[ModelCon
     ), warnings
 
 
-def _snapshot(cfg: ModelConfig, run: RunConfig | None) -> dict[str, Any]:
-    """The config snapshot: the run config's sections (if any) with the imported model."""
-    if run is None:
-        return {"model": to_dict(cfg)}
-    return to_dict(replace(run, model=cfg))
+def _snapshot(cfg: ModelConfig, run: RunConfig | None, tokenizer: Path | None) -> dict[str, Any]:
+    """The config snapshot: the run config's sections (if any) with the imported model, and
+    ``data.tokenizer_model`` naming the copied tokenizer (what ``to-hf`` exports again)."""
+    snapshot = {"model": to_dict(cfg)} if run is None else to_dict(replace(run, model=cfg))
+    if tokenizer is not None:
+        snapshot.setdefault("data", {})["tokenizer_model"] = str(tokenizer)
+    return snapshot
 
 
 def _client_base(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -188,10 +201,17 @@ def import_from_hf(
     warnings += padded
     full = HFWeights(planned, cfg, cfg.vocab_size)
     full.check_splits(tensor_parallel_layout(cfg), tp)
-    for text in warnings:
-        logger.warning("warning: %s", text)
-    gelu = "tanh" if raw.get("gelu_approximate") == "tanh" else "erf"
-    return _write(full, cfg, Path(save_dir), tp, pp, run, warnings, source_rows, src, gelu)
+    with tempfile.TemporaryDirectory(prefix="from-hf-tokenizer-") as scratch:
+        tokenizer, tokenizer_notes = folder_tokenizer(src, cfg, tp, run, Path(scratch))
+        warnings += tokenizer_notes
+        for text in warnings:
+            logger.warning("warning: %s", text)
+        save = Path(save_dir)
+        copied = _tokenizer_target(save, tokenizer) if tokenizer is not None else None
+        result = _write(full, cfg, save, tp, pp, run, warnings, source_rows, src, copied)
+        if tokenizer is not None and copied is not None:
+            _copy_tokenizer(tokenizer, copied)
+    return replace(result, tokenizer=copied)
 
 
 def _read_hf_config(src: Path) -> dict[str, Any]:
@@ -232,7 +252,7 @@ def _write(
     warnings: list[str],
     source_rows: int,
     src: Path,
-    gelu: str,
+    tokenizer: Path | None = None,
 ) -> ImportResult:
     dst = save_dir / TAG
     if dst.exists() and any(dst.iterdir()):
@@ -243,15 +263,112 @@ def _write(
         "to_tp": tp,
         "optimizer_state": "dropped",
         "source": f"hf:{src}",
-        "hf_gelu": gelu,
         "warnings": list(warnings),
     }
     if pp > 1:
         marker.update(from_pp=1, to_pp=pp)
     layout = tensor_parallel_layout(cfg)
     num_parameters = full.num_parameters
-    base = _client_base(_snapshot(cfg, run))
+    base = _client_base(_snapshot(cfg, run, tokenizer))
     files = write_checkpoint(full, layout, dst, tp=tp, pp=pp, base=base, marker=marker)
     write_latest(save_dir, TAG)
     logger.info("imported %s into %s (tp %d, pp %d)", src, dst, tp, pp)
     return ImportResult(dst, cfg, files, num_parameters, (source_rows, cfg.vocab_size), warnings)
+
+
+TOKENIZER_DIR = "tokenizer"
+"""Where the folder's tokenizer goes: ``CKPT_DIR/tokenizer/`` (next to ``latest``)."""
+_VOCAB_ONLY_FILES = ("vocab.txt", "vocab.json", "merges.txt")
+"""THUDM's slow-tokenizer files: converted to a ``tokenizer.json`` when complete."""
+
+
+def folder_tokenizer(
+    src: Path, cfg: ModelConfig, tp: int, run: RunConfig | None, scratch: Path | None = None
+) -> tuple[Tokenizer | None, list[str]]:
+    """The folder's own tokenizer, checked against the weights and ``--config``, and notes.
+
+    Why: an imported model must train, preprocess and fill blanks on the vocabulary its
+    embedding rows were trained with. Taken: a ``tokenizer.json`` (a Hugging Face folder, read
+    by :class:`~megatron_glm.data.hf_tokenizer.HFTokenizer`), the SentencePiece
+    ``tokenizer.model`` of an export of ours, or THUDM's ``vocab.txt`` / ``vocab.json`` +
+    ``merges.txt`` converted into ``scratch`` (:mod:`.thudm_tokenizer`: GLM's specials at
+    THUDM's ids). A tokenizer whose ids would fall outside the embedding is an error; so is a
+    ``--config`` ``data.tokenizer_model`` with a different vocabulary: training the folder's
+    weights on other ids would be silently wrong.
+    """
+    if (src / "tokenizer.json").is_file():
+        path = src
+    elif (src / "tokenizer.model").is_file():
+        path = src / "tokenizer.model"
+    elif scratch is not None and vocab_kind(src) is not None:
+        try:
+            path = convert_vocab_files(src, scratch / "converted")
+        except TokenizerError as e:
+            return None, [f"the folder's vocabulary files are not usable, not copied: {e}"]
+        logger.info("converted %s's %s vocabulary files to a tokenizer.json", src, vocab_kind(src))
+    else:
+        return None, _no_tokenizer_notes(src)
+    kw = {"make_vocab_size_divisible_by": cfg.make_vocab_size_divisible_by, "tp": tp}
+    try:
+        tok = load_tokenizer(path, **kw)
+    except TokenizerError as e:
+        return None, [f"the folder's tokenizer is not usable here, not copied: {e}"]
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"{path}: tokenizer of {tok.vocab_size} tokens but the weights have only "
+            f"{cfg.vocab_size} embedding rows (config.json vocab_size)"
+        )
+    notes = []
+    if tok.padded_vocab_size != cfg.vocab_size:
+        notes.append(
+            f"the tokenizer {path} pads to {tok.padded_vocab_size} rows but the checkpoint has "
+            f"{cfg.vocab_size}: pretrain builds the embedding from the tokenizer and will refuse it"
+        )
+    if run is not None and run.data.tokenizer_model:
+        _check_same_vocabulary(tok, load_tokenizer(run.data.tokenizer_model, **kw))
+    return tok, notes
+
+
+def _no_tokenizer_notes(src: Path) -> list[str]:
+    """A warning when the folder has a tokenizer we cannot take (THUDM's vocabulary files);
+    none when it has no tokenizer at all (the tool's output line says so)."""
+    vocab_only = [name for name in _VOCAB_ONLY_FILES if (src / name).is_file()]
+    if not vocab_only:
+        return []
+    return [
+        f"{src} holds {', '.join(vocab_only)} but no tokenizer.json and not a complete "
+        "vocab.txt or vocab.json + merges.txt: no tokenizer copied; set data.tokenizer_model "
+        "to the model's tokenizer folder"
+    ]
+
+
+def _check_same_vocabulary(folder: Tokenizer, configured: Tokenizer) -> None:
+    """Refuse a ``--config`` tokenizer whose id -> token table differs from the folder's."""
+    size = max(folder.vocab_size, configured.vocab_size)
+    for i in range(size):
+        a = folder.id_to_piece(i) if i < folder.vocab_size else None
+        b = configured.id_to_piece(i) if i < configured.vocab_size else None
+        if a != b:
+            raise ValueError(
+                f"--config data.tokenizer_model {configured.model_path} is not the vocabulary "
+                f"of the folder's tokenizer {folder.model_path} (id {i}: {b!r} vs {a!r}; "
+                f"{configured.vocab_size} vs {folder.vocab_size} tokens); the weights follow "
+                "the folder's: drop data.tokenizer_model from --config or name that tokenizer"
+            )
+
+
+def _tokenizer_target(save_dir: Path, tok: Tokenizer) -> Path:
+    """Absolute path the snapshot's ``data.tokenizer_model`` names: the copied folder (Hugging
+    Face) or the copied ``tokenizer.model`` file (SentencePiece)."""
+    root = save_dir.resolve() / TOKENIZER_DIR
+    return root if tok.model_path.is_dir() else root / tok.model_path.name
+
+
+def _copy_tokenizer(tok: Tokenizer, target: Path) -> None:
+    if tok.model_path.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tok.model_path / "tokenizer.json", target / "tokenizer.json")
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tok.model_path, target)
+    logger.info("copied the folder's tokenizer to %s (data.tokenizer_model)", target)

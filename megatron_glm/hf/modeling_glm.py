@@ -138,8 +138,11 @@ class GLMStack(nn.Module):
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
-        h, p = config.hidden_size, config.max_sequence_length
+        # THUDM's GLMStack: max_sequence_length + 1 rows with block positions (a span of the
+        # longest row has block positions up to max_sequence_length), else max_sequence_length
         self.block_position_encoding = config.block_position_encoding
+        h = config.hidden_size
+        p = config.max_sequence_length + int(config.block_position_encoding)
         self.position_embeddings = nn.Embedding(p, h)
         if config.block_position_encoding:
             self.block_position_embeddings = nn.Embedding(p, h)
@@ -303,12 +306,13 @@ class GLMForConditionalGeneration(GLMPreTrainedModel, GenerationMixin):
         total = input_ids.shape[1]
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         position_ids = extend_generation_positions(position_ids, total)
-        limit = self.config.max_sequence_length
-        if int(position_ids[:, :, past:total].max()) >= limit:
+        rows = self.config.max_sequence_length + int(self.config.block_position_encoding)
+        if int(position_ids[:, :, past:total].max()) >= rows:
             raise ValueError(
                 f"generation reached position {int(position_ids[:, :, :total].max())} of "
-                f"{total} tokens, past the model's max_sequence_length {limit}: shorten the "
-                "prompt or max_new_tokens"
+                f"{total} tokens, past the model's position table ({rows} rows, "
+                f"max_sequence_length {self.config.max_sequence_length}): shorten the prompt "
+                "or max_new_tokens"
             )
         if generation_attention_mask is not None:  # THUDM's: built for the whole generation
             full = generation_attention_mask

@@ -99,7 +99,14 @@ def _export_folder(folder: Path, out: Path) -> None:
     tok = HFTokenizer(folder)
     out.mkdir(parents=True, exist_ok=True)
     tok.tokenizer.save(str(out / "tokenizer.json"))
-    specials = _special_tokens_map(str(tok.tokenizer.id_to_token(tok.unk_id)))
+    spelled = tok.special_tokens()  # e.g. eos is BERT's [PAD] (THUDM's convention)
+    specials = {
+        **_special_tokens_map(str(tok.tokenizer.id_to_token(tok.unk_id))),
+        "cls_token": spelled["[CLS]"],
+        "mask_token": spelled["[MASK]"],
+        "eos_token": spelled[EOS_TOKEN],
+        "pad_token": spelled[EOS_TOKEN],
+    }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,

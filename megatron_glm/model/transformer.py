@@ -91,7 +91,8 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """``h -> ffn_hidden_size -> h`` with tanh-approximated GeLU (as in GLM / Megatron).
+    """``h -> ffn_hidden_size -> h`` with GeLU: tanh-approximated (as GLM / Megatron train) or,
+    ``model.gelu: erf``, the exact form (THUDM's published models, imported by from-hf).
 
     As Megatron-core's MLP, both linears skip their bias add: ``dense_h_to_4h``'s bias is added
     inside the fused bias-GeLU, and ``(output, dense_4h_to_h bias)`` is returned for the block's
@@ -114,10 +115,11 @@ class MLP(nn.Module):
             skip_bias_add=True,
         )
         self.kernels = cfg.kernels
+        self.gelu = cfg.gelu
 
     def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor | None]:
         inner, inner_bias = self.dense_h_to_4h(hidden)  # [b, s, ffn/tp], [ffn/tp]
-        inner = bias_gelu(inner, inner_bias, kernels=self.kernels)  # [b, s, ffn/tp]
+        inner = bias_gelu(inner, inner_bias, kernels=self.kernels, form=self.gelu)  # [b, s, ffn/tp]
         out, bias = self.dense_4h_to_h(inner)  # [b, s, h] (SP: [b, s/tp, h]), [h] unapplied
         return out, bias
 

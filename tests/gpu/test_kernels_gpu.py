@@ -124,7 +124,7 @@ def test_cross_entropy_bf16_and_memory() -> None:
     assert peak(fused) <= peak(eager) / 4
 
 
-@pytest.mark.parametrize("op", ["bias_gelu", "layer_norm", "bda_eval"])
+@pytest.mark.parametrize("op", ["bias_gelu", "layer_norm", "bda_eval", "bias_gelu_erf"])
 def test_elementwise_bf16(op: str) -> None:
     tokens, h = 8192, 1024
     g = torch.Generator().manual_seed(3)
@@ -147,6 +147,11 @@ def test_elementwise_bf16(op: str) -> None:
             lambda x, b, y: bias_dropout_add(x, b, y, 0.1, False, kernels="triton"),
             lambda x, b, y: y + (x + b),
             [r(tokens, h), r(h), r(tokens, h)],
+        ),
+        "bias_gelu_erf": (  # model.gelu: erf (THUDM's imported models)
+            lambda x, b: bias_gelu(x, b, kernels="triton", form="erf"),
+            lambda x, b: F.gelu(x + b),
+            [r(tokens, 4 * h), r(4 * h)],
         ),
     }
     ours_fn, torch_fn, inputs = cases[op]

@@ -77,3 +77,70 @@ def test_pretrain_resumes_from_import(tmp_path: Path, tiny_corpus: tuple[str, st
     assert (b[POSITIONS][S:] - a[POSITIONS][S:]).abs().min() > 0.5  # loaded, not re-initialised
     dense = "layers.1.mlp.dense_4h_to_h.weight"
     assert not torch.equal(a[dense], model.state_dict()[dense])  # the step changed the weights
+
+
+@pytest.mark.slow
+def test_pretrain_on_an_imported_wordpiece_model(tmp_path: Path, demo_corpus_path: Path) -> None:
+    """A THUDM-layout folder with its WordPiece tokenizer: the import copies the tokenizer,
+    ``tools/preprocess_data.py`` tokenizes a corpus with the copy, and ``pretrain`` on that data
+    (the run's model section is the checkpoint's snapshot) resumes from the import and takes a
+    step with a finite loss."""
+    import json
+    import math
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from megatron_glm.training.checkpoint import saved_config
+    from tests.unit.test_hf_thudm_reference import thudm_config, thudm_weights
+    from tests.unit.test_hf_tokenizer import _demo_texts, _train_hf_folder
+
+    texts = _demo_texts(demo_corpus_path)
+    folder = _train_hf_folder("wordpiece", texts, tmp_path / "thudm")
+    vocab = load_tokenizer(folder).padded_vocab_size
+    (folder / "config.json").write_text(json.dumps(thudm_config(vocab)))
+    save_file(thudm_weights(vocab), str(folder / "model.safetensors"))
+    result = import_from_hf(folder, tmp_path / "imported")
+    assert result.tokenizer == (tmp_path / "imported" / "tokenizer").resolve()
+
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:40]))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    tool = Path(__file__).resolve().parents[2] / "tools" / "preprocess_data.py"
+    prep = subprocess.run(
+        [sys.executable, str(tool), "--input", str(corpus), "--output-prefix",
+         str(tmp_path / "wp"), "--tokenizer-model", str(result.tokenizer), "--append-eod",
+         "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert prep.returncode == 0, prep.stderr[-2000:]
+
+    saved = saved_config(result.tag_dir)
+    assert saved is not None
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        yaml.safe_dump(
+            {
+                "model": saved["model"],
+                "data": {
+                    "data_path": [str(tmp_path / "wp_text_document")],
+                    "tokenizer_model": saved["data"]["tokenizer_model"],
+                    "seq_length": 48,
+                    "num_workers": 0,
+                },
+                "train": {"micro_batch_size": 2, "global_batch_size": 2, "train_iters": 1},
+            }
+        )
+    )
+    args = ["--config", str(run), f"checkpoint.load={tmp_path / 'imported'}"]
+    out = _one_process([*args, f"checkpoint.save={tmp_path / 'b'}"], env, tmp_path)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "optimizer restarts" in log
+    loss = float(re.search(r"loss (\S+)", _step_fields(out.stdout)).group(1))  # type: ignore[union-attr]
+    print("imported WordPiece model, step 1:", _step_fields(out.stdout))
+    assert math.isfinite(loss) and loss > 0

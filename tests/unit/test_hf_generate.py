@@ -328,5 +328,7 @@ def test_errors(hf: torch.nn.Module) -> None:
     long = build_inputs_for_generation(
         [[*range(10, 80), IDS.mask]], mask_token_ids=[IDS.mask], sop_token_id=6, pad_token_id=2
     )
-    with pytest.raises(ValueError, match=r"past the model's max_sequence_length 64"):
+    with pytest.raises(
+        ValueError, match=r"past the model's position table \(64 rows, max_sequence_length 63\)"
+    ):
         hf.generate(**long, max_new_tokens=NEW, do_sample=False, eos_token_id=None)

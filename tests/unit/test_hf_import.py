@@ -133,7 +133,8 @@ def test_unknown_model_type_named(hf_dir: Path, tmp_path: Path) -> None:
 
 def test_unprefixed_bin_fp16_and_erf_gelu(hf_dir: Path, model: GLMModel, tmp_path: Path) -> None:
     """THUDM's ``GLMModel`` layout: no ``glm.`` prefix, ``pytorch_model.bin``, fp16, no
-    ``gelu_approximate`` (erf): loads the fp16-rounded weights and warns about the GeLU."""
+    ``gelu_approximate`` (erf): loads the fp16-rounded weights and the imported model config
+    computes the erf GeLU (no warning: nothing differs); an export of it says erf again."""
     folder = _copy(hf_dir, tmp_path / "hf")
     state = load_safetensors(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
@@ -147,9 +148,18 @@ def test_unprefixed_bin_fp16_and_erf_gelu(hf_dir: Path, model: GLMModel, tmp_pat
     back = read_full_state(result.tag_dir, tensor_parallel_layout(model.cfg))
     for name, tensor in _original(model).items():
         assert torch.equal(back[name], tensor.half().float()), name
-    assert len(result.warnings) == 1 and "erf" in result.warnings[0]
+    assert result.warnings == [] and result.model.gelu == "erf"
+    saved = saved_config(result.tag_dir)
+    assert saved is not None and saved["model"]["gelu"] == "erf"
     info = reshard_info(result.tag_dir)
-    assert info is not None and info["hf_gelu"] == "erf"
+    assert info is not None and "hf_gelu" not in info
+    export_to_hf(tmp_path / "ck", tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["gelu_approximate"] == "none"
+    raw["gelu_approximate"] = "exact"
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"config.json: gelu_approximate='exact' is not"):
+        import_from_hf(folder, tmp_path / "refused")
 
 
 def test_vocabulary_padded_by_copying_last_row(hf_dir: Path, tmp_path: Path) -> None:
@@ -211,3 +221,44 @@ def test_planted_pickle_refused(hf_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"pytorch_model.bin: refused to load: .*type print"):
         import_from_hf(folder, tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda raw: raw.pop("num_layers"), r"config.json: missing field\(s\) \['num_layers'\]"),
+        (lambda raw: raw.update(relative_encoding=True), r"config.json: relative_encoding=True"),
+        (
+            lambda raw: raw.update(block_position_encoding=False),
+            r"config.json: block_position_encoding=False is not supported",
+        ),
+        (lambda raw: raw.update(attention_scale=2.0), r"config.json: attention_scale=2.0"),
+    ],
+)
+def test_config_json_refusals_name_the_field(
+    hf_dir: Path, tmp_path: Path, edit: object, message: str
+) -> None:
+    folder = _copy(hf_dir, tmp_path / "hf")
+    raw = json.loads((folder / "config.json").read_text())
+    edit(raw)  # type: ignore[operator]
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        import_from_hf(folder, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_folder_and_layout_refusals_name_what_is_wrong(hf_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--pp 3 does not divide num_layers 4"):
+        import_from_hf(hf_dir, tmp_path / "ck", pp=3)
+    folder = _copy(hf_dir, tmp_path / "hf")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=rf"^{folder / 'config.json'}: invalid JSON"):
+        import_from_hf(folder, tmp_path / "ck")
+    shutil.copyfile(hf_dir / "config.json", folder / "config.json")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=rf"^{folder}: no weights \(looked for model.safetensors"):
+        import_from_hf(folder, tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+    import_from_hf(hf_dir, tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"global_step0 already exists and is not empty"):
+        import_from_hf(hf_dir, tmp_path / "ck")

@@ -160,27 +160,38 @@ def hf_folder(
 
 
 def test_glm_specials_kept_or_appended(hf_folder: tuple[str, Path]) -> None:
-    """Specials the vocabulary holds keep their ids (BERT's [CLS]/[MASK], GPT-2's eos); the
-    others follow the vocabulary in GLM's order (THUDM's convention); all distinct and inside
-    the padded vocabulary; a special inside a text is one id (BERT's lower-casing spares it)."""
+    """Specials get THUDM's ids (THUDM/GLM data_utils/tokenization.py): BERT keeps [CLS]/[MASK],
+    eos is [PAD], then sop, eop, gMASK, sMASK follow the vocabulary (BertWordPieceTokenizer);
+    GPT-2 keeps eos and appends sop, eop, [CLS], [MASK], [SEP], [UNK], gMASK, sMASK
+    (GPT2BPETokenizer). All distinct and inside the padded vocabulary; a special's spelling
+    inside a text is one id (BERT's lower-casing spares it)."""
     from megatron_glm.data.hf_tokenizer import HFTokenizer
     from megatron_glm.data.tokenizer import load_tokenizer
 
     kind, folder = hf_folder
     tok = load_tokenizer(folder, tp=2)
     assert isinstance(tok, HFTokenizer)
-    base = tok.base_vocab_size
-    kept = {"[CLS]": 2, "[MASK]": 4} if kind == "wordpiece" else {EOS_TOKEN: 0}
-    appended = [t for t in SPECIAL_TOKENS if t not in kept]
-    assert tok.special_ids() == {**kept, **{t: base + k for k, t in enumerate(appended)}}
+    v = tok.base_vocab_size
+    sop, eop = "<|startofpiece|>", "<|endofpiece|>"
+    if kind == "wordpiece":  # BERT_SPECIALS: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4
+        want = {"[CLS]": 2, "[MASK]": 4, EOS_TOKEN: 0, sop: v, eop: v + 1}
+        want |= {"[gMASK]": v + 2, "[sMASK]": v + 3}
+        added, unk = 4, 1
+    else:
+        want = {EOS_TOKEN: 0, sop: v, eop: v + 1, "[CLS]": v + 2, "[MASK]": v + 3}
+        want |= {"[gMASK]": v + 6, "[sMASK]": v + 7}
+        added, unk = 8, v + 5
+    assert tok.special_ids() == want and tok.vocab_size == v + added and tok.unk_id == unk
+    assert tok.special_tokens()[EOS_TOKEN] == ("[PAD]" if kind == "wordpiece" else EOS_TOKEN)
     ids = list(tok.special_ids().values())
-    assert len(set(ids)) == len(SPECIAL_TOKENS) and tok.vocab_size == base + len(appended)
+    assert len(set(ids)) == len(SPECIAL_TOKENS)
     assert max(ids) < tok.vocab_size <= tok.padded_vocab_size and tok.padded_vocab_size % 256 == 0
     assert tok.pad_id == tok.eos_id
     for token, i in tok.special_ids().items():
-        got = tok.encode(f"Some text {token}more text")
+        spelled = tok.special_tokens()[token]
+        got = tok.encode(f"Some text {spelled}more text")
         assert got.count(i) == 1, (token, got)
-        assert token in tok.decode(got)
+        assert spelled in tok.decode(got)
 
 
 def _expected_text(tok: Any, text: str, kind: str) -> str:
@@ -213,7 +224,7 @@ def test_preprocess_with_a_tokenizer_folder(
         assert ids == [*tok.encode(text), tok.eos_id], d
         assert max(ids) < tok.vocab_size
         assert tok.decode(ids) == _expected_text(tok, text, kind) + (
-            EOS_TOKEN if kind == "bpe" else f" {EOS_TOKEN}"
+            EOS_TOKEN if kind == "bpe" else " [PAD]"  # THUDM's BERT eos
         )
     if kind == "bpe":
         kw: dict[str, Any] = {"split_sentences": True, "workers": 2, "progress": False}
@@ -267,7 +278,7 @@ def test_export_of_a_tokenizer_folder_needs_no_remote_code(
         ids = tok.encode(text)
         assert auto.encode(text, add_special_tokens=False) == ids
         assert auto.decode(ids) == tok.decode(ids)
-    for token, i in tok.special_ids().items():
-        assert auto.convert_tokens_to_ids(token) == i
+    for token, i in tok.special_ids().items():  # as the vocabulary spells it (BERT eos: [PAD])
+        assert auto.convert_tokens_to_ids(tok.special_tokens()[token]) == i
     assert auto.eos_token_id == auto.pad_token_id == tok.eos_id
     assert auto.mask_token_id == tok.mask_id and auto.cls_token_id == tok.cls_id

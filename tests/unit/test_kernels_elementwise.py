@@ -68,6 +68,42 @@ def test_bias_gelu(dtype: torch.dtype, interpret: None) -> None:
         torch.testing.assert_close(gb, tb, atol=1e-5, rtol=1e-5)
 
 
+def gelu_erf_float64(u: torch.Tensor) -> torch.Tensor:
+    """The exact GeLU's textbook formula in float64."""
+    u = u.double()
+    return 0.5 * u * (1.0 + torch.erf(u / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_gelu_erf(dtype: torch.dtype, interpret: None) -> None:
+    """``form="erf"`` (THUDM's GeLU): the Triton kernel and the torch path equal the float64
+    formula, gradients included; the tanh form differs visibly on the same input, so a switch
+    that was ignored would fail here."""
+    x = randn(3, 5, 48, seed=30, dtype=dtype).mul(3).requires_grad_()
+    bias = randn(48, seed=31, dtype=dtype).requires_grad_()
+    x64, b64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    ref = gelu_erf_float64(x64 + b64)
+    grad = randn(3, 5, 48, seed=32, dtype=dtype)
+    rx, rb = torch.autograd.grad(ref, (x64, b64), grad.double())
+    tol: dict[str, Any] = (
+        dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    )
+    bias_tol: dict[str, Any] = (
+        dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=2e-2)
+    )
+    kernel_paths = ("triton", "torch") if dtype == torch.float32 else ("triton",)
+    for kernels in kernel_paths:
+        y = bias_gelu(x, bias, kernels=kernels, form="erf")
+        torch.testing.assert_close(y.double(), ref, **tol, msg=kernels)
+        gx, gb = torch.autograd.grad(y, (x, bias), grad)
+        torch.testing.assert_close(gx.double(), rx, **tol, msg=kernels)
+        torch.testing.assert_close(gb.double(), rb, **bias_tol, msg=kernels)
+    tanh_gap = (gelu_tanh_float64(x64 + b64) - ref).abs().max().item()
+    assert tanh_gap > 1e-4  # above the fp32 tolerance: the forms are told apart
+    with pytest.raises(ValueError, match="form must be one of"):
+        bias_gelu(x, bias, form="exact")
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
 def test_bias_gelu_without_bias(interpret: None) -> None:
     """``bias=None``: no bias is read (none is allocated) and only ``dx`` is returned."""
@@ -82,14 +118,16 @@ def test_bias_gelu_without_bias(interpret: None) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")
-def test_mlp_fuses_its_real_biases(interpret: None) -> None:
+@pytest.mark.parametrize("gelu", ["tanh", "erf"])
+def test_mlp_fuses_its_real_biases(gelu: str, interpret: None) -> None:
     """The MLP as the model runs it (``skip_bias_add``: the fused ops add both linears' biases):
     output and the gradients of the input and of both biases equal an unfused ``F.linear`` /
-    ``F.gelu`` reference built from the same parameters, on both kernel paths."""
+    ``F.gelu`` reference (of ``model.gelu``'s form) built from the same parameters, on both
+    kernel paths."""
     from megatron_glm.config import ModelConfig
     from megatron_glm.model import MLP
 
-    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2)
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, gelu=gelu)
     mlps = {k: MLP(replace(cfg, kernels=k)) for k in ("torch", "triton")}
     torch.manual_seed(0)
     for p in mlps["torch"].parameters():
@@ -107,7 +145,8 @@ def test_mlp_fuses_its_real_biases(interpret: None) -> None:
         )
     )
     x_ref = x.clone().requires_grad_()
-    ref = F.linear(F.gelu(F.linear(x_ref, w1, b1), approximate="tanh"), w2, b2)
+    approximate = "none" if gelu == "erf" else "tanh"
+    ref = F.linear(F.gelu(F.linear(x_ref, w1, b1), approximate=approximate), w2, b2)
     ref.backward(grad)
     want = [ref, x_ref.grad, b1.grad, b2.grad]
     res: dict[str, list[torch.Tensor]] = {}
