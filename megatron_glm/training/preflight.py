@@ -30,7 +30,12 @@ from megatron_glm.data.indexed import check_dataset
 from megatron_glm.data.tokenizer import Tokenizer
 from megatron_glm.data.tokenizer import load_tokenizer as _load
 from megatron_glm.model import resolve_vocab_size
-from megatron_glm.training.checkpoint import check_checkpoint, check_layout, resolve_load_dir
+from megatron_glm.training.checkpoint import (
+    check_architecture,
+    check_checkpoint,
+    check_layout,
+    resolve_load_dir,
+)
 
 
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
@@ -76,6 +81,7 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
         check_checkpoint(
             load_dir, world_size=world_size, allow_missing_rng=cfg.checkpoint.allow_missing_rng
         )
+        check_architecture(load_dir, cfg.model)
     if check_data:
         _check_data(cfg)
 

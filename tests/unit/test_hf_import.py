@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,36 @@ def test_folder_and_layout_refusals_name_what_is_wrong(hf_dir: Path, tmp_path: P
     import_from_hf(hf_dir, tmp_path / "ck")
     with pytest.raises(ValueError, match=r"global_step0 already exists and is not empty"):
         import_from_hf(hf_dir, tmp_path / "ck")
+
+
+def test_resume_with_another_gelu_is_refused_before_launch(hf_dir: Path, tmp_path: Path) -> None:
+    """An erf model (a THUDM folder) resumed by a run left at the default tanh would train the
+    weights as another function without any error: the pre-launch check refuses it, naming the
+    field and the override; the checkpoint's own values pass, dropout may differ."""
+    from megatron_glm.config import ConfigError, RunConfig
+    from megatron_glm.training.checkpoint import check_architecture
+    from megatron_glm.training.preflight import validate_for_launch
+
+    folder = _copy(hf_dir, tmp_path / "hf")
+    raw = json.loads((folder / "config.json").read_text())
+    del raw["gelu_approximate"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    imported = import_from_hf(folder, tmp_path / "ck").model
+    load = str(tmp_path / "ck")
+    check_architecture(load, replace(imported, hidden_dropout=0.0, kernels="torch"))
+    tanh = replace(imported, gelu="tanh")
+    with pytest.raises(
+        ConfigError, match=r"model.gelu: checkpoint 'erf', run 'tanh'.*model.gelu=erf"
+    ):
+        check_architecture(load, tanh)
+    wider = replace(imported, ffn_hidden_size=8 * imported.hidden_size)
+    with pytest.raises(ConfigError, match=r"^config field 'model.ffn_hidden_size'"):
+        check_architecture(load, wider)
+    base = RunConfig()
+    run = RunConfig(
+        model=tanh,
+        data=replace(base.data, seq_length=tanh.max_position_embeddings),
+        checkpoint=replace(base.checkpoint, load=load),
+    )
+    with pytest.raises(ConfigError, match=r"^config field 'model.gelu'"):
+        validate_for_launch(run, world_size=1, check_data=False)

@@ -38,6 +38,7 @@ from megatron_glm.training.checkpoint.deepspeed_files import (
 )
 from megatron_glm.training.checkpoint.latest import read_latest, resolve_tag, write_latest
 from megatron_glm.training.checkpoint.load import (
+    check_architecture,
     check_checkpoint,
     check_layout,
     load,
@@ -88,6 +89,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteWeightsError",
     "ReshardResult",
+    "check_architecture",
     "check_checkpoint",
     "check_layout",
     "checkpoint_files",

@@ -37,7 +37,7 @@ from megatron_glm.training.checkpoint.deepspeed_files import (
 from megatron_glm.training.checkpoint.group import rank, ranks_where
 from megatron_glm.training.checkpoint.latest import read_latest
 from megatron_glm.training.checkpoint.optimizer_state import STORE, restore_optimizer_state
-from megatron_glm.training.checkpoint.reshard import read_full_state, reshard_info
+from megatron_glm.training.checkpoint.reshard import read_full_state, reshard_info, saved_config
 from megatron_glm.training.checkpoint.state import (
     LAYOUT,
     MODEL_PARALLEL_RNG,
@@ -106,6 +106,53 @@ def check_layout(load_dir: str, *, dp_size: int, zero_stage: int, tp: int = 1, p
             f"with python tools/reshard_checkpoint.py --load {load_dir} --tp {tp}{pp_flag} "
             "--save NEW_DIR and set checkpoint.load=NEW_DIR (the optimizer state is carried over)",
         )
+
+
+ARCHITECTURE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "max_position_embeddings",
+    "layernorm_epsilon",
+    "gelu",
+)
+"""``ModelConfig`` fields that define the function the weights compute (dropout, init and
+kernel choices do not): a resumed run must use the checkpoint's values."""
+
+
+def check_architecture(load_dir: str, model: ModelConfig) -> None:
+    """Refuse, before launch, a run whose model differs from the checkpoint's snapshot.
+
+    Most differences would fail later as a shape mismatch deep in DeepSpeed's loader; some
+    (``gelu``, ``layernorm_epsilon``) would not fail at all and would silently train the
+    weights as another function, e.g. an erf-GeLU model imported with ``from-hf`` resumed by a
+    YAML left at the default tanh. A checkpoint without a snapshot is let through.
+    """
+    tag = read_latest(load_dir)
+    saved = saved_config(Path(load_dir) / tag) if tag is not None else None
+    if saved is None or not isinstance(saved.get("model"), Mapping):
+        return
+    theirs = from_dict(ModelConfig, dict(saved["model"]), prefix="model.")
+    differ = [f for f in ARCHITECTURE_FIELDS if _arch_value(theirs, f) != _arch_value(model, f)]
+    if differ:
+        pairs = ", ".join(
+            f"model.{f}: checkpoint {getattr(theirs, f)!r}, run {getattr(model, f)!r}"
+            for f in differ
+        )
+        fix = " ".join(f"model.{f}={getattr(theirs, f)}" for f in differ)
+        raise ConfigError(
+            f"model.{differ[0]}",
+            f"checkpoint {load_dir}/{tag} holds another model ({pairs}); resume with the "
+            f"checkpoint's values (overrides: {fix})",
+        )
+
+
+def _arch_value(cfg: ModelConfig, name: str) -> Any:
+    """A field's effective value (``ffn_hidden_size`` None means 4 x hidden_size)."""
+    if name == "ffn_hidden_size" and cfg.ffn_hidden_size is None:
+        return 4 * cfg.hidden_size
+    return getattr(cfg, name)
 
 
 def check_checkpoint(load_dir: str, *, world_size: int, allow_missing_rng: bool = False) -> str:
