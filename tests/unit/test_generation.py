@@ -417,3 +417,28 @@ def test_multi_blank_fills_three_blanks_in_order() -> None:
         m, tok, [text, other], GenerationConfig(max_new_tokens=5), use_cache=False
     )
     assert uncached == results
+
+
+def _model_preferring(token: int) -> GLMModel:
+    """A model whose head row ``token`` dominates every logit (greedy always picks it)."""
+    m = build_model(tiny(), vocab_size=VOCAB, seed=5).eval()
+    with torch.no_grad():
+        m.head_weight[token] = m.head_weight.sum(0) * 100
+    return m
+
+
+def test_gmask_stops_at_eos_and_mask_stops_at_eop_only() -> None:
+    m = _model_preferring(EOS)
+    config = GenerationConfig(max_new_tokens=3)
+    gmask, mask = fill_blanks(m, IntTokenizer(), ["10 11 [gMASK]", "10 [MASK] 11"], config)
+    assert gmask.fills == [""] and gmask.new_tokens == 0
+    assert mask.fills == [f"{EOS} {EOS} {EOS}"]  # [MASK] ends at [eop] only
+
+
+def test_fills_never_contain_mask_tokens() -> None:
+    m = _model_preferring(MASK)  # would fill every blank with another blank, forever
+    (result,) = fill_blanks(
+        m, IntTokenizer(), ["10 [MASK] 11 [sMASK]"], GenerationConfig(max_new_tokens=2)
+    )
+    assert len(result.fills) == 2
+    assert all(str(MASK) not in f.split() for f in result.fills)
