@@ -56,9 +56,10 @@ def process_logits(
     were generated; ``banned`` ids are never generated (e.g. mask tokens inside a fill).
     """
     out = logits.clone()
+    if banned:
+        out[:, list(banned)] = float("-inf")
     for i, history in enumerate(histories):
         row = out[i]
-        _ban(row, banned)
         repetition_penalty_(row, history, config.repetition_penalty)
         _ban(row, banned_ngram_tokens(history, config.no_repeat_ngram_size))
         if len(history) < config.min_new_tokens:
