@@ -168,21 +168,18 @@ def run_file(
 ) -> str:
     """Fill every row of ``--input`` into ``--output``; returns the summary line."""
     prompts = read_prompts(Path(args.input), args.key)
-    bar = tqdm(
-        total=len(prompts),
-        unit="row",
-        file=sys.stderr,
-        disable=not rank0 or args.no_progress,
-        dynamic_ncols=True,
-    )
+    bars: list[tqdm] = []  # opened after the first batch: the kernels' log lines come first
     tokens = 0
     started = time.perf_counter()
 
     def advance(rows: int, new_tokens: int) -> None:
         nonlocal tokens
         tokens += new_tokens
-        bar.update(rows)
-        bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):.1f} tokens/s")
+        if not bars:
+            disable = not rank0 or args.no_progress
+            bars.append(tqdm(total=len(prompts), unit="row", file=sys.stderr, disable=disable))
+        bars[0].update(rows)
+        bars[0].set_postfix_str(f"{tokens / (time.perf_counter() - started):.1f} tokens/s")
 
     results = fill_texts(
         loaded.model,
@@ -193,7 +190,8 @@ def run_file(
         labels=[p.where for p in prompts],
         on_batch=advance,
     )
-    bar.close()
+    for bar in bars:
+        bar.close()
     seconds = time.perf_counter() - started
     if rank0:
         _write_rows(Path(args.output), prompts, results)
@@ -258,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.input is not None and args.output is None:
         parser.error("--input needs --output")
+    if args.output is not None and not Path(args.output).resolve().parent.is_dir():
+        parser.error(f"--output {args.output}: its folder does not exist")
     try:
         config = strategy(args)
         dims, device = _start(args)
