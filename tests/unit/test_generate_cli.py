@@ -21,7 +21,12 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.generation import GenerationConfig, fill_blanks
 from megatron_glm.hf.export import export_to_hf
-from megatron_glm.inference import build_for_inference, checkpoint_weights, load_for_inference
+from megatron_glm.inference import (
+    FullWeights,
+    build_for_inference,
+    checkpoint_weights,
+    load_for_inference,
+)
 from megatron_glm.model import GLMModel, build_model, tensor_parallel_layout
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.training.checkpoint import reshard_checkpoint, split_state, write_checkpoint
@@ -258,3 +263,18 @@ def test_interactive_reads_stdin(
         expected += [f"  [{i}] {fill!r}" for i, fill in enumerate(result.fills, start=1)]
     assert stdout.splitlines() == expected
     assert err.count("error: ") == 1  # the text without a blank, and the session went on
+
+
+def test_vocab_rows_tp_does_not_divide_are_padded_with_the_last_row(tmp_path: Path) -> None:
+    cfg = replace(
+        tiny_cfg(), hidden_size=24, ffn_hidden_size=96, num_attention_heads=3, vocab_size=100
+    )
+    model = build_model(cfg, seed=2)
+    full = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    weights = FullWeights(cfg, full, None, where="here")
+    last = build_for_inference(weights, dims=ParallelDims(world_size=3, tp=3, rank=2))
+    rows = last.state_dict()["layers.0.word_embeddings.weight"]
+    emb = full["layers.0.word_embeddings.weight"]
+    assert rows.shape[0] == 34  # 100 rows -> 102, a third each
+    assert torch.equal(rows[:32], emb[68:100])
+    assert torch.equal(rows[32], emb[99]) and torch.equal(rows[33], emb[99])
