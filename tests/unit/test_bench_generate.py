@@ -48,7 +48,9 @@ def test_tiny_run_prints_a_consistent_table(capsys: pytest.CaptureFixture[str]) 
     ratio = float(cached[3]) / float(uncached[3])
     assert float(cached[4][:-1]) == pytest.approx(ratio, rel=0.05, abs=0.1)
     assert "tokens: cached == uncached (2 rows): yes" in out
-    assert "HF == cached (3 rows): NO" not in out  # when the export can generate, it agrees
+    hf = re.search(r"HF == cached: (\d+)/3 rows", out)
+    if hf is not None:  # the export can generate: greedy tokens agree
+        assert hf.group(1) == "3", out
 
 
 def test_too_long_prompt_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
