@@ -34,6 +34,10 @@ test: lint pytest
 # training run itself auto-resumes from the last checkpoint in checkpoints/demo.
 DEMO := data/demo
 DEMO_PORT ?= 29517
+# The closing fill: held-out sentences and blank accuracy (tools/fill_blank.py), then a text with
+# two blanks through tools/generate.py (the same decoder and strategy; try --interactive yourself).
+DEMO_TEXT ?= Return the [MASK] of the list, or raise [MASK] if the list is empty.
+DEMO_STRATEGY := --max-new-tokens 8 --no-repeat-ngram-size 2 --repetition-penalty 1.3
 
 $(DEMO)/corpus.jsonl: | $(STAMP)
 	mkdir -p $(DEMO)
@@ -51,6 +55,8 @@ pretrain: $(STAMP) $(DEMO)/demo_text_sentence.idx
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus 2 --master_port $(DEMO_PORT) \
 		--module megatron_glm.pretrain --config configs/demo.yaml
 	$(BIN)/python tools/fill_blank.py --config configs/demo.yaml
+	echo '$(DEMO_TEXT)' | $(BIN)/python tools/generate.py --load checkpoints/demo --interactive \
+		$(DEMO_STRATEGY)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

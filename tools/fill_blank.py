@@ -1,90 +1,229 @@
-"""Greedy fill of one blank with a trained GLM checkpoint.
+"""Fill blanks in held-out sentences with a trained GLM, and score single-token blanks.
 
 Usage:
     python tools/fill_blank.py --config configs/demo.yaml [--load DIR] [--text "A [MASK] b."]
 
-Without ``--text`` it takes a held-out sentence: the first sentence of at least 8 tokens in the
-run's *test* split (documents the model never trained on), masks a span of 1-3 tokens in its
-middle, and prints the sentence, the masked text, the original span and the model's fill.
+Without ``--text`` (the end of ``make pretrain``) it takes held-out sentences: sentences of at
+least 8 tokens from the run's *test* split, then its validation split (documents the model never
+trained on). It fills blanks in three of them with the cached decoder and the strategy of
+``tools/generate.py`` (the same loading and fill functions, :mod:`megatron_glm.inference`):
+greedy with :data:`DEMO` (no repeated bigram, a repetition penalty, which keep a small model out
+of ``the the the``), the third sentence with two blanks, each also by beam search. Then it
+scores the model on single-token blanks: one random token of each of ``--eval-sentences``
+held-out sentences is masked, and the model's top-1 first token (``[eop]`` and the special
+tokens excluded: the blank is known to hold one token) is compared with the original, against
+the unigram baseline that always answers the most frequent token of the training split.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from megatron_glm.config import RunConfig, load_config, parse_split
 from megatron_glm.data.dataset_builder import split_documents
 from megatron_glm.data.indexed import IndexedDataset
-from megatron_glm.data.tokenizer import Tokenizer, load_tokenizer
-from megatron_glm.generation.blank_fill import fill_blank
+from megatron_glm.data.tokenizer import Tokenizer
+from megatron_glm.generation import GenerationConfig, generate
+from megatron_glm.inference import LoadedModel, fill_texts, load_for_inference
 from megatron_glm.logs import setup_logging
-from megatron_glm.model import build_model
-from megatron_glm.training.checkpoint import load_model_state
+from megatron_glm.model import GLMModel
+
+DEMO = GenerationConfig(max_new_tokens=8, no_repeat_ngram_size=2, repetition_penalty=1.3)
+"""The demo's decoding strategy (also a sensible start for ``tools/generate.py``'s flags)."""
+BEAMS = 4
+BLANKS_PER_SENTENCE = (1, 1, 2)
 
 
-def held_out_sentence(cfg: RunConfig, tok: Tokenizer, min_tokens: int = 8) -> np.ndarray:
-    """Token ids of the first test-split sentence with at least ``min_tokens`` tokens.
+def held_out_sentences(
+    cfg: RunConfig, tok: Tokenizer, *, min_tokens: int = 8, raw: bool = False
+) -> Iterator[np.ndarray]:
+    """Token ids of the test split's sentences with ``min_tokens``+ tokens, then validation's.
 
     A sentence of a split dataset keeps the whitespace before it (so documents decode back
-    exactly); the demo fills the sentence alone, re-encoded without that layout.
+    exactly). ``raw``: the ids as stored (end-of-document removed), the layout the model was
+    trained on; otherwise the sentence alone, stripped and re-encoded, for display.
     """
     indexed = IndexedDataset(cfg.data.data_path[0])
-    start, end = split_documents(indexed.num_documents, parse_split(cfg.data.split))[2]
-    for d in range(start, end):
-        first = int(indexed.doc_idx[d])
-        for i in range(first, int(indexed.doc_idx[d + 1])):
+    splits = split_documents(indexed.num_documents, parse_split(cfg.data.split))
+    for start, end in (splits[2], splits[1]):
+        for i in range(int(indexed.doc_idx[start]), int(indexed.doc_idx[end])):
             ids = np.asarray(indexed[i], dtype=np.int64)
-            text = tok.decode(ids[ids != tok.eos_id].tolist()).strip()
-            ids = np.asarray(tok.encode(text), dtype=np.int64)
+            ids = ids[ids != tok.eos_id]
+            if not raw:
+                ids = np.asarray(tok.encode(tok.decode(ids.tolist()).strip()), dtype=np.int64)
             if len(ids) >= min_tokens:
-                return ids
-    raise ValueError(f"{cfg.data.data_path[0]}: test split has no sentence of {min_tokens}+ tokens")
+                yield ids
 
 
-def mask_middle(tok: Tokenizer, ids: np.ndarray) -> tuple[str, str]:
-    """(text with one [MASK] over a middle span of 1-3 tokens, the span's original text)."""
-    length = min(3, max(1, len(ids) // 6))
-    start = len(ids) // 2 - length // 2
-    masked = [*ids[:start].tolist(), tok.mask_id, *ids[start + length :].tolist()]
-    return tok.decode(masked), tok.decode(ids[start : start + length].tolist())
+def take_sentences(
+    cfg: RunConfig, tok: Tokenizer, n: int, *, raw: bool = False
+) -> list[np.ndarray]:
+    """The first ``n`` held-out sentences; ValueError if the splits hold none."""
+    found = held_out_sentences(cfg, tok, raw=raw)
+    sentences = [s for s, _ in zip(found, range(n), strict=False)]
+    if not sentences:
+        raise ValueError(
+            f"{cfg.data.data_path[0]}: test and validation splits have no sentence of 8+ tokens"
+        )
+    return sentences
 
 
-def main(argv: list[str] | None = None) -> int:
+def mask_spans(tok: Tokenizer, ids: np.ndarray, blanks: int) -> tuple[str, list[str]]:
+    """(text with ``blanks`` [MASK]s, the original spans): the sentence is cut into ``blanks``
+    equal parts and the middle 1-3 tokens of each are masked."""
+    bounds = np.linspace(0, len(ids), blanks + 1).astype(int)
+    pieces: list[int] = []
+    originals = []
+    for lo, hi in itertools.pairwise(bounds):
+        length = min(3, max(1, (hi - lo) // 6))
+        start = (lo + hi) // 2 - length // 2
+        pieces += [*ids[lo:start].tolist(), tok.mask_id, *ids[start + length : hi].tolist()]
+        originals.append(tok.decode(ids[start : start + length].tolist()))
+    return tok.decode(pieces), originals
+
+
+def not_words(tok: Tokenizer) -> set[int]:
+    """Ids a word blank never holds: the special tokens and pieces that decode to whitespace
+    only (newlines, indentation: frequent in the layout-keeping corpus, but not a word)."""
+    blank = {i for i in range(tok.vocab_size) if not tok.decode([i]).strip()}
+    return blank | set(tok.special_ids().values())
+
+
+def unigram_argmax(cfg: RunConfig, tok: Tokenizer, excluded: set[int]) -> int:
+    """The most frequent token of the training split, ``excluded`` ids left out."""
+    indexed = IndexedDataset(cfg.data.data_path[0])
+    start, end = split_documents(indexed.num_documents, parse_split(cfg.data.split))[0]
+    first, last = int(indexed.doc_idx[start]), int(indexed.doc_idx[end])
+    counts = np.zeros(tok.padded_vocab_size, dtype=np.int64)
+    for i in range(first, last):
+        counts += np.bincount(np.asarray(indexed[i], dtype=np.int64), minlength=counts.size)
+    counts[sorted(excluded)] = 0
+    return int(counts.argmax())
+
+
+@dataclass(frozen=True)
+class Blanks:
+    """Single-token blanks: part A of each row, its mask's index, the token it hides."""
+
+    rows: list[list[int]]
+    positions: list[int]
+    truth: list[int]
+
+
+def single_token_blanks(
+    tok: Tokenizer, sentences: list[np.ndarray], excluded: set[int], seed: int = 0
+) -> Blanks:
+    """In each sentence one random token that is a word piece (not ``excluded``) is masked."""
+    rng = np.random.default_rng(seed)
+    blanks = Blanks([], [], [])
+    for s in sentences:
+        words = [i for i, t in enumerate(s.tolist()) if t not in excluded]
+        if words:
+            p = words[int(rng.integers(len(words)))]
+            blanks.rows.append([*s[:p].tolist(), tok.mask_id, *s[p + 1 :].tolist()])
+            blanks.positions.append(p)
+            blanks.truth.append(int(s[p]))
+    return blanks
+
+
+def top1(model: GLMModel, tok: Tokenizer, blanks: Blanks, excluded: set[int]) -> list[int]:
+    """The model's first part-B token per blank, ``excluded`` ids and [eop] banned (the blank
+    is known to hold one word piece, as the baseline knows)."""
+    config = GenerationConfig(max_new_tokens=1, min_new_tokens=1)
+    guesses: list[int] = []
+    for lo in range(0, len(blanks.rows), 32):
+        out = generate(
+            model,
+            blanks.rows[lo : lo + 32],
+            blanks.positions[lo : lo + 32],
+            config,
+            eos_ids=[tok.eop_id],
+            sop_id=tok.sop_id,
+            vocab_size=tok.vocab_size,
+            banned_ids=excluded - {tok.eop_id},
+        )
+        guesses += [row[0] for row in out]
+    return guesses
+
+
+def single_token_accuracy(
+    model: GLMModel, tok: Tokenizer, sentences: list[np.ndarray], excluded: set[int], baseline: int
+) -> tuple[float, float, int]:
+    """(model, unigram baseline) top-1 accuracy, and the number of blanks."""
+    blanks = single_token_blanks(tok, sentences, excluded)
+    guesses = top1(model, tok, blanks, excluded)
+    n = max(len(blanks.truth), 1)
+    hits = sum(g == t for g, t in zip(guesses, blanks.truth, strict=True))
+    base = sum(t == baseline for t in blanks.truth)
+    return hits / n, base / n, len(blanks.truth)
+
+
+def demo_fills(loaded: LoadedModel, sentences: list[np.ndarray], config: GenerationConfig) -> None:
+    """Print three held-out sentences, their blanks and the greedy and beam fills."""
+    tok = loaded.tokenizer
+    cases = [mask_spans(tok, s, n) for s, n in zip(sentences, BLANKS_PER_SENTENCE, strict=False)]
+    texts = [text for text, _ in cases]
+    greedy = fill_texts(loaded.model, tok, texts, config)
+    beam = fill_texts(loaded.model, tok, texts, replace(config, num_beams=BEAMS))
+    for ids, (text, originals), g, b in zip(sentences, cases, greedy, beam, strict=False):
+        print(f"held-out sentence: {tok.decode(ids.tolist())!r}")
+        print(f"input:  {text!r}")
+        print(f"blank:  {' | '.join(repr(o) for o in originals)}")
+        print(f"fill:   {' | '.join(repr(f) for f in g.fills)}")
+        print(f"beam {BEAMS}: {' | '.join(repr(f) for f in b.fills)}")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--config", required=True, help="the run config the checkpoint came from")
     parser.add_argument("--load", help="checkpoint directory (default: checkpoint.save)")
-    parser.add_argument("--text", help="text with exactly one [MASK]; default: held-out sentence")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--text", help="text with blanks; default: held-out sentences")
+    parser.add_argument("--max-new-tokens", type=int, default=DEMO.max_new_tokens)
+    parser.add_argument(
+        "--eval-sentences", type=int, default=500, help="held-out sentences for the accuracy"
+    )
     parser.add_argument("overrides", nargs="*", help="section.field=value config overrides")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _load(cfg: RunConfig, load_dir: str | None) -> LoadedModel:
+    load_dir = load_dir or cfg.checkpoint.save
+    if load_dir is None:
+        raise ValueError("no checkpoint: pass --load or set checkpoint.save")
+    return load_for_inference(load=load_dir, tokenizer=cfg.data.tokenizer_model, model=cfg.model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        tok = load_tokenizer(
-            cfg.data.tokenizer_model,
-            make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
-        )
-        load_dir = args.load or cfg.checkpoint.save
-        if load_dir is None:
-            raise ValueError("no checkpoint: pass --load or set checkpoint.save")
-        model = build_model(cfg.model, vocab_size=tok.padded_vocab_size, seed=cfg.train.seed)
-        model.load_state_dict(load_model_state(load_dir))
-        model.eval()
-        text, original = args.text, None
-        if text is None:
-            ids = held_out_sentence(cfg, tok)
-            print(f"held-out sentence: {tok.decode(ids.tolist())!r}")
-            text, original = mask_middle(tok, ids)
-        fill = fill_blank(model, tok, text, max_new_tokens=args.max_new_tokens)
+        config = replace(DEMO, max_new_tokens=args.max_new_tokens)
+        loaded = _load(cfg, args.load)
+        tok = loaded.tokenizer
+        if args.text is not None:
+            [result] = fill_texts(loaded.model, tok, [args.text], config, labels=["--text"])
+            print(f"input:  {args.text!r}")
+            print(f"fill:   {' | '.join(repr(f) for f in result.fills)}")
+            print(f"filled: {result.text!r}")
+            return 0
+        demo_fills(loaded, take_sentences(cfg, tok, len(BLANKS_PER_SENTENCE)), config)
+        sentences = take_sentences(cfg, tok, args.eval_sentences, raw=True)
+        excluded = not_words(tok)
+        baseline = unigram_argmax(cfg, tok, excluded)
+        ours, base, n = single_token_accuracy(loaded.model, tok, sentences, excluded, baseline)
     except ValueError as exc:
         print(f"fill_blank: error: {exc}", file=sys.stderr)
         return 2
-    print(f"input:  {text!r}")
-    if original is not None:
-        print(f"blank:  {original!r}")
-    print(f"fill:   {fill!r}")
+    print(
+        f"single-token blanks in {n} held-out sentences: model top-1 {ours:.1%}, "
+        f"unigram baseline {base:.1%} (always {tok.id_to_piece(baseline)!r})"
+    )
     return 0
 
 

@@ -19,6 +19,7 @@ from megatron_glm.kernels.attention import (
     attention_backend,
     glm_attention,
     glm_attention_mask,
+    glm_decode_attention,
 )
 from megatron_glm.kernels.cross_entropy import fused_cross_entropy
 from megatron_glm.kernels.dispatch import (
@@ -44,6 +45,7 @@ __all__ = [
     "fused_cross_entropy",
     "glm_attention",
     "glm_attention_mask",
+    "glm_decode_attention",
     "layer_norm",
     "resolve_backend",
 ]

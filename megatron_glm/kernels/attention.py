@@ -193,3 +193,38 @@ def _sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: fl
         q, k, v, attn_mask=safe_mask, dropout_p=dropout_p
     )  # [b, heads, s, d]
     return out * has_key.to(out.dtype)
+
+
+def glm_decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of a few new queries against a KV cache (inference decode); ``[b, heads, n, d]``.
+
+    Args:
+        q: ``[b, heads, n, d]``, the ``n`` newest tokens (``n`` is 1 in greedy/beam decoding).
+        k, v: ``[b, heads, L, d]``, the cached keys/values *including* the new tokens' own.
+        mask: bool ``[b, 1, n, L]``, True = may attend (built by
+            :class:`megatron_glm.model.kv_cache.KVCache`: every real part-A key, and the part-B
+            keys up to the query's own).
+
+    This always runs the torch reference (SDPA with an explicit mask), never the fused Triton
+    kernel, on every device and whatever ``model.kernels`` says. The fused kernel is written for
+    the training shape: square ``s x s`` tiles of 64+ queries whose mask is the ``(sep,
+    valid_len)`` rule of one packed row. A decode step has one query per row against a prefix of
+    a few hundred keys with per-row holes (right-padding of part A between a row's ``sep`` and
+    the shared part-B slots), which that rule cannot express, and with ``n = 1`` a tiled kernel
+    would waste all but one row of each query tile. The step is memory-bound (read the cache
+    once), which SDPA's math / memory-efficient paths already are, so a decode variant of the
+    kernel would buy little. Part A's one-off prefill, which *is* a training-shaped call, goes
+    through :func:`glm_attention` and so gets the fused kernel on CUDA.
+    """
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"glm decode attention: q [b, heads, n, d] and k, v [b, heads, L, d] expected, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, _, n, _ = q.shape
+    if mask.dtype != torch.bool or tuple(mask.shape) != (b, 1, n, k.shape[2]):
+        raise ValueError(
+            f"glm decode attention: mask must be bool [b, 1, n, L] = {(b, 1, n, k.shape[2])}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    return _sdpa_with_mask(q, k, v, mask, 0.0)

@@ -15,6 +15,7 @@ from megatron_glm.model.glm import (
     resolve_vocab_size,
     tensor_parallel_layout,
 )
+from megatron_glm.model.kv_cache import KVCache
 from megatron_glm.model.loss import LossOutput, glm_loss
 from megatron_glm.model.transformer import MLP, FinalLayerNorm, GLMBlock, SelfAttention
 
@@ -24,6 +25,7 @@ __all__ = [
     "FinalLayerNorm",
     "GLMBlock",
     "GLMModel",
+    "KVCache",
     "LossOutput",
     "SelfAttention",
     "TensorParallelTraffic",

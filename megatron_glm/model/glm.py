@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from megatron_glm.config import ConfigError, ModelConfig
 from megatron_glm.model.embedding import EmbeddingLayer
+from megatron_glm.model.kv_cache import KVCache
 from megatron_glm.model.transformer import FinalLayerNorm, GLMBlock
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.layers import (
@@ -150,6 +151,85 @@ class GLMModel(nn.Module):
             state = layer(state)
         assert isinstance(state, Tensor)
         return state
+
+    # ------------------------------------------------------------------ inference (KV cache)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` rows of ``capacity`` tokens (part A + B).
+
+        The model must be in eval mode (the cached path has no dropout) and not sequence
+        parallel (a decode step has one token per row, which cannot be split over the TP ranks;
+        SP only changes activations, so the same weights load into a model built without it).
+        """
+        if self.training:
+            raise ValueError("the KV-cache path is inference only: call model.eval() first")
+        if self.dims is not None and self.dims.sequence_parallel:
+            raise ValueError(
+                "cached decoding does not run under parallel.sequence_parallel: build the "
+                "inference model with sequence_parallel off (the weights are the same)"
+            )
+        blocks = self._blocks()
+        attention = blocks[0].attention
+        head_dim = attention.head_dim
+        heads = attention.query_key_value.weight.shape[0] // (3 * head_dim)  # this rank's
+        weight = self.head_weight
+        return KVCache.allocate(
+            num_layers=len(blocks),
+            batch=batch,
+            heads=heads,
+            head_dim=head_dim,
+            capacity=capacity,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    def prefill(self, tokens: Tensor, position_ids: Tensor, sep: Tensor, cache: KVCache) -> Tensor:
+        """Encode part A once into an empty ``cache``; hidden states ``[b, A, h]``.
+
+        ``tokens`` ``[b, A]`` is part A right-padded to the longest row, ``sep`` int64 ``[b]``
+        each row's length; row r attends bidirectionally over its first ``sep[r]`` tokens,
+        exactly as part A does in :meth:`forward`.
+        """
+        if cache.length != 0:
+            raise ValueError(f"prefill needs an empty cache, this one holds {cache.length} slots")
+        self._check_inputs(tokens, position_ids, sep, sep)
+        slots = torch.arange(tokens.shape[1], device=tokens.device)
+        return self._forward_cached(tokens, position_ids, cache, slots < sep.view(-1, 1), sep)
+
+    def decode_step(self, tokens: Tensor, position_ids: Tensor, cache: KVCache) -> Tensor:
+        """Run part-B tokens ``[b, n]`` (usually n = 1) against ``cache``; hidden ``[b, n, h]``.
+
+        Each new token attends to all of its row's part A and to the part-B tokens before it
+        (itself included); ``position_ids`` ``[b, 2, n]`` are (mask position, block position).
+        """
+        b, n = tokens.shape
+        if tuple(position_ids.shape) != (b, 2, n) or cache.batch_size != b:
+            raise ValueError(
+                f"decode_step: tokens {tuple(tokens.shape)}, position_ids "
+                f"{tuple(position_ids.shape)} and a cache of {cache.batch_size} rows disagree"
+            )
+        return self._forward_cached(tokens, position_ids, cache, None, None)
+
+    def _forward_cached(
+        self,
+        tokens: Tensor,
+        position_ids: Tensor,
+        cache: KVCache,
+        valid: Tensor | None,
+        prefill_sep: Tensor | None,
+    ) -> Tensor:
+        _, end = cache.reserve(tokens.shape[1], valid)
+        hidden = self.embedding((tokens, position_ids))[0]  # [b, n, h]
+        for index, block in enumerate(self._blocks()):
+            hidden = block.forward_cached(hidden, cache, index, prefill_sep)
+        cache.commit(end)
+        final = self.layers[-1]
+        assert isinstance(final, FinalLayerNorm)
+        return final.final_layernorm(hidden)  # [b, n, h]
+
+    def _blocks(self) -> list[GLMBlock]:
+        blocks = [layer for layer in self.layers if isinstance(layer, GLMBlock)]
+        return blocks
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied output head: ``[..., h] -> [..., vocab]`` (for generation and evaluation).

@@ -31,7 +31,9 @@ from megatron_glm.kernels import (
     bias_gelu,
     check_kernel_choice,
     glm_attention,
+    glm_decode_attention,
 )
+from megatron_glm.model.kv_cache import KVCache
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_glm.parallel.mappings import gather_from_sequence_parallel_region
@@ -88,6 +90,40 @@ class SelfAttention(nn.Module):
         context = context.transpose(1, 2).reshape(b, s, -1)  # [b, s, h/tp]
         out, bias = self.dense(context)  # [b, s, h] (SP: [b, s/tp, h]), [h] unapplied
         return out, bias
+
+    def forward_cached(
+        self, hidden: Tensor, cache: KVCache, layer: int, prefill_sep: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Inference: attend the new tokens ``hidden`` ``[b, n, h]`` through ``cache``.
+
+        Their keys/values are written to the cache slots ``cache.length ..``. With
+        ``prefill_sep`` (int64 ``[b]``) the new tokens are a right-padded part A, attended
+        bidirectionally by the training kernel (:func:`glm_attention` with ``valid_len = sep``,
+        the fused kernel on CUDA); otherwise they are part-B tokens attending everything cached
+        before them (:func:`glm_decode_attention`, always the torch path: see its docstring).
+        """
+        qkv = self.query_key_value(hidden)  # [b, n, 3h/tp]
+        b, n, _ = qkv.shape
+        qkv = qkv.view(b, n, -1, 3, self.head_dim)  # [b, n, heads/tp, 3, d]
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # 3 x [b, heads/tp, n, d]
+        start = cache.length
+        keys, values = cache.write(layer, start, k, v)  # [b, heads/tp, start + n, d]
+        if prefill_sep is not None:
+            context = glm_attention(
+                q,
+                k,
+                v,
+                prefill_sep,
+                prefill_sep,
+                dropout_p=0.0,
+                training=False,
+                kernels=self.kernels,
+            )  # [b, heads/tp, n, d]
+        else:
+            mask = cache.decode_mask(start, start + n)  # [b, 1, n, start + n]
+            context = glm_decode_attention(q, keys, values, mask)  # [b, heads/tp, n, d]
+        context = context.transpose(1, 2).reshape(b, n, -1)  # [b, n, h/tp]
+        return self.dense(context)  # [b, n, h], [h] unapplied
 
 
 class MLP(nn.Module):
@@ -184,6 +220,17 @@ class GLMBlock(nn.Module):
         mlp, mlp_bias = self.mlp(self.post_attention_layernorm(hidden))
         with self.rng.region(split, hidden.device):
             return self.dropout(mlp, hidden, mlp_bias)  # hidden + drop(mlp + b) (SP: s/tp)
+
+    def forward_cached(
+        self, hidden: Tensor, cache: KVCache, layer: int, prefill_sep: Tensor | None
+    ) -> Tensor:
+        """Inference twin of :meth:`_block` over a KV cache (no dropout, no checkpointing)."""
+        attn, attn_bias = self.attention.forward_cached(
+            self.input_layernorm(hidden), cache, layer, prefill_sep
+        )
+        hidden = self.dropout(attn, hidden, attn_bias)  # eval: hidden + attn + b
+        mlp, mlp_bias = self.mlp(self.post_attention_layernorm(hidden))
+        return self.dropout(mlp, hidden, mlp_bias)  # [b, n, h]
 
 
 class FinalLayerNorm(nn.Module):

@@ -1,8 +1,13 @@
-"""Greedy blank filling feeds the model the pretraining layout: part A, [sop], 2D positions."""
+"""Greedy blank filling feeds the model the pretraining layout: part A, [sop], 2D positions.
+
+The scripted model below has no KV-cache path, so these tests run the uncached reference
+decoder (``use_cache=False``), whose every call sees the whole sequence; the cached decoder is
+checked against it in tests/unit/test_generation.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -34,6 +39,20 @@ class ScriptedModel:
 
     script: list[int]
     calls: list[tuple[list[int], list[list[int]], int, int]] = field(default_factory=list)
+    # what the decoder reads of a GLMModel besides calling it
+    cfg: SimpleNamespace = field(
+        default_factory=lambda: SimpleNamespace(max_position_embeddings=64)
+    )
+    vocab_size: int = 16
+    tp: int = 1
+    training: bool = False
+    head_weight: torch.Tensor = field(default_factory=lambda: torch.zeros(16, 4))
+
+    def train(self, mode: bool = True) -> None:
+        self.training = mode
+
+    def eval(self) -> None:
+        self.training = False
 
     def __call__(self, tokens, position_ids, sep, valid_len):  # type: ignore[no-untyped-def]
         self.calls.append((tokens[0].tolist(), position_ids[0].tolist(), int(sep), int(valid_len)))
@@ -48,7 +67,10 @@ class ScriptedModel:
 
 def test_layout_and_stop_at_eop() -> None:
     model = ScriptedModel(script=[7, 8, 14, 9])
-    assert fill_blank(model, FakeTokenizer(), "1 2 [MASK] 3", max_new_tokens=10) == "7 8"
+    assert (
+        fill_blank(model, FakeTokenizer(), "1 2 [MASK] 3", max_new_tokens=10, use_cache=False)
+        == "7 8"
+    )
     assert len(model.calls) == 3  # stopped at [eop]
     tokens, positions, sep, valid = model.calls[-1]
     assert tokens == [1, 2, 10, 3, 13, 7, 8]
@@ -58,7 +80,9 @@ def test_layout_and_stop_at_eop() -> None:
 
 def test_max_new_tokens_bounds_generation() -> None:
     model = ScriptedModel(script=[5] * 10)
-    assert fill_blank(model, FakeTokenizer(), "[MASK] 1", max_new_tokens=3) == "5 5 5"
+    assert (
+        fill_blank(model, FakeTokenizer(), "[MASK] 1", max_new_tokens=3, use_cache=False) == "5 5 5"
+    )
 
 
 @pytest.mark.parametrize("text", ["1 2 3", "[MASK] 1 [MASK]"])

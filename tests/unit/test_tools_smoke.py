@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -54,20 +56,64 @@ def run_files(
 
 
 def test_fill_blank_tool_masks_a_held_out_sentence(
-    run_files: list[str], capsys: pytest.CaptureFixture[str]
+    run_files: list[str], tiny_tokenizer: GLMTokenizer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert fill_blank.main([*run_files, "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("held-out sentence: 'Document 20 says")  # first test-split document
     assert out[1].startswith("input:") and "[MASK]" in out[1]
     assert out[2].startswith("blank:") and out[3].startswith("fill:")
+    assert out[4].startswith("beam 4:")
+    assert [line.split(":")[0] for line in out].count("held-out sentence") == 3
+    assert out[12].count(" | ") == 1 and out[13].count(" | ") == 1  # two blanks, two fills
+    # 20 held-out sentences (test then validation split); the baseline answers the most
+    # frequent word piece of the 10 training documents' texts
+    assert out[15].startswith("single-token blanks in 20 held-out sentences: model top-1 ")
+    counts = Counter(
+        tiny_tokenizer.id_to_piece(t)
+        for i in range(10)
+        for t in tiny_tokenizer.encode(
+            f"Document {i} says that the quick brown fox jumps over the dog."
+        )
+        if tiny_tokenizer.decode([t]).strip()
+    )
+    top = max(counts.values())
+    assert re.search(r"\(always '(.*)'\)$", out[15]).group(1) in {
+        k for k, v in counts.items() if v == top
+    }
+    assert len(out) == 16
+
+
+def test_blank_accuracy_guesses_are_the_forward_argmax(
+    run_files: list[str], tiny_tokenizer: GLMTokenizer
+) -> None:
+    """top1 (the cached decoder, batched) against one uncached forward per blank."""
+    cfg = load_config(run_files[1], run_files[2:])
+    loaded = fill_blank._load(cfg, None)
+    excluded = fill_blank.not_words(tiny_tokenizer)
+    blanks = fill_blank.single_token_blanks(
+        tiny_tokenizer, fill_blank.take_sentences(cfg, tiny_tokenizer, 20, raw=True), excluded
+    )
+    banned = torch.tensor(sorted(excluded | {tiny_tokenizer.eop_id}))
+    want = []
+    for row, p in zip(blanks.rows, blanks.positions, strict=True):
+        sep = len(row)
+        tokens = torch.tensor([[*row, tiny_tokenizer.sop_id]])
+        positions = torch.tensor([[[*range(sep), p], [0] * sep + [1]]])
+        with torch.no_grad():
+            hidden = loaded.model(tokens, positions, torch.tensor([sep]), torch.tensor([sep + 1]))
+            logits = loaded.model.logits(hidden[0, -1])[: tiny_tokenizer.vocab_size]
+        logits[banned] = -torch.inf
+        want.append(int(logits.argmax()))
+    assert len(want) == 20
+    assert fill_blank.top1(loaded.model, tiny_tokenizer, blanks, excluded) == want
 
 
 def test_fill_blank_tool_names_bad_input(
     run_files: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert fill_blank.main([*run_files, "--text", "no blank here"]) == 2
-    assert "exactly one [MASK]" in capsys.readouterr().err
+    assert "--text: row 0: no [MASK], [sMASK] or [gMASK]" in capsys.readouterr().err
     assert fill_blank.main([*run_files, "--load", str(tmp_path / "nowhere")]) == 2
     assert "no 'latest' file" in capsys.readouterr().err
 
