@@ -108,7 +108,8 @@ def checkpoint_weights(
 
 def hf_weights(hf_dir: str | os.PathLike[str]) -> FullWeights:
     """The full state of a GLM folder in THUDM's Hugging Face layout (our export or theirs)."""
-    from megatron_glm.hf.import_hf import convert_from_hf, iter_hf_weights, model_config_from_hf
+    from megatron_glm.hf.hf_weights import HFWeights, plan_weights, scan_weights
+    from megatron_glm.hf.import_hf import model_config_from_hf
 
     folder = Path(hf_dir)
     config_file = folder / "config.json"
@@ -121,7 +122,8 @@ def hf_weights(hf_dir: str | os.PathLike[str]) -> FullWeights:
     model, warnings = model_config_from_hf(raw, folder)
     for warning in warnings:
         logger.warning("%s", warning)
-    state = convert_from_hf(iter_hf_weights(folder), model, folder)
+    lazy = HFWeights(plan_weights(scan_weights(folder), model, folder), model, model.vocab_size)
+    state = {name: lazy[name] for name in lazy}  # every key checked before a tensor is read
     return FullWeights(model, state, hf_tokenizer_path(folder), where=str(folder))
 
 

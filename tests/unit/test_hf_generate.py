@@ -38,6 +38,7 @@ class IntTokenizer:
     """fill_blank's tokenizer over texts that are space-separated ids (no vocabulary)."""
 
     eop_id: int = IDS.eop
+    eos_id: int = IDS.eos  # fill_blank also stops at it after [gMASK]
     mask_id: int = IDS.mask
     smask_id: int = IDS.smask
     gmask_id: int = IDS.gmask
@@ -122,7 +123,7 @@ def test_greedy_tokens_equal_fill_blank(model: GLMModel, hf: torch.nn.Module, ta
     free = _fills(_generate(hf, prompts, eos_token_id=IDS.eop).sequences, prompts, IDS.eop)
     assert len({t for row in free for t in row}) > 8  # varied output, not one repeated id
     eop = free[0][4]  # an id the model emits: its first occurrence ends row 0 early
-    tok = IntTokenizer(eop_id=eop)
+    tok = IntTokenizer(eop_id=eop, eos_id=eop)  # one stop id, the one generate() is given
     want = [tok.encode(fill_blank(model, tok, tok.decode(p), max_new_tokens=NEW)) for p in prompts]
     got = _fills(_generate(hf, prompts, eos_token_id=eop).sequences, prompts, eop)
     assert got == want

@@ -148,7 +148,8 @@ def hf_model(model: GLMModel) -> torch.nn.Module | None:
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     config = hf_config(model.cfg, model.vocab_size, model.cfg.vocab_size)
     hf = GLMForConditionalGeneration(config)
-    hf.load_state_dict(dict(convert_state(full, model.cfg, torch.float32)))  # strict: every key
+    state = dict(convert_state(full.items(), model.cfg, torch.float32))
+    hf.load_state_dict(state)  # strict: every key
     return hf.eval()
 
 
