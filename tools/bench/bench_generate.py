@@ -18,9 +18,9 @@ decoder produces exactly the same number of tokens):
   (``--hf off`` skips it).
 
 Tokens/s = generated tokens / wall seconds (prefill included); the two fast columns are the best
-of ``--repeats`` runs (on a shared machine other load only ever slows a run down). The run also
-checks that the three decoders produce the same tokens (greedy: they must). Target: cached >=
-10x uncached and >= 1x the HF loop.
+of ``--repeats`` interleaved runs (on a shared machine other load only ever slows a run down).
+The run also checks that the three decoders produce the same tokens (greedy: they must).
+Target: cached >= 10x uncached and >= 1x the HF loop.
 
     python tools/bench/bench_generate.py [--batch 8 --prompt 256 --new-tokens 64]
         [--model glm-base] [--layers N --hidden H --heads A --vocab V] [--uncached-rows 1]
@@ -95,35 +95,47 @@ def prompts(cfg: ModelConfig, batch: int, length: int) -> tuple[list[list[int]],
     return rows.tolist(), [length // 2] * batch
 
 
-def timed(
-    name: str,
-    rows: int,
-    tokens: int,
-    fn: Callable[[], list[list[int]] | None],
-    repeats: int = 1,
-) -> Result:
-    """The fastest of ``repeats`` runs (a shared machine only ever slows a run down)."""
-    best, output = float("inf"), None
+@dataclass
+class Case:
+    """A column to time: ``fn`` decodes ``rows`` rows, ``tokens`` tokens in all."""
+
+    name: str
+    rows: int
+    tokens: int
+    fn: Callable[[], list[list[int]]]
+
+
+def measure(cases: list[Case], repeats: int) -> list[Result]:
+    """Each case's fastest of ``repeats`` runs, the cases interleaved (A B A B ...).
+
+    The machine may be shared: other load only ever slows a run down, and interleaving exposes
+    every column to the same stretches of it.
+    """
+    best = [float("inf")] * len(cases)
+    outputs: list[list[list[int]] | None] = [None] * len(cases)
     for _ in range(repeats):
-        start = time.perf_counter()
-        output = fn()
-        best = min(best, time.perf_counter() - start)
-    return Result(name, rows, tokens, best, output)
+        for i, case in enumerate(cases):
+            start = time.perf_counter()
+            outputs[i] = case.fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [
+        Result(c.name, c.rows, c.tokens, t, o) for c, t, o in zip(cases, best, outputs, strict=True)
+    ]
 
 
-def run_ours(model: GLMModel, args: argparse.Namespace) -> tuple[Result, Result]:
+def ours_cases(model: GLMModel, args: argparse.Namespace) -> tuple[Case, Case]:
+    """(cached batched, uncached one at a time over ``--uncached-rows`` rows)."""
     rows, masks = prompts(model.cfg, args.batch, args.prompt)
     config = GenerationConfig(max_new_tokens=args.new_tokens)
     kwargs = dict(eos_ids=(), sop_id=SOP, vocab_size=model.cfg.vocab_size)
-    cached = timed(
+    cached = Case(
         "ours, KV cache, batched",
         len(rows),
         len(rows) * args.new_tokens,
         lambda: generate(model, rows, masks, config, **kwargs),  # type: ignore[arg-type]
-        args.repeats,
     )
     n = min(args.uncached_rows, len(rows))
-    uncached = timed(
+    uncached = Case(
         "ours, uncached, one at a time",
         n,
         n * args.new_tokens,
@@ -153,7 +165,7 @@ def hf_model(model: GLMModel) -> torch.nn.Module | None:
     return hf.eval()
 
 
-def run_hf(model: GLMModel, args: argparse.Namespace) -> Result | None:
+def hf_case(model: GLMModel, args: argparse.Namespace) -> Case | None:
     """transformers' greedy ``generate`` over the prompts + [sop] (GLM's 2D positions)."""
     hf = hf_model(model)
     if hf is None:
@@ -181,7 +193,7 @@ def run_hf(model: GLMModel, args: argparse.Namespace) -> Result | None:
             )
         return [row[total:].tolist() for row in out]
 
-    return timed("HF export, generate()", b, b * args.new_tokens, decode, args.repeats)
+    return Case("HF export, generate()", b, b * args.new_tokens, decode)
 
 
 def table(results: list[Result | None], names: list[str]) -> str:
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, help="override num_attention_heads")
     ap.add_argument("--vocab", type=int, help="override vocab_size")
     ap.add_argument("--uncached-rows", type=int, default=1, help="rows timed uncached")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of the fast columns (min)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the fast columns (min)")
     ap.add_argument("--hf", choices=("auto", "off"), default="auto")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     args = ap.parse_args(argv)
@@ -235,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_generate: error: {exc}", file=sys.stderr)
         return 2
     model = build_model(cfg, seed=0).eval()
-    cached, uncached = run_ours(model, args)
-    hf = run_hf(model, args) if args.hf == "auto" else None
+    cached_case, uncached_case = ours_cases(model, args)
+    hf_decode = hf_case(model, args) if args.hf == "auto" else None
+    fast = measure([cached_case] if hf_decode is None else [cached_case, hf_decode], args.repeats)
+    cached, hf = fast[0], (fast[1] if len(fast) > 1 else None)
+    (uncached,) = measure([uncached_case], 1)
     names = [cached.name, uncached.name, "HF export, generate()"]
     print(
         f"{cfg.name or args.model}: {cfg.num_layers} layers, h {cfg.hidden_size}, "
