@@ -14,7 +14,9 @@ The public API, importable from here (README, "Use as a library")::
     BlankInfilling                     megatron_glm.data.blank_infilling
     run_pretraining                    megatron_glm.pretrain
     load_model_state                   megatron_glm.training.checkpoint
-    fill_blank                         megatron_glm.generation.blank_fill
+    fill_blank, fill_blanks            megatron_glm.generation.blank_fill
+    GenerationConfig, FillResult       megatron_glm.generation.config
+    generate                           megatron_glm.generation.decoder
     setup_logging                      megatron_glm.logs
 
 Each name is imported on first use (as litgpt's ``__init__`` does), so ``import megatron_glm``
@@ -42,6 +44,10 @@ _EXPORTS: dict[str, str] = {
     "run_pretraining": "megatron_glm.pretrain",
     "load_model_state": "megatron_glm.training.checkpoint",
     "fill_blank": "megatron_glm.generation.blank_fill",
+    "fill_blanks": "megatron_glm.generation.blank_fill",
+    "GenerationConfig": "megatron_glm.generation.config",
+    "FillResult": "megatron_glm.generation.config",
+    "generate": "megatron_glm.generation.decoder",
     "setup_logging": "megatron_glm.logs",
 }
 """Public name -> the module that defines it (imported lazily by :func:`__getattr__`)."""
@@ -51,7 +57,9 @@ if TYPE_CHECKING:
     from megatron_glm.data.blank_infilling import BlankInfilling
     from megatron_glm.data.indexed import IndexedDataset, IndexedDatasetBuilder
     from megatron_glm.data.tokenizer import GLMTokenizer
-    from megatron_glm.generation.blank_fill import fill_blank
+    from megatron_glm.generation.blank_fill import fill_blank, fill_blanks
+    from megatron_glm.generation.config import FillResult, GenerationConfig
+    from megatron_glm.generation.decoder import generate
     from megatron_glm.logs import setup_logging
     from megatron_glm.model.glm import GLMModel, build_model
     from megatron_glm.parallel.dims import ParallelDims
@@ -60,8 +68,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BlankInfilling",
+    "FillResult",
     "GLMModel",
     "GLMTokenizer",
+    "GenerationConfig",
     "IndexedDataset",
     "IndexedDatasetBuilder",
     "ModelConfig",
@@ -69,6 +79,8 @@ __all__ = [
     "RunConfig",
     "build_model",
     "fill_blank",
+    "fill_blanks",
+    "generate",
     "load_config",
     "load_model_state",
     "run_pretraining",

@@ -58,7 +58,23 @@ def encode_blanks(tok: BlankTokenizer, text: str, row: int) -> list[int]:
     ids = tok.encode(text)
     if not _blanks(ids, tok):
         raise ValueError(f"row {row}: no [MASK], [sMASK] or [gMASK] to fill in {text[:80]!r}")
-    return ids
+    return _without_boundary_before_masks(ids, tok)
+
+
+def _without_boundary_before_masks(ids: list[int], tok: BlankTokenizer) -> list[int]:
+    """Drop a lone word-boundary piece (one that decodes to ``""``, SentencePiece's ``▁``)
+    right before a mask token.
+
+    ``"a [MASK] b"`` encodes the space before the mask as its own piece, but in pretraining a
+    masked span took its leading space with it (``▁word`` is one piece), so part A never held
+    ``▁`` before a mask: keeping it shows the model a context it never saw, and the fill
+    (which starts with its own ``▁``) would be decoded after a double space.
+    """
+    blanks = set(_blanks(ids, tok))
+    drop = {
+        i - 1 for i in blanks if i > 0 and i - 1 not in blanks and tok.decode([ids[i - 1]]) == ""
+    }
+    return [t for i, t in enumerate(ids) if i not in drop]
 
 
 def _stop_ids(tok: BlankTokenizer, mask_token: int) -> frozenset[int]:

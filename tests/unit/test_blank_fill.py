@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_glm.data.tokenizer import GLMTokenizer
 from megatron_glm.generation.blank_fill import fill_blank
 
 
@@ -89,3 +90,18 @@ def test_max_new_tokens_bounds_generation() -> None:
 def test_needs_exactly_one_mask(text: str) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         fill_blank(ScriptedModel(script=[1]), FakeTokenizer(), text)
+
+
+def test_space_before_a_mask_is_part_of_the_blank(tiny_tokenizer: GLMTokenizer) -> None:
+    """``"a [MASK] b"`` gives the part A that ``"a[MASK] b"`` gives (the lone ``▁`` piece that
+    encodes the space before the mask is dropped: pretraining's spans took it with them), while
+    a newline before a mask stays."""
+    from megatron_glm.generation.blank_fill import encode_blanks
+
+    tok = tiny_tokenizer
+    spaced = tok.encode("to a [MASK] to")
+    assert len(spaced) == len(tok.encode("to a[MASK] to")) + 1
+    assert encode_blanks(tok, "to a [MASK] to", 0) == tok.encode("to a[MASK] to")
+    assert encode_blanks(tok, "x\n[MASK] y", 0) == tok.encode("x\n[MASK] y")
+    two = encode_blanks(tok, "a [MASK] b [sMASK].", 0)
+    assert two == tok.encode("a[MASK] b[sMASK].")

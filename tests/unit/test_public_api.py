@@ -25,6 +25,10 @@ DOCUMENTED = {  # as listed in megatron_glm/__init__.py's docstring and the READ
     "run_pretraining": "megatron_glm.pretrain",
     "load_model_state": "megatron_glm.training.checkpoint",
     "fill_blank": "megatron_glm.generation.blank_fill",
+    "fill_blanks": "megatron_glm.generation.blank_fill",
+    "GenerationConfig": "megatron_glm.generation.config",
+    "FillResult": "megatron_glm.generation.config",
+    "generate": "megatron_glm.generation.decoder",
     "setup_logging": "megatron_glm.logs",
 }
 
