@@ -15,9 +15,10 @@ for the target tensor-parallel size with the reshard code's own rule
   checkpoint is merged, not refused. The architecture and tokenizer come from the checkpoint's
   config snapshot (``saved_config``); ``model`` / ``tokenizer`` arguments stand in where the
   snapshot lacks them or its tokenizer path is elsewhere;
-- a Hugging Face folder (``--hf``) goes through :func:`megatron_glm.hf.import_hf.convert_from_hf`
-  in memory (the importer's key table and checks, without writing a checkpoint), with the
-  folder's own tokenizer.
+- a Hugging Face folder (``--hf``) goes through the importer's plan
+  (:func:`megatron_glm.hf.hf_weights.plan_weights`: its key table and checks, every key checked
+  before a tensor is read) in memory, without writing a checkpoint, with the folder's own
+  tokenizer.
 
 Why every rank reads the whole state: inference checkpoints are small next to training ones
 (no optimizer state), and reading is simpler to trust than a broadcast of shards; each rank then
@@ -259,7 +260,7 @@ def fill_texts(
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])
         try:
-            done = fill_blanks(model, tok, chunk, config, batch_size=batch_size)
+            done = fill_blanks(model, tok, chunk, config, batch_size=batch_size, first_row=start)
         except ValueError as e:
             names = labels[start : start + batch_size] if labels is not None else None
             raise _blame(model, tok, chunk, config, names, start) or e from None

@@ -87,6 +87,7 @@ def _fill_batch(
     texts: dict[int, list[int]],
     config: GenerationConfig,
     use_cache: bool,
+    first_row: int,
 ) -> dict[int, list[list[int]]]:
     """Fill every blank of ``texts`` (row -> part A ids, updated in place); row -> fills."""
     fills: dict[int, list[list[int]]] = {row: [] for row in texts}
@@ -96,7 +97,7 @@ def _fill_batch(
         for row in pending:
             ids = texts[row]
             position = _blanks(ids, tok)[0]
-            key = row * 1024 + len(fills[row])  # a sampling stream per (text, blank)
+            key = _pair(first_row + row, len(fills[row]))  # a sampling stream per (text, blank)
             rows.append(DecodeRow(ids, position, _stop_ids(tok, ids[position]), key=key))
         try:
             out = decode_rows(
@@ -125,8 +126,13 @@ def fill_blanks(
     *,
     batch_size: int = 8,
     use_cache: bool = True,
+    first_row: int = 0,
 ) -> list[FillResult]:
     """Fill every blank of every text, in order (module docstring); one result per text.
+
+    ``first_row``: the index of ``texts[0]`` in the caller's whole input (a file read in
+    chunks), so that a sampled fill depends on the seed and the text's index in the input, not
+    on how the input was chunked.
 
     Under tp > 1 every TP rank calls this with the same inputs and gets the same result.
     ValueError naming the row index for a text without a mask, with an unknown mask token, or
@@ -139,7 +145,7 @@ def fill_blanks(
     results: dict[int, FillResult] = {}
     for start in range(0, len(order), batch_size):
         chunk = {row: encoded[row] for row in order[start : start + batch_size]}
-        fills = _fill_batch(model, tok, chunk, config, use_cache)
+        fills = _fill_batch(model, tok, chunk, config, use_cache, first_row)
         for row, row_fills in fills.items():
             results[row] = FillResult(
                 text=tok.decode(chunk[row]),
@@ -147,6 +153,11 @@ def fill_blanks(
                 new_tokens=sum(len(f) for f in row_fills),
             )
     return [results[row] for row in range(len(texts))]
+
+
+def _pair(a: int, b: int) -> int:
+    """Cantor's pairing: a distinct int for each (a, b) >= 0, however large."""
+    return (a + b) * (a + b + 1) // 2 + b
 
 
 def _name_row(message: str, rows: list[int]) -> str:

@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from megatron_glm.generation.config import GenerationConfig
@@ -103,7 +104,14 @@ def make_generators(
             )
         seed = int(torch.Generator().seed()) & ((1 << 62) - 1)
     device = model.head_weight.device
-    return [torch.Generator(device=device).manual_seed(seed * 1_000_003 + row.key) for row in rows]
+    return [torch.Generator(device=device).manual_seed(_stream_seed(seed, row.key)) for row in rows]
+
+
+def _stream_seed(seed: int, key: int) -> int:
+    """A 63-bit seed from (seed, key), distinct streams for distinct pairs of any size (numpy's
+    SeedSequence hashes its entropy; ``seed * C + key`` collides once keys reach C)."""
+    state = np.random.SeedSequence([seed, key]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) >> 1
 
 
 def sample_rows(

@@ -304,15 +304,16 @@ def _write_tokenizer(src: Checkpoint, dst: Path) -> tuple[int | None, str]:
 
 
 def _write_generation_config(src: Checkpoint, dst: Path, vocab_rows: int) -> None:
-    """``generation_config.json``: eos/pad (and GLM's eop, which ends a generated span), and the
-    padding rows of the vocabulary suppressed: no tokenizer id, so ``generate`` never picks one
-    (our decoder does the same)."""
+    """``generation_config.json``: generation stops at GLM's eop, which ends a generated span
+    (as our decoder does for [MASK]/[sMASK]; a [gMASK] continuation also stops at eos: the card
+    says to pass both), and the padding rows of the vocabulary are suppressed: no tokenizer id,
+    so ``generate`` never picks one (our decoder does the same)."""
     values: dict[str, Any] = {"_from_model_config": False}
     if src.tokenizer_model is not None and src.tokenizer_model.exists():
         tok = load_tokenizer(src.tokenizer_model)
         values.update(
             bos_token_id=tok.sop_id,
-            eos_token_id=[tok.eop_id, tok.eos_id],
+            eos_token_id=tok.eop_id,
             pad_token_id=tok.pad_id,
             decoder_start_token_id=tok.sop_id,
         )
@@ -366,8 +367,10 @@ out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
 tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 ```
 Each text holds a `[MASK]`, `[sMASK]` (a sentence) or `[gMASK]` (continue the text, at its
-end); the prompt is the text and `[sop]`, and generation stops at `[eop]` (or
-`<|endoftext|>`; `generation_config.json`). Texts of different lengths are left-padded in one
+end); the prompt is the text and `[sop]`, and generation stops at `[eop]`
+(`generation_config.json`); for a `[gMASK]` continuation pass
+`eos_token_id=[tokenizer.eop_token_id, tokenizer.eos_token_id]` to stop at the end of the text
+too. Texts of different lengths are left-padded in one
 batch and decode as they would alone; a KV cache is used unless `use_cache=False`. Without the
 tokenizer, `modeling_glm.build_inputs_for_generation(token_ids, mask_token_ids=...,
 sop_token_id=..., pad_token_id=...)` builds the same inputs from ids.

@@ -163,6 +163,12 @@ class GLMTokenizer(PreTrainedTokenizer):
         found = [i for i, t in enumerate(ids) if t in masks]
         if not found:
             raise ValueError(f"text {row} holds no [MASK]/[sMASK]/[gMASK]: nothing to fill")
+        # a lone space piece before a mask belongs to the blank, as in pretraining's spans (the
+        # trainer's blank filling drops it too: megatron_glm.generation.blank_fill)
+        drop = {i - 1 for i in found if i > 0 and ids[i - 1] not in masks}
+        drop = {i for i in drop if self.decode_ids([ids[i]]) == ""}
+        ids = [t for i, t in enumerate(ids) if i not in drop]
+        found = [i for i, t in enumerate(ids) if t in masks]
         n = len(ids)
         return [*ids, self.sop_token_id], [*range(n), found[0]], [0] * n + [1]
 

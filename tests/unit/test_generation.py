@@ -289,6 +289,26 @@ def test_sampling_seeded_and_top_k_one_is_greedy(model: GLMModel) -> None:
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG was not used
 
 
+def test_sampled_fills_do_not_depend_on_chunking(model: GLMModel) -> None:
+    """A text's sampled fills depend on the seed and its index in the whole input: the same
+    texts in chunks of 2 (``first_row``, as ``tools/generate.py`` reads a file) or all at once
+    give the same fills, and two texts never share a stream."""
+    texts = [f"{10 + i} 11 [MASK] 12 [MASK]" for i in range(4)] + ["10 11 [MASK] 12 [MASK]"]
+    config = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=3.0, seed=7)
+    whole = fill_blanks(model, IntTokenizer(), texts, config, batch_size=3)
+    chunked = [
+        r
+        for start in range(0, len(texts), 2)
+        for r in fill_blanks(
+            model, IntTokenizer(), texts[start : start + 2], config, first_row=start
+        )
+    ]
+    assert chunked == whole
+    shifted = fill_blanks(model, IntTokenizer(), texts[:2], config, first_row=2)
+    assert shifted != whole[:2]  # another index, another stream
+    assert whole[4].fills != fill_blanks(model, IntTokenizer(), texts[:1], config)[0].fills
+
+
 def test_top_p_keeps_exactly_the_nucleus() -> None:
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0
     logits = probs.log().view(1, 4)

@@ -370,7 +370,7 @@ def test_cli_and_tokenizer_export(
     text = "Return a [MASK] of the list.<|endoftext|>"
     assert hf_tok(text)["input_ids"] == tok.encode(text)
     generation = json.loads((tmp_path / "hf/generation_config.json").read_text())
-    assert generation["eos_token_id"] == [tok.eop_id, tok.eos_id]
+    assert generation["eos_token_id"] == tok.eop_id  # [gMASK]: the card says pass eos too
     with pytest.raises(SystemExit) as exc:
         main(["to-hf", "--load", str(tmp_path / "nothing"), "--save", str(tmp_path / "x")])
     assert exc.value.code == 2

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from megatron_glm.config import ModelConfig
-from megatron_glm.generation.blank_fill import fill_blank
+from megatron_glm.generation.blank_fill import encode_blanks, fill_blank
 from megatron_glm.hf.export import export_to_hf
 from megatron_glm.hf.modeling_glm import build_inputs_for_generation
 from megatron_glm.model import GLMModel, build_model
@@ -266,7 +266,7 @@ def test_tokenizer_helper_and_generation_config(tmp_path: Path, tiny_tokenizer_m
     generation = json.loads((tmp_path / "hf/generation_config.json").read_text())
     assert generation["suppress_tokens"] == list(range(tok.vocab_size, cfg.vocab_size))
     texts = [
-        "Return a [MASK] of the list.",
+        "Return a [MASK] of the list.",  # the space before [MASK] is part of the blank
         "The [sMASK] Open the file and read it back.",
         "Read the lines of a file [gMASK]",
     ]
@@ -277,17 +277,17 @@ def test_tokenizer_helper_and_generation_config(tmp_path: Path, tiny_tokenizer_m
         ).eval()
         inputs = hf_tok.build_inputs_for_generation(texts)
         with torch.no_grad():
-            out = hf.generate(  # eop only: fill_blank does not stop at <|endoftext|>
+            out = hf.generate(  # the folder's generation config: stops at [eop]
                 **inputs,
                 max_new_tokens=NEW,
-                eos_token_id=tok.eop_id,
                 return_dict_in_generate=True,
                 output_scores=True,
             )
     assert seen == []
     assert all(torch.isneginf(step[:, tok.vocab_size :]).all() for step in out.scores)
+    assert generation["eos_token_id"] == tok.eop_id
     want = build_inputs_for_generation(
-        [tok.encode(t) for t in texts],
+        [encode_blanks(tok, t, i) for i, t in enumerate(texts)],  # our decoder's part A
         mask_token_ids=[tok.mask_id, tok.smask_id, tok.gmask_id],
         sop_token_id=tok.sop_id,
         pad_token_id=tok.pad_id,
@@ -299,15 +299,15 @@ def test_tokenizer_helper_and_generation_config(tmp_path: Path, tiny_tokenizer_m
         row = row[: row.index(tok.eop_id)] if tok.eop_id in row else row
         assert tok.decode(row) == fill_blank(model, tok, text, max_new_tokens=NEW)
     first = out.sequences[0, width:].tolist()
-    first = first[: min(first.index(t) if t in first else NEW for t in (tok.eop_id, tok.eos_id))]
+    first = first[: first.index(tok.eop_id) if tok.eop_id in first else NEW]
     want_text = hf_tok.decode(first, skip_special_tokens=True)
     print(f"card snippet fill: {want_text!r}")
     assert _run_card_snippet(tmp_path / "hf", texts[0], max_new=NEW) == want_text
 
 
 def _run_card_snippet(folder: Path, text: str, max_new: int) -> object:
-    """The model card's generate() code run on the folder (stops at [eop] or <|endoftext|>,
-    the folder's generation config): the text its last line decodes."""
+    """The model card's generate() code run on the folder (stops at [eop], the folder's
+    generation config): the text its last line decodes."""
     card = (folder / "README.md").read_text()
     code = card.split("## Generate (fill a blank)\n```python\n")[1].split("```")[0]
     code = code.replace('"PATH"', repr(str(folder))).replace("Return a [MASK] of the list.", text)

@@ -170,20 +170,18 @@ def hf_case(model: GLMModel, args: argparse.Namespace) -> Case | None:
     hf = hf_model(model)
     if hf is None:
         return None
-    rows, masks = prompts(model.cfg, args.batch, args.prompt)
-    ids = torch.tensor([[*r, SOP] for r in rows])  # [b, L + 1]
-    b, total = ids.shape
-    positions = torch.zeros(b, 2, total, dtype=torch.long)
-    positions[:, 0, :-1] = torch.arange(total - 1)
-    positions[:, 0, -1] = torch.tensor(masks)
-    positions[:, 1, -1] = 1
+    from megatron_glm.hf.modeling_glm import build_inputs_for_generation
+
+    rows, _ = prompts(model.cfg, args.batch, args.prompt)
+    inputs = build_inputs_for_generation(
+        rows, mask_token_ids=[MASK], sop_token_id=SOP, pad_token_id=0
+    )
+    b, total = inputs["input_ids"].shape  # [b, L + 1]: part A and [sop]
 
     def decode() -> list[list[int]]:
         with torch.no_grad():
             out = hf.generate(  # type: ignore[operator]
-                ids,
-                position_ids=positions,
-                attention_mask=torch.ones_like(ids),
+                **inputs,
                 max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens,
                 do_sample=False,
