@@ -6,6 +6,8 @@
 ``--load`` reads a checkpoint of ours at any layout, ``--hf`` a Hugging Face export
 (:mod:`megatron_glm.inference`, as ``tools/generate.py``). Each input line is a JSON object whose
 ``"text"`` (``--key``) is one held-out text; a bad line is an error naming ``file:line``.
+Windows are ``--max-length`` positions long, by default the ``data.seq_length`` the checkpoint's
+run trained on (its snapshot), else the model's ``max_position_embeddings``.
 
 - ``perplexity``: every token of every text scored once, as part B after ``[gMASK]``, in
   windows of ``--max-length`` positions sliding by ``--stride``
@@ -33,6 +35,7 @@ from megatron_glm.finetune.evaluate import (
 )
 from megatron_glm.inference import LoadedModel, load_for_inference
 from megatron_glm.logs import setup_logging
+from megatron_glm.training.checkpoint import saved_config
 
 TASKS = ("perplexity", "lambada", "both")
 
@@ -48,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--key", default="text", help="JSON key of the text (default: text)")
     parser.add_argument("--task", choices=TASKS, default="both", help="what to measure")
     parser.add_argument(
-        "--max-length", type=int, help="positions per window (default: the model's maximum)"
+        "--max-length",
+        type=int,
+        help="positions per window (default: the run's data.seq_length for --load, else the "
+        "model's max_position_embeddings)",
     )
     parser.add_argument(
         "--stride", type=int, help="new tokens scored per later window (default: half a window)"
@@ -81,8 +87,19 @@ def table(ppl: PerplexityResult | None, words: LastWordResult | None) -> list[st
     return [f"{name:<{width}}  {value}" for name, value in rows]
 
 
+def default_length(loaded: LoadedModel, args: argparse.Namespace) -> int | None:
+    """``--max-length``, else the sequence length the checkpoint's run trained on: positions
+    past it were never trained, so windows that reach them would understate the model."""
+    if args.max_length is not None or args.load is None:
+        return args.max_length
+    seq_length = (saved_config(loaded.where) or {}).get("data", {}).get("seq_length")
+    if not isinstance(seq_length, int):
+        return None
+    return min(seq_length, loaded.model.cfg.max_position_embeddings)
+
+
 def evaluate(
-    loaded: LoadedModel, texts: list[str], args: argparse.Namespace
+    loaded: LoadedModel, texts: list[str], args: argparse.Namespace, length: int | None
 ) -> tuple[PerplexityResult | None, LastWordResult | None]:
     ppl = words = None
     if args.task in ("perplexity", "both"):
@@ -90,7 +107,7 @@ def evaluate(
             loaded.model,
             loaded.tokenizer,
             texts,
-            max_length=args.max_length,
+            max_length=length,
             stride=args.stride,
             batch_size=args.batch_size,
         )
@@ -99,7 +116,7 @@ def evaluate(
             loaded.model,
             loaded.tokenizer,
             texts,
-            max_length=args.max_length,
+            max_length=length,
             batch_size=args.batch_size,
         )
     return ppl, words
@@ -113,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_for_inference(
             load=args.load, hf=args.hf, tag=args.tag, tokenizer=args.tokenizer, device=device
         )
-        ppl, words = evaluate(loaded, texts, args)
+        length = default_length(loaded, args)
+        ppl, words = evaluate(loaded, texts, args, length)
     except ValueError as e:  # BadLineError, checkpoint and tokenizer errors included
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.input} on {loaded.where}")
+    shown = length or loaded.model.cfg.max_position_embeddings
+    print(f"{args.input} on {loaded.where} (windows of {shown} positions)")
     print("\n".join(table(ppl, words)))
     return 0
 

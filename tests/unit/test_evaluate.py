@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import string
 import sys
 from dataclasses import asdict
@@ -241,7 +242,8 @@ def write_run(root: Path, model: GLMModel, tokenizer: Path) -> Path:
     """``root/global_step3`` + ``latest`` with the config snapshot, as a run writes them."""
     tag = root / "global_step3"
     tag.mkdir(parents=True)
-    config = {"model": asdict(model.cfg), "data": {"tokenizer_model": str(tokenizer)}}
+    data = {"tokenizer_model": str(tokenizer), "seq_length": 40}
+    config = {"model": asdict(model.cfg), "data": data}
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base = {"iteration": 3, "consumed_samples": 24, "config": config}
     write_checkpoint(full, tensor_parallel_layout(model.cfg), tag, tp=1, pp=1, base=base, marker={})
@@ -251,7 +253,7 @@ def write_run(root: Path, model: GLMModel, tokenizer: Path) -> Path:
 
 def _table(stdout: str) -> dict[str, str]:
     lines = stdout.splitlines()[1:]  # after the "INPUT on SOURCE" line
-    return {line[:18].strip(): line[18:].strip() for line in lines}
+    return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in lines)  # "name  value"
 
 
 def test_tool_end_to_end_on_a_checkpoint_and_its_hf_export(
@@ -278,6 +280,13 @@ def test_tool_end_to_end_on_a_checkpoint_and_its_hf_export(
     export_to_hf(ckpt, tmp_path / "hf")
     assert evaluate.main(["--hf", str(tmp_path / "hf"), *args]) == 0
     assert _table(capsys.readouterr().out) == table
+    # default windows: the run's data.seq_length (40) for --load, max positions (64) for --hf
+    for source, length in ((["--load", str(ckpt)], 40), (["--hf", str(tmp_path / "hf")], 64)):
+        assert evaluate.main([*source, *args[:4], "--task", "perplexity"]) == 0
+        out = capsys.readouterr().out
+        ppl = lm_perplexity(model, tiny_tokenizer, texts, max_length=length)
+        assert out.splitlines()[0].endswith(f"(windows of {length} positions)")
+        assert _table(out)["loss"] == f"{ppl.loss:.4f}" and "last-word accuracy" not in out
 
 
 def test_tool_refuses_a_bad_line_naming_it(
