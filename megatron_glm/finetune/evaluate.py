@@ -2,9 +2,10 @@
 LAMBADA-style last-word accuracy (``tools/evaluate.py``; finetuning's seq2seq evaluation).
 
 All three put the text the model conditions on in part A, bidirectionally, and what is
-predicted in part B after ``[gMASK]``: GLM's document objective, the layout the model was
-pretrained on (THUDM GLM's zero-shot ``LMDataset`` / ``LambadaDataset`` do the same). As
-everywhere in this project, no ``[CLS]`` is put in front (our pretraining rows have none).
+predicted in part B after ``[gMASK]`` (seq2seq: the task's mask): GLM's document objective,
+the layout the model was pretrained on (THUDM GLM's zero-shot ``LMDataset`` /
+``LambadaDataset`` do the same). As everywhere in this project, no ``[CLS]`` is put in front
+(our pretraining rows have none).
 
 **Perplexity.** A text's tokens are scored left to right in windows of at most ``max_length``
 positions. A window is ``context [gMASK] | [sop] t1 .. t(n-1)`` with targets ``t1 .. tn``:
@@ -39,13 +40,12 @@ import torch.nn.functional as F
 from megatron_glm.data.jsonl import BadLines, read_texts
 from megatron_glm.data.tokenizer import Tokenizer
 from megatron_glm.finetune.metrics import accuracy, perplexity
-from megatron_glm.generation import GenerationConfig, fill_blanks, generate
+from megatron_glm.generation import GenerationConfig, generate
 from megatron_glm.generation.decoder import eval_mode
 from megatron_glm.model.glm import GLMModel
 
 logger = logging.getLogger(__name__)
 
-MASK_TOKENS = ("[MASK]", "[sMASK]", "[gMASK]")
 PUNCTUATION = string.punctuation + "\u2018\u2019\u201c\u201d\u00ab\u00bb"
 """Stripped from both ends of a last word and of the generated one (ASCII and typographic)."""
 
@@ -61,28 +61,66 @@ def seq2seq_predictions(
     *,
     mask: str = "[gMASK]",
     batch_size: int = 8,
+    max_length: int | None = None,
 ) -> list[str]:
-    """The generated target of each source: part A is ``source + mask`` (the mask right after
-    the text, so its ids are ``encode(source) + [mask id]``, the layout seq2seq finetuning
-    trains on), part B is decoded with ``gen``; each prediction is whitespace-stripped.
+    """The generated target of each source, whitespace-stripped, decoded with ``gen``.
 
-    ValueError naming the source's index for an empty source or one that already holds a mask
-    token (its blank would be filled first and the prediction would be the wrong blank).
+    Part A is ``encode(source) + [mask id]``, token for token the layout seq2seq finetuning
+    trains on (``finetune.tasks.seq2seq_batch``; built from ids, not by encoding
+    ``source + mask`` as one string, which a tokenizer may split differently at the join). A
+    source too long for ``max_length`` positions (default: the model's) with
+    ``gen.max_new_tokens`` after it keeps its first tokens, as training keeps them. Decoding
+    stops at ``[eop]`` (and at ``<|endoftext|>`` after ``[gMASK]``, as blank filling does); mask
+    tokens and ``[sop]`` are never generated.
+
+    ValueError naming the source's index for an empty source or one that holds a mask token of
+    its own (the model would see two blanks).
     """
-    if mask not in MASK_TOKENS:
-        raise ValueError(f"mask must be one of {', '.join(MASK_TOKENS)}, got {mask!r}")
-    texts = []
+    masks = {"[MASK]": tok.mask_id, "[sMASK]": tok.smask_id, "[gMASK]": tok.gmask_id}
+    if mask not in masks:
+        raise ValueError(f"mask must be one of {', '.join(masks)}, got {mask!r}")
+    room = _check_length(model, max_length) - gen.max_new_tokens - 1  # source tokens kept
+    if room < 1:
+        raise ValueError(
+            f"max_new_tokens {gen.max_new_tokens} leaves no room for a source in "
+            f"{_check_length(model, max_length)} positions"
+        )
+    rows = [[*ids[:room], masks[mask]] for ids in _source_ids(tok, sources)]
+    stops = [tok.eop_id, tok.eos_id] if mask == "[gMASK]" else [tok.eop_id]
+    out: list[list[int]] = []
+    for start in range(0, len(rows), _positive(batch_size)):
+        chunk = rows[start : start + batch_size]
+        out += generate(
+            model,
+            chunk,
+            [len(r) - 1 for r in chunk],
+            gen,
+            eos_ids=stops,
+            sop_id=tok.sop_id,
+            vocab_size=tok.vocab_size,
+            banned_ids=(*masks.values(), tok.sop_id),
+        )
+    return [tok.decode(ids).strip() for ids in out]
+
+
+def _source_ids(tok: Tokenizer, sources: Sequence[str]) -> list[list[int]]:
+    """Each source's ids; ValueError naming an empty source or one holding a mask token."""
+    masks = {tok.mask_id, tok.smask_id, tok.gmask_id}
+    encoded = []
     for i, source in enumerate(sources):
         if not source.strip():
             raise ValueError(f"source {i}: empty source")
-        held = [m for m in MASK_TOKENS if m in source]
-        if held:
-            raise ValueError(
-                f"source {i}: holds a mask token {held[0]} of its own: {source[:80]!r}"
-            )
-        texts.append(source + mask)
-    results = fill_blanks(model, tok, texts, gen, batch_size=batch_size)
-    return [r.fills[0].strip() for r in results]
+        ids = tok.encode(source)
+        if masks.intersection(ids):
+            raise ValueError(f"source {i}: holds a mask token of its own: {source[:80]!r}")
+        encoded.append(ids)
+    return encoded
+
+
+def _positive(batch_size: int) -> int:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return batch_size
 
 
 # ------------------------------------------------------------------------------ perplexity
@@ -203,9 +241,7 @@ def _check_length(model: GLMModel, max_length: int | None) -> int:
 
 
 def _batches(items: Sequence[Window], size: int) -> Iterator[Sequence[Window]]:
-    if size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {size}")
-    for start in range(0, len(items), size):
+    for start in range(0, len(items), _positive(size)):
         yield items[start : start + size]
 
 
@@ -334,8 +370,7 @@ def last_word_accuracy(
     """LAMBADA-style accuracy of ``texts`` (module docstring); ValueError if none has a last
     word to predict."""
     length = _check_length(model, max_length)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _positive(batch_size)
     items = [item for item in map(split_last_word, texts) if item is not None]
     if not items:
         raise ValueError("last-word accuracy: no text has two words and a last word")

@@ -154,10 +154,20 @@ def test_perplexity_is_exp_of_the_hand_computed_mean_loss(
     assert got.perplexity > 50  # an untrained model: far from 1, the loss is real
 
 
-def hand_greedy(model: GLMModel, tok: GLMTokenizer, context: str, steps: int = 16) -> list[int]:
-    """Greedy part B after ``context [gMASK]`` by plain forwards: argmax over the real
-    vocabulary, mask tokens and [sop] never chosen, stopping at [eop] or eos."""
-    part_a = [*tok.encode(context), tok.gmask_id]
+def hand_greedy(
+    model: GLMModel,
+    tok: GLMTokenizer,
+    context: str | list[int],
+    steps: int = 16,
+    mask: int | None = None,
+) -> list[int]:
+    """Greedy part B after ``context [gMASK]`` (a text, or its ids; ``mask`` another mask id)
+    by plain forwards: argmax over the real vocabulary, mask tokens and [sop] never chosen,
+    stopping at [eop], or eos after [gMASK]."""
+    ids = tok.encode(context) if isinstance(context, str) else context
+    mask = tok.gmask_id if mask is None else mask
+    stops = (tok.eop_id, tok.eos_id) if mask == tok.gmask_id else (tok.eop_id,)
+    part_a = [*ids, mask]
     banned = [tok.mask_id, tok.smask_id, tok.gmask_id, tok.sop_id]
     out: list[int] = []
     for _ in range(steps):
@@ -166,7 +176,7 @@ def hand_greedy(model: GLMModel, tok: GLMTokenizer, context: str, steps: int = 1
         logits = logits[: tok.vocab_size].clone()
         logits[banned] = -math.inf
         token = int(logits.argmax())
-        if token in (tok.eop_id, tok.eos_id):
+        if token in stops:
             break
         out.append(token)
     return out
@@ -229,7 +239,15 @@ def test_seq2seq_predictions_decode_after_source_and_gmask(
     got = seq2seq_predictions(model, tok, sources, gen, batch_size=2)
     assert got == [tok.decode(hand_greedy(model, tok, s, steps=10)).strip() for s in sources]
     assert any(got)
-    with pytest.raises(ValueError, match=r"source 1: holds a mask token \[MASK\]"):
+    long = " ".join(CONTEXTS * 4)  # > 64 positions: keeps its first 64 - 10 - 1 tokens
+    [got_long] = seq2seq_predictions(model, tok, [long], gen)
+    assert len(tok.encode(long)) > 64
+    assert got_long == tok.decode(hand_greedy(model, tok, tok.encode(long)[:53], steps=10)).strip()
+    got_mask = seq2seq_predictions(model, tok, sources, gen, mask="[MASK]")
+    assert got_mask == [
+        tok.decode(hand_greedy(model, tok, s, steps=10, mask=tok.mask_id)).strip() for s in sources
+    ]
+    with pytest.raises(ValueError, match=r"source 1: holds a mask token of its own"):
         seq2seq_predictions(model, tok, ["a", "b [MASK] c"], gen)
     with pytest.raises(ValueError, match="source 0: empty source"):
         seq2seq_predictions(model, tok, ["  "], gen)
