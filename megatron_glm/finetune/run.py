@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from megatron_glm.finetune import tasks
 from megatron_glm.finetune.losses import ClozeLoss, Seq2SeqLoss
 from megatron_glm.training.batches import Batch
 from megatron_glm.training.evaluation import BestMetric, evaluate
+
+if TYPE_CHECKING:
+    from megatron_glm.training.loop import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +149,8 @@ def init_weights_from(path: str) -> Callable[[nn.Module, bool], None]:
     differs (the same tokenizer padded for another tp)."""
     from megatron_glm.parallel.layers import full_shape, shard_of
     from megatron_glm.training.checkpoint import load_model_state
-    from megatron_glm.training.checkpoint.reshard import repad_vocab
     from megatron_glm.training.checkpoint.deepspeed_files import glm_name
+    from megatron_glm.training.checkpoint.reshard import repad_vocab
 
     @torch.no_grad()
     def apply(module: nn.Module, pipeline: bool) -> None:
@@ -176,15 +179,10 @@ def best_metric(cfg: RunConfig) -> BestMetric:
     return BestMetric(name, higher_is_better=name != "loss")
 
 
-def run_finetuning(cfg: RunConfig, env: Any = None, *, log: Callable[[str], None] | None = None):
-    """Finetune ``cfg`` (launch checks first, then the pretraining session with the task)."""
-    from megatron_glm.training.distributed import read_dist_env
-    from megatron_glm.training.preflight import load_tokenizer, validate_for_launch
-
-    env = read_dist_env() if env is None else env
-    validate_for_launch(cfg, env.world_size, check_data=False)
-    check_finetune(cfg)
+def finetune_task(cfg: RunConfig) -> tuple[Callable[[int, int], tuple[FinetuneData, int]], Any]:
+    """The batch-source factory and the ``training.session.RunTask`` of a finetuning run."""
     from megatron_glm.training import session  # imports deepspeed: keep it late
+    from megatron_glm.training.preflight import load_tokenizer
 
     tok = load_tokenizer(cfg)
     loss, collate = task_loss(cfg, tok)
@@ -212,6 +210,22 @@ def run_finetuning(cfg: RunConfig, env: Any = None, *, log: Callable[[str], None
         best=best_metric(cfg),
         after=after,
     )
+    return make_source, task
+
+
+def run_finetuning(
+    cfg: RunConfig, env: Any = None, *, log: Callable[[str], None] | None = None
+) -> TrainResult:
+    """Finetune ``cfg`` as ``glm-finetune`` does: launch checks (fields, task files, ``init``),
+    then the pretraining session with the task. ``env`` defaults to the launcher's variables."""
+    from megatron_glm.training import session  # imports deepspeed: keep it late
+    from megatron_glm.training.distributed import read_dist_env
+    from megatron_glm.training.preflight import validate_for_launch
+
+    env = read_dist_env() if env is None else env
+    validate_for_launch(cfg, env.world_size, check_data=False)
+    check_finetune(cfg)
+    make_source, task = finetune_task(cfg)
     return session.run_pretraining(cfg, env, make_source=make_source, log=log, task=task)
 
 
