@@ -81,13 +81,12 @@ def _worker(spec: dict[str, Any]) -> int:
     env = read_dist_env()
     setup_logging(env.rank)
     configs = [load_config(None, run) for run in spec["runs"]]
-    for cfg in configs:
-        validate_for_launch(cfg, env.world_size, check_data=False)
-        check_finetune(cfg)
     device = init_distributed(env)
     results = []
     try:
-        for cfg in configs:
+        for cfg in configs:  # checked in turn: a later run may start from an earlier one's save
+            validate_for_launch(cfg, env.world_size, check_data=False)
+            check_finetune(cfg)
             make_source, task = finetune_task(cfg)
             res = train_in_group(cfg, env, device, make_source, task=task)
             results.append(
@@ -151,6 +150,9 @@ def finetune_runs(
         "straight": [*resume, f"checkpoint.save={tmp / 'straight'}"],
         "stop": [*resume, f"checkpoint.save={tmp / 'stop'}", "train.exit_interval=3"],
         "resume": [*resume, f"checkpoint.save={tmp / 'stop'}"],
+        # weights only from the finetuned checkpoint, into other layouts, at iteration 0
+        "init_pp2": [*cloze, "parallel.pp=2", f"finetune.init={tmp / 'straight'}"],
+        "init_tp2": [*cloze, "parallel.tp=2", f"finetune.init={tmp / 'straight'}"],
     }
     one = {"cloze_ref": cloze, "s2s_ref": s2s}
     res2, log2 = _run(2, list(two.values()), tmp)
@@ -191,6 +193,20 @@ def test_resume_mid_finetune_is_bitwise(finetune_runs: dict[str, Any]) -> None:
     assert r["resume"]["valid"] == r["straight"]["valid"]
     best = r["dir"] / "straight" / "best"
     assert (best / "latest").is_file() and len([p for p in best.iterdir() if p.is_dir()]) == 1
+
+
+def test_init_takes_weights_only_into_any_layout(finetune_runs: dict[str, Any]) -> None:
+    """``finetune.init`` (a dp 2 checkpoint) into pp 2 and tp 2: training starts at step 1 with
+    a fresh optimizer, and the step-0 validation equals the saved model's last one."""
+    r = finetune_runs
+    saved = r["straight"]["valid"][-1]
+    assert saved[0] == 6
+    for name in ("init_pp2", "init_tp2"):
+        assert sorted(_losses(r[name])) == [1, 2, 3, 4], name
+        step0 = r[name]["valid"][0]
+        assert step0[0] == 0 and step0[1] == pytest.approx(saved[1], rel=1e-5), name
+    assert r["init_pp2"]["losses"] == pytest.approx(r["init_tp2"]["losses"], rel=1e-5)
+    assert "finetune: weights from" in r["log2"]
 
 
 if __name__ == "__main__":
