@@ -10,11 +10,14 @@ Cloze classification (GLM paper, PET patterns): a pattern such as ``"{text} It i
 becomes part A with one [MASK]. Single-token verbalizers are scored at the [MASK] position
 (:func:`cloze_single_batch`); multi-token ones get one row per (example, candidate) whose part
 B is ``[sop] w1 .. wn`` at the mask's position (:func:`cloze_multi_batch`), the candidate scored
-by its tokens' log-probabilities. Seq2seq: part A is ``[cls] source [gMASK]``, part B ``[sop]
+by its tokens' log-probabilities. Seq2seq: part A is ``source [gMASK]``, part B ``[sop]
 target`` with targets ``target [eop]`` (:func:`seq2seq_batch`).
 
 Texts are cut from their end (``text`` and ``text_b`` before the pattern's own words, the
-source before the target) so that every row fits ``seq_length``.
+source before the target) so that every row fits ``seq_length``. Part A starts with the text
+itself, no [CLS]: pretraining rows (``data.blank_infilling``) and blank filling
+(``generation``) have none either, so the finetuned model sees the layout it was trained on and
+``finetune.evaluate.seq2seq_predictions`` decodes exactly the training layout.
 """
 
 from __future__ import annotations
@@ -130,11 +133,11 @@ class Pattern:
     def encode(
         self, tok: Tokenizer, ex: ClassificationExample, budget: int
     ) -> tuple[list[int], int]:
-        """Part A ids ``[cls] ...`` with the pattern filled, and the index of its [MASK]; the
+        """Part A ids: the pattern filled, and the index of its [MASK]; the
         texts are cut from their end (longest first) so that part A has at most ``budget``
         ids."""
         texts = {"{text}": tok.encode(ex.text), "{text_b}": tok.encode(ex.text_b or "")}
-        fixed = 1 + sum(
+        fixed = sum(
             1 if p == "[MASK]" else len(tok.encode(p)) for p in self.pieces if p not in texts
         )
         room = budget - fixed
@@ -144,7 +147,8 @@ class Pattern:
         while sum(len(texts[k]) for k in used) > room:
             longest = max(used, key=lambda k: len(texts[k]))
             texts[longest] = texts[longest][:-1]
-        ids, mask_at = [tok.cls_id], -1
+        ids: list[int] = []
+        mask_at = -1
         for p in self.pieces:
             if p == "[MASK]":
                 mask_at = len(ids)
@@ -252,7 +256,7 @@ def seq2seq_batch(
     mask_id: int,
     max_target_length: int,
 ) -> Batch:
-    """``[cls] source [gMASK]`` + ``[sop] target``, targets ``target [eop]`` under
+    """``source [gMASK]`` + ``[sop] target``, targets ``target [eop]`` under
     ``loss_mask``; ``objective`` 0 (one objective)."""
     rows = len(examples)
     batch = _empty(rows, seq_length, tok.pad_id)
@@ -262,10 +266,10 @@ def seq2seq_batch(
     for r, ex in enumerate(examples):
         source, target = ("", "") if ex is None else (ex.source, ex.target)
         tgt = tok.encode(target)[:max_target_length]
-        src_room = seq_length - (len(tgt) + 1) - 2
+        src_room = seq_length - (len(tgt) + 1) - 1
         if src_room < 1:
             raise ValueError("data.seq_length leaves no room for the source")
-        part_a = [tok.cls_id, *tok.encode(source)[:src_room], mask_id]
+        part_a = [*tok.encode(source)[:src_room], mask_id]
         a = len(part_a)
         _put_row(batch, r, part_a, [tok.sop_id, *tgt], a - 1)
         batch["targets"][r, a : a + len(tgt) + 1] = torch.tensor([*tgt, tok.eop_id])
