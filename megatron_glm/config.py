@@ -451,9 +451,10 @@ class FinetuneConfig:
     max_target_length: int = 64
     """Seq2seq: target tokens kept (longer targets are cut; the source is cut to fit the rest
     of data.seq_length)."""
-    metric: str = "accuracy"
+    metric: Literal["accuracy", "macro_f1", "loss"] | None = None
     """Validation metric that picks the best checkpoint (``<checkpoint.save>/best``):
-    ``accuracy`` (cloze; higher is better) or ``loss`` (lower is better)."""
+    ``accuracy`` or ``macro_f1`` (cloze; higher is better) or ``loss`` (lower is better);
+    null: accuracy for cloze, loss for seq2seq."""
     init: str | None = None
     """Checkpoint folder (a pretraining run's checkpoint.save, or an HF import) whose weights
     start the run at iteration 0 with a fresh optimizer; ignored when the run resumes its own
@@ -475,8 +476,17 @@ class FinetuneConfig:
         _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
         _require(self.max_target_length > 0, "max_target_length", "must be > 0")
         _require(
-            self.metric in ("accuracy", "loss"), "metric", f"{self.metric!r}: accuracy or loss"
+            self.task == "cloze" or self.metric in (None, "loss"),
+            "metric",
+            f"{self.metric!r} is a classification metric; seq2seq keeps the best by loss",
         )
+
+    @property
+    def best_metric(self) -> str:
+        """``metric`` resolved: accuracy for cloze, loss for seq2seq when not given."""
+        if self.metric is not None:
+            return self.metric
+        return "accuracy" if self.task == "cloze" else "loss"
 
 
 @dataclass(kw_only=True)

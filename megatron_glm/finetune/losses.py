@@ -35,6 +35,7 @@ from megatron_glm.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_tensor_parallel_region,
 )
+from megatron_glm.training.loss_stats import LossStats
 
 
 def full_logits(selected: Tensor, weight: Tensor, dims: ParallelDims | None) -> Tensor:
@@ -46,16 +47,23 @@ def full_logits(selected: Tensor, weight: Tensor, dims: ParallelDims | None) -> 
     return gather_from_tensor_parallel_region(local, dims.tp_group).float()
 
 
-def _class_sums(scores: Tensor, label: Tensor, weight: Tensor) -> LossOutput:
-    """Cross entropy of ``scores`` ``[b, C]`` against ``label``, and correct counts."""
+def classification_sums(scores: Tensor, label: Tensor, weight: Tensor) -> LossOutput:
+    """Cross entropy of ``scores`` ``[b, C]`` against ``label``; the counts behind accuracy and
+    macro F1 (correct, and per class: true positives, predicted, gold) as ``_`` objectives."""
+    c = scores.shape[1]
     ce = F.cross_entropy(scores, label, reduction="none") * weight
-    correct = (scores.argmax(dim=1) == label).float() * weight
+    pred = scores.argmax(dim=1)
+    correct = ((pred == label).float() * weight).sum()
+    classes = torch.arange(c, device=scores.device).unsqueeze(1)  # [C, 1]
+    is_pred, is_gold = (pred == classes).float() * weight, (label == classes).float() * weight
+    per_class = torch.stack([(is_pred * is_gold).sum(1), is_pred.sum(1), is_gold.sum(1)], dim=1)
     n = weight.sum()
+    sums = torch.cat([ce.sum().detach().reshape(1), correct.reshape(1), per_class.reshape(-1)])
     return LossOutput(
         sum_loss=ce.sum(),
         num_tokens=n,
-        per_objective_sum=torch.stack([ce.sum().detach(), correct.sum()]),
-        per_objective_count=torch.stack([n, n]).detach(),
+        per_objective_sum=sums.detach(),
+        per_objective_count=n.detach().expand(sums.shape[0]).clone(),
     )
 
 
@@ -67,7 +75,26 @@ class ClozeLoss:
     """Token ids of each label's verbalizer, in label order."""
     score: str = "sum"
     """Multi-token: ``sum`` or ``mean`` of the candidate's token log-probabilities."""
-    objectives: tuple[str, ...] = ("cloze", "accuracy")
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """The loss, then counts reduced with it (hidden from the loss log): correct
+        predictions, and per class true positives, predictions and gold labels."""
+        per_class = [
+            f"_{k}{c}" for c in range(len(self.candidates)) for k in ("tp", "pred", "gold")
+        ]
+        return ("cloze", "_correct", *per_class)
+
+    def metrics(self, stats: LossStats) -> dict[str, float]:
+        """``accuracy`` and ``macro_f1`` (unweighted mean of per-class ``2 tp / (pred + gold)``,
+        0 for a class with no true positive, as ``finetune.metrics.macro_f1``) of the examples
+        behind ``stats``."""
+        sums, n = stats.objective_sums(), stats.num_tokens
+        f1 = []
+        for c in range(len(self.candidates)):
+            tp, pred, gold = (sums[f"_{k}{c}"] for k in ("tp", "pred", "gold"))
+            f1.append(2 * tp / (pred + gold) if tp > 0 else 0.0)
+        return {"accuracy": sums["_correct"] / n, "macro_f1": sum(f1) / len(f1)}
 
     @classmethod
     def build(cls, candidates: Sequence[Sequence[int]], score: str = "sum") -> ClozeLoss:
@@ -128,7 +155,7 @@ class ClozeLoss:
         kernels: str | None = None,
     ) -> LossOutput:
         scores = self.scores(head, hidden, labels, dims=dims)
-        return _class_sums(scores, labels["label"], labels["loss_mask"].float())
+        return classification_sums(scores, labels["label"], labels["loss_mask"].float())
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ def init_weights_from(path: str) -> Callable[[nn.Module, bool], None]:
 
 
 def best_metric(cfg: RunConfig) -> BestMetric:
-    name = cfg.finetune.metric
+    name = cfg.finetune.best_metric
     return BestMetric(name, higher_is_better=name != "loss")
 
 
@@ -202,7 +202,7 @@ def finetune_task(cfg: RunConfig) -> tuple[Callable[[int, int], tuple[FinetuneDa
         return source, tok.padded_vocab_size
 
     def after(runner: Any, trainer: Any) -> None:
-        test_evaluation(cfg, made[-1])(runner, trainer)
+        test_evaluation(cfg, made[-1], tok)(runner, trainer)
 
     task = session.RunTask(
         loss=loss,
@@ -229,8 +229,10 @@ def run_finetuning(
     return session.run_pretraining(cfg, env, make_source=make_source, log=log, task=task)
 
 
-def test_evaluation(cfg: RunConfig, source: FinetuneData) -> Callable[[Any, Any], None]:
-    """After the run: loss (and accuracy) of the test split, logged and in TensorBoard."""
+def test_evaluation(cfg: RunConfig, source: FinetuneData, tok: Tokenizer) -> Callable[..., None]:
+    """After the run: the test split's loss and metrics (cloze: accuracy, macro F1; seq2seq:
+    ROUGE and exact match of greedy decodes), logged, in TensorBoard and, on rank 0, in
+    ``<checkpoint.save>/test_metrics.json``."""
 
     def after(runner: Any, trainer: Any) -> None:
         try:
@@ -239,7 +241,59 @@ def test_evaluation(cfg: RunConfig, source: FinetuneData) -> Callable[[Any, Any]
             trainer.log("no test.jsonl: test evaluation skipped")
             return
         result = evaluate(runner, source.eval_batches(examples))
-        per = " | ".join(f"{k} {v:.4f}" for k, v in result.objective_loss.items() if v is not None)
-        trainer.log(f"test ({len(examples)} examples) | loss {result.loss:.4f} | {per}")
+        figures = {"loss": result.loss, **result.metrics}
+        if cfg.finetune.task == "seq2seq":
+            figures.update(_decode_scores(cfg, runner, tok, examples, trainer.log))
+        text = " | ".join(f"{k} {v:.4f}" for k, v in figures.items())
+        trainer.log(f"test ({len(examples)} examples) | {text}")
+        if trainer.rank == 0:
+            _write_test_metrics(cfg, figures)
 
     return after
+
+
+def _write_test_metrics(cfg: RunConfig, figures: dict[str, float]) -> None:
+    import json
+
+    from megatron_glm.training.metrics import ScalarWriter
+
+    writer = ScalarWriter(cfg.logging.tensorboard_dir)
+    writer.write({f"test/{k}": v for k, v in figures.items()}, cfg.train.train_iters)
+    writer.close()
+    if cfg.checkpoint.save is not None:
+        path = Path(cfg.checkpoint.save) / "test_metrics.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+def _decode_scores(
+    cfg: RunConfig,
+    runner: Any,
+    tok: Tokenizer,
+    examples: Sequence[tasks.Seq2SeqExample],
+    log: Callable[[str], None],
+) -> dict[str, float]:
+    """ROUGE-1/2/L and exact match of greedy decodes (``finetune.evaluate``), where the whole
+    model is on this rank: pp 1, no ZeRO-3 partitions, no sequence parallelism (every rank
+    decodes the whole split; TP ranks together)."""
+    from megatron_glm.finetune.evaluate import seq2seq_predictions
+    from megatron_glm.finetune.metrics import exact_match, rouge
+    from megatron_glm.generation import GenerationConfig
+
+    if cfg.parallel.pp > 1 or cfg.train.zero_stage == 3 or cfg.parallel.sequence_parallel:
+        log("test decoding skipped: it needs pp 1, ZeRO < 3 and no sequence parallelism")
+        return {}
+    f = cfg.finetune
+    max_new = min(f.max_target_length, cfg.data.seq_length // 2)
+    room = cfg.data.seq_length - max_new - 2  # source tokens, as training cuts them
+    sources = [tok.decode(tok.encode(ex.source)[:room]) for ex in examples]
+    gen = GenerationConfig(max_new_tokens=max_new)
+    module = runner.eng.module
+    module.eval()
+    try:
+        with torch.no_grad():
+            preds = seq2seq_predictions(module.glm, tok, sources, gen, mask=f.mask)
+    finally:
+        module.train()
+    refs = [ex.target for ex in examples]
+    return {**rouge(preds, refs), "exact_match": exact_match(preds, refs)}

@@ -15,6 +15,7 @@ skipped, and :func:`checkpoint.save` refuses non-finite weights in any case.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -46,6 +47,10 @@ from megatron_glm.training.signals import StopConditions
 from megatron_glm.training.step import StepOutput, StepRunner
 
 logger = logging.getLogger(__name__)
+
+BEST_RECORD = "best.json"
+"""Next to the best checkpoint: its metric, value and iteration (a resumed run keeps comparing
+against it)."""
 
 __all__ = ["Batch", "BatchSource", "NonFiniteLossError", "TrainResult", "Trainer"]
 
@@ -218,6 +223,8 @@ class Trainer:
                 for old in best_dir.iterdir():
                     if old.is_dir() and old.name != tag:
                         shutil.rmtree(old)
+                record = {"metric": name, "value": value, "iteration": run.iteration}
+                (best_dir / BEST_RECORD).write_text(json.dumps(record) + "\n")
             where = f", saved {best_dir}/{tag}"
         best = "n/a" if self._best_value is None else f"{self._best_value:.4f}"
         self.log(f"validation at step {run.iteration} | {name} {value:.4f} | best {best}{where}")
@@ -265,6 +272,15 @@ class Trainer:
         d = self.eng.dims
         return None if d.pp == 1 else bubble_fraction(d.pp, self.eng.grad_accum)
 
+    def _saved_best(self) -> float | None:
+        """The best value a resumed run had kept (``best/best.json``), if it names our metric."""
+        save = self.cfg.checkpoint.save
+        path = None if save is None else Path(save) / "best" / BEST_RECORD
+        if self.best is None or path is None or not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        return float(record["value"]) if record.get("metric") == self.best.name else None
+
     def _client_state(self, run: _RunState) -> ckpt.ClientState:
         return ckpt.ClientState(
             iteration=run.iteration,
@@ -299,6 +315,8 @@ class Trainer:
         """
         t = self.cfg.train
         run = _RunState.begin(start, start_is_saved)
+        if start is not None:
+            self._best_value = self._saved_best()
         writer = ScalarWriter(self.cfg.logging.tensorboard_dir if self.rank == 0 else None)
         show_bar = self.rank == 0 and self.cfg.logging.progress_bar and sys.stderr.isatty()
         if show_bar:

@@ -193,6 +193,11 @@ def test_resume_mid_finetune_is_bitwise(finetune_runs: dict[str, Any]) -> None:
     assert r["resume"]["valid"] == r["straight"]["valid"]
     best = r["dir"] / "straight" / "best"
     assert (best / "latest").is_file() and len([p for p in best.iterdir() if p.is_dir()]) == 1
+    record = json.loads((best / "best.json").read_text())
+    assert record["metric"] == "accuracy" and record["iteration"] in (3, 6)
+    assert (best / (best / "latest").read_text()).is_dir()
+    # the resumed run compared against the best kept before the stop: the same best
+    assert json.loads((r["dir"] / "stop" / "best" / "best.json").read_text()) == record
 
 
 def test_init_takes_weights_only_into_any_layout(finetune_runs: dict[str, Any]) -> None:

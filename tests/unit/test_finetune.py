@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron_glm.config import ConfigError, FinetuneConfig, ModelConfig
 from megatron_glm.data.jsonl import BadInputError
 from megatron_glm.data.tokenizer import GLMTokenizer
-from megatron_glm.finetune.losses import ClozeLoss, Seq2SeqLoss
+from megatron_glm.finetune.losses import ClozeLoss, Seq2SeqLoss, classification_sums
 from megatron_glm.finetune.tasks import (
     ClassificationExample,
     Pattern,
@@ -209,3 +209,27 @@ def test_tiny_model_learns_synthetic_cloze(tiny_tokenizer: GLMTokenizer) -> None
         opt.step()
     after = accuracy()
     assert after >= 0.95, (before, after)
+
+
+def test_cloze_metrics_from_counts_equal_metrics_on_predictions() -> None:
+    """Accuracy and macro F1 reduced as loss-sum counts (any layout) equal
+    ``finetune.metrics`` on the predicted labels, padding examples excluded."""
+    from megatron_glm.finetune.metrics import accuracy, macro_f1
+    from megatron_glm.training.loss_stats import LossAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    loss = ClozeLoss.build([[5], [6], [7]])
+    acc = LossAccumulator(loss.objectives, "cpu")
+    preds: list[str] = []
+    golds: list[str] = []
+    for _ in range(3):  # three micro-batches, the last with two padding rows
+        scores = torch.randn(6, 3, generator=g)
+        label = torch.randint(0, 3, (6,), generator=g)
+        weight = torch.tensor([1.0, 1, 1, 1] + ([1.0, 1.0] if len(preds) < 12 else [0.0, 0.0]))
+        acc.add(classification_sums(scores, label, weight))
+        keep = weight > 0
+        preds += [str(int(x)) for x in scores.argmax(1)[keep]]
+        golds += [str(int(x)) for x in label[keep]]
+    got = loss.metrics(acc.result())
+    assert got["accuracy"] == pytest.approx(accuracy(preds, golds), abs=1e-12)
+    assert got["macro_f1"] == pytest.approx(macro_f1(preds, golds, ["0", "1", "2"]), abs=1e-12)
