@@ -630,6 +630,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
+    if tp is str and isinstance(value, bool):
+        raise ConfigError(
+            key, f"expected str, got {value!r} (quote it: YAML reads yes/no/on/off as booleans)"
+        )
     raise ConfigError(key, f"expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 

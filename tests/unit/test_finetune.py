@@ -233,3 +233,30 @@ def test_cloze_metrics_from_counts_equal_metrics_on_predictions() -> None:
     got = loss.metrics(acc.result())
     assert got["accuracy"] == pytest.approx(accuracy(preds, golds), abs=1e-12)
     assert got["macro_f1"] == pytest.approx(macro_f1(preds, golds, ["0", "1", "2"]), abs=1e-12)
+
+
+def test_cli_refuses_a_bad_task_file_before_launch(
+    tmp_path: Path, tiny_tokenizer_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``glm-finetune`` exits 2 naming file:line, and a config error naming the field, before
+    any process group starts."""
+    from megatron_glm.finetune.__main__ import main
+
+    task = tmp_path / "task"
+    task.mkdir()
+    write(task / "train.jsonl", [{"text": "a b", "label": "x"}] * 3)
+    write(task / "validation.jsonl", [{"text": "a b", "label": "x"}, {"text": "c", "label": "q"}])
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        f"data: {{tokenizer_model: {tiny_tokenizer_model}, seq_length: 32}}\n"
+        f"finetune: {{task_dir: {task}, verbalizers: {{x: 'yes', y: 'no'}}}}\n"
+    )
+    assert main(["--config", str(run), "finetune.verbalizers={x: yes, y: no}"]) == 2
+    assert "'finetune.verbalizers.x': expected str, got True (quote it" in capsys.readouterr().err
+    assert main(["--config", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{task / 'validation.jsonl'}:2: " in err and "label 'q' has no verbalizer" in err
+    assert main(["--config", str(run), "finetune.task=seq2seq"]) == 2
+    assert "config field 'finetune.metric'" not in capsys.readouterr().err  # default resolves
+    assert main(["--config", str(run), "finetune.metric=macro_f1", "finetune.task=seq2seq"]) == 2
+    assert "config field 'finetune.metric'" in capsys.readouterr().err
