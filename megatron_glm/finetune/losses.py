@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_glm.model import LossOutput, glm_loss
-from megatron_glm.model.loss import _resolve_head
+from megatron_glm.model.loss import resolve_head
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.mappings import (
     copy_to_tensor_parallel_region,
@@ -119,7 +119,7 @@ class ClozeLoss:
         dims: ParallelDims | None = None,
     ) -> Tensor:
         """``[b, C]`` candidate scores (float32, differentiable)."""
-        weight, dims, _ = _resolve_head(head, dims, "auto")
+        weight, dims, _ = resolve_head(head, dims, "auto")
         if self.single_token:
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             logits = full_logits(hidden[rows, labels["mask_pos"]], weight, dims)  # [b, V]
@@ -180,7 +180,7 @@ class Seq2SeqLoss:
             return glm_loss(
                 head, hidden, targets, loss_mask, objective, 1, dims=dims, kernels=kernels
             )
-        weight, dims, _ = _resolve_head(head, dims, kernels)
+        weight, dims, _ = resolve_head(head, dims, kernels)
         b, s, h = hidden.shape
         mask = loss_mask.reshape(-1).float()
         at = torch.nonzero(mask > 0).squeeze(1)
