@@ -231,7 +231,8 @@ def run_finetuning(
 
 def test_evaluation(cfg: RunConfig, source: FinetuneData, tok: Tokenizer) -> Callable[..., None]:
     """After the run: the test split's loss and metrics (cloze: accuracy, macro F1; seq2seq:
-    ROUGE and exact match of greedy decodes), logged, in TensorBoard and, on rank 0, in
+    ROUGE and exact match of greedy decodes) of the best checkpoint (the final weights when
+    none was kept), logged, in TensorBoard and, on rank 0, in
     ``<checkpoint.save>/test_metrics.json``."""
 
     def after(runner: Any, trainer: Any) -> None:
@@ -240,16 +241,30 @@ def test_evaluation(cfg: RunConfig, source: FinetuneData, tok: Tokenizer) -> Cal
         except FileNotFoundError:
             trainer.log("no test.jsonl: test evaluation skipped")
             return
+        which = _load_best(cfg, runner)
         result = evaluate(runner, source.eval_batches(examples))
         figures = {"loss": result.loss, **result.metrics}
         if cfg.finetune.task == "seq2seq":
             figures.update(_decode_scores(cfg, runner, tok, examples, trainer.log))
         text = " | ".join(f"{k} {v:.4f}" for k, v in figures.items())
-        trainer.log(f"test ({len(examples)} examples) | {text}")
+        trainer.log(f"test ({len(examples)} examples, {which}) | {text}")
         if trainer.rank == 0:
             _write_test_metrics(cfg, figures)
 
     return after
+
+
+def _load_best(cfg: RunConfig, runner: Any) -> str:
+    """Collective: the weights of ``<checkpoint.save>/best`` into the engine, if it exists (the
+    run is over, so its optimizer and RNG states may be overwritten too). Returns which weights
+    the test sees."""
+    from megatron_glm.training import checkpoint as ckpt
+
+    best = None if cfg.checkpoint.save is None else Path(cfg.checkpoint.save) / "best"
+    if best is None or ckpt.read_latest(best) is None:
+        return "final weights"
+    state = ckpt.load(runner.eng, best)
+    return f"best checkpoint, step {state.iteration}"
 
 
 def _write_test_metrics(cfg: RunConfig, figures: dict[str, float]) -> None:

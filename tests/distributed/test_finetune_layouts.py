@@ -181,7 +181,10 @@ def test_tp2_and_pp2_equal_one_process(finetune_runs: dict[str, Any]) -> None:
     log = r["log2"]
     for layout in ("tp 2 x pp 1 x dp 1", "tp 1 x pp 2 x dp 1", "tp 1 x pp 1 x dp 2"):
         assert f"parallel layout: world 2 = {layout}" in log
-    assert "validation at step 2 | accuracy" in log and "test (6 examples) | loss" in log
+    assert "validation at step 2 | accuracy" in log
+    assert "test (6 examples, final weights) | loss" in log  # no checkpoint.save: no best
+    record = json.loads((r["dir"] / "straight" / "best" / "best.json").read_text())
+    assert f"test (6 examples, best checkpoint, step {record['iteration']}) | loss" in log
 
 
 def test_resume_mid_finetune_is_bitwise(finetune_runs: dict[str, Any]) -> None:
