@@ -209,9 +209,12 @@ def use_safe_checkpoint_engine(engine: Any) -> None:
     """Make ``engine`` (a ``DeepSpeedEngine``) load checkpoints through the restricted loader.
 
     Only the plain torch engine is replaced; a configured alternative (Nebula, decoupled,
-    fast-writer) is refused rather than silently left unsafe.
+    fast-writer) is refused rather than silently left unsafe. Idempotent: an engine loads more
+    than once when a finetuning run resumes and then reads its best checkpoint.
     """
     current = getattr(engine, "checkpoint_engine", None)
+    if type(current) is SafeTorchCheckpointEngine:
+        return
     if type(current) is not TorchCheckpointEngine:
         raise ValueError(
             f"DeepSpeed checkpoint engine {type(current).__name__} is not supported: "

@@ -116,7 +116,7 @@ def glm_loss(
             checked when they are built instead (token ids per window in the dataset, objective
             ids in ``megatron_glm.data.loader.collate``).
     """
-    weight, dims, kernels = _resolve_head(model_or_head_weight, dims, kernels)
+    weight, dims, kernels = resolve_head(model_or_head_weight, dims, kernels)
     b, s, h = hidden.shape
     _check_shapes(b, s, targets, loss_mask, objective)
     mask = loss_mask.reshape(-1).float()  # [b*s]
@@ -145,7 +145,7 @@ def glm_loss(
     )
 
 
-def _resolve_head(
+def resolve_head(
     model_or_head_weight: nn.Module | Tensor, dims: ParallelDims | None, kernels: str | None
 ) -> tuple[Tensor, ParallelDims | None, str]:
     """The head matrix, the layout and the kernel choice: from the model when one is given."""

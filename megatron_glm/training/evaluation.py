@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_glm.training.batches import Batch
 from megatron_glm.training.metrics import perplexity
@@ -16,15 +16,19 @@ class EvalResult:
 
     loss: float
     objective_loss: dict[str, float | None]
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Figures that are not losses (finetuning: ``accuracy``, ``macro_f1``), from the loss's
+    ``metrics(stats)`` when it has one."""
 
     def line(self, iteration: int) -> str:
         per = " | ".join(
             f"{k} {v:.4f} ppl {perplexity(v):.2f}" if v is not None else f"{k} n/a"
             for k, v in self.objective_loss.items()
         )
+        metrics = "".join(f" | {k} {v:.4f}" for k, v in self.metrics.items())
         return (
             f"validation at step {iteration} | loss {self.loss:.4f} ppl "
-            f"{perplexity(self.loss):.2f} | {per}"
+            f"{perplexity(self.loss):.2f} | {per}{metrics}"
         )
 
     def scalars(self) -> dict[str, float]:
@@ -33,7 +37,30 @@ class EvalResult:
             if v is not None:
                 out[f"valid/loss_{k}"] = v
                 out[f"valid/ppl_{k}"] = perplexity(v)
+        out.update({f"valid/{k}": v for k, v in self.metrics.items()})
         return out
+
+
+@dataclass(frozen=True)
+class BestMetric:
+    """The validation figure that picks the best checkpoint (``<checkpoint.save>/best``).
+
+    ``name`` is ``loss`` or one of the loss's objectives (its per-objective ratio: finetuning's
+    ``accuracy`` objective sums correct predictions over examples).
+    """
+
+    name: str
+    higher_is_better: bool
+
+    def value(self, result: EvalResult) -> float | None:
+        if self.name == "loss":
+            return result.loss
+        return result.metrics.get(self.name)
+
+    def improves(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best
 
 
 def evaluate(runner: StepRunner, batches: Iterable[Batch]) -> EvalResult:
@@ -41,4 +68,6 @@ def evaluate(runner: StepRunner, batches: Iterable[Batch]) -> EvalResult:
     stats = runner.eval_step(batches)
     if stats.num_tokens <= 0:
         raise RuntimeError("validation batches have no loss tokens")
-    return EvalResult(loss=stats.loss, objective_loss=stats.objective_losses())
+    metrics_of = getattr(runner.loss, "metrics", None)
+    metrics = metrics_of(stats) if metrics_of is not None else {}
+    return EvalResult(loss=stats.loss, objective_loss=stats.objective_losses(), metrics=metrics)

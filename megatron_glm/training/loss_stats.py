@@ -54,13 +54,20 @@ class LossStats:
         return self.loss_sum / self.num_tokens
 
     def objective_losses(self) -> dict[str, float | None]:
-        """Mean loss per objective (None where the objective had no loss token)."""
+        """Mean loss per objective (None where the objective had no loss token). Objectives
+        named ``_...`` are not losses but counts a loss reduces alongside (finetuning's correct
+        predictions per class, :meth:`objective_sums`) and are left out."""
         return {
             name: (s / c if c > 0 else None)
             for name, s, c in zip(
                 self.objectives, self.objective_sum, self.objective_count, strict=True
             )
+            if not name.startswith("_")
         }
+
+    def objective_sums(self) -> dict[str, float]:
+        """Every objective's global sum, by name (``_`` counts included)."""
+        return dict(zip(self.objectives, self.objective_sum, strict=True))
 
     def __add__(self, other: LossStats) -> LossStats:
         if other.objectives != self.objectives:
