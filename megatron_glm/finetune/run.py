@@ -141,6 +141,33 @@ def check_finetune(cfg: RunConfig) -> None:
         if read_latest(f.init) is None:
             raise ConfigError("finetune.init", f"{f.init} has no 'latest' file (no checkpoint)")
         check_architecture(f.init, cfg.model)
+    _check_resumes_a_finetune_run(cfg)
+
+
+def _check_resumes_a_finetune_run(cfg: RunConfig) -> None:
+    """What ``checkpoint.load`` (or the auto-resume of ``checkpoint.save``) names must be a run
+    of this finetuning task: resuming a pretraining checkpoint would continue its iteration,
+    optimizer and LR schedule as if they were the task's. Starting from one is ``finetune.init``.
+    """
+    from megatron_glm.training.checkpoint import read_latest, resolve_load_dir, saved_config
+
+    load = resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)
+    if load is None:
+        return
+    snapshot = saved_config(Path(load) / str(read_latest(load))) or {}
+    theirs = snapshot.get("finetune")
+    if not isinstance(theirs, dict) or not theirs.get("task_dir"):  # pretraining leaves it ""
+        field = "checkpoint.load" if cfg.checkpoint.load else "checkpoint.save"
+        raise ConfigError(
+            field,
+            f"{load} is not a checkpoint of a finetuning run (a pretraining run or an import?): "
+            f"start from it with finetune.init={load} and a new checkpoint.save",
+        )
+    if theirs.get("task") != cfg.finetune.task:
+        raise ConfigError(
+            "finetune.task",
+            f"{load} is a {theirs.get('task')!r} finetuning run, this run is {cfg.finetune.task!r}",
+        )
 
 
 def init_weights_from(path: str) -> Callable[[nn.Module, bool], None]:

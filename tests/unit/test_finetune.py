@@ -260,3 +260,45 @@ def test_cli_refuses_a_bad_task_file_before_launch(
     assert "config field 'finetune.metric'" not in capsys.readouterr().err  # default resolves
     assert main(["--config", str(run), "finetune.metric=macro_f1", "finetune.task=seq2seq"]) == 2
     assert "config field 'finetune.metric'" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_resume_a_pretraining_checkpoint(
+    tmp_path: Path, tiny_tokenizer_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``checkpoint.load`` naming a pretraining checkpoint would continue its iteration, Adam
+    and schedule as the task's: refused before launch, pointing at ``finetune.init``; the same
+    checkpoint as ``finetune.init`` passes that check (the run then fails later for want of a
+    process group, which is not what is tested)."""
+    from dataclasses import asdict
+
+    from megatron_glm.config import load_config
+    from megatron_glm.finetune.__main__ import main
+    from megatron_glm.finetune.run import check_finetune
+    from megatron_glm.model import tensor_parallel_layout
+    from megatron_glm.training.checkpoint import write_checkpoint
+
+    task = tmp_path / "task"
+    task.mkdir()
+    for split in ("train", "validation"):
+        write(task / f"{split}.jsonl", [{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}])
+    model = build_model(
+        ModelConfig(vocab_size=GLMTokenizer(tiny_tokenizer_model).padded_vocab_size), seed=1
+    )
+    tag = tmp_path / "pre" / "global_step5"
+    tag.mkdir(parents=True)
+    base = {"iteration": 5, "config": {"model": asdict(model.cfg), "finetune": {"task_dir": ""}}}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    write_checkpoint(
+        state, tensor_parallel_layout(model.cfg), tag, tp=1, pp=1, base=base, marker={}
+    )
+    (tmp_path / "pre" / "latest").write_text("global_step5")
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        f"data: {{tokenizer_model: {tiny_tokenizer_model}, seq_length: 32}}\n"
+        f"finetune: {{task_dir: {task}, verbalizers: {{x: 'yes', y: 'no'}}}}\n"
+    )
+    assert main(["--config", str(run), f"checkpoint.load={tmp_path / 'pre'}"]) == 2
+    err = capsys.readouterr().err
+    assert "config field 'checkpoint.load'" in err and "not a checkpoint of a finetuning run" in err
+    assert f"finetune.init={tmp_path / 'pre'}" in err
+    check_finetune(load_config(run, [f"finetune.init={tmp_path / 'pre'}"]))
