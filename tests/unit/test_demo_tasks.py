@@ -1,0 +1,136 @@
+"""Demo finetuning tasks: disjoint, balanced, deterministic splits; baselines recomputed here."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from megatron_glm.data.demo_tasks import (
+    SPLITS,
+    build_pkgcls,
+    build_summ,
+    lead_sentence,
+    majority_baseline,
+    read_corpus,
+    summary_pair,
+    write_task,
+)
+
+# The 8 packages with the most prose paragraphs among the fixture's 400 documents
+# (the first 400 of the stdlib walk: the default packages are not all in it).
+FIXTURE_PACKAGES = (
+    "_pydecimal",
+    "_pyio",
+    "asyncio",
+    "codecs",
+    "datetime",
+    "difflib",
+    "distutils",
+    "doctest",
+)
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _first_documents(rows: list[dict[str, str]], docs: list[str]) -> set[int]:
+    """Index of the first corpus document holding each row's text as one of its paragraphs."""
+    found = set()
+    for row in rows:
+        holders = [i for i, d in enumerate(docs) if row["text"] in d.split("\n\n")]
+        assert holders, row
+        found.add(holders[0])
+    return found
+
+
+def test_pkgcls_disjoint_balanced_deterministic(demo_corpus_path: Path, tmp_path: Path) -> None:
+    docs = read_corpus(demo_corpus_path)
+    splits = build_pkgcls(docs, FIXTURE_PACKAGES, seed=7)
+    sizes = write_task(tmp_path / "a", splits)
+    write_task(
+        tmp_path / "b", build_pkgcls(read_corpus(demo_corpus_path), FIXTURE_PACKAGES, seed=7)
+    )
+    print("pkgcls sizes on the fixture:", sizes)
+    for split in SPLITS:
+        a, b = (tmp_path / d / f"{split}.jsonl" for d in "ab")
+        assert a.read_bytes() == b.read_bytes()
+        assert _read(a) == splits[split]
+    texts = [d.text for d in docs]
+    rows = {s: {row["text"] for row in splits[s]} for s in SPLITS}
+    assert sum(map(len, rows.values())) == sum(map(len, splits.values()))  # all distinct
+    holders = {s: _first_documents(splits[s], texts) for s in SPLITS}
+    assert not holders["train"] & holders["validation"]
+    assert not holders["train"] & holders["test"]
+    assert not holders["validation"] & holders["test"]
+    for split in SPLITS:
+        counts = Counter(row["label"] for row in splits[split])
+        assert sorted(counts) == sorted(FIXTURE_PACKAGES)
+        assert len(set(counts.values())) == 1, counts
+        # every row's label is the package of a document that holds its text
+        for row in splits[split][:20]:
+            assert any(row["text"] in d.text and d.package == row["label"] for d in docs)
+    assert sizes["validation"] == sizes["test"] >= 8 * 5
+    assert sizes["train"] >= 2 * sizes["test"]
+    other_seed = build_pkgcls(docs, FIXTURE_PACKAGES, seed=8)
+    assert other_seed["test"] != splits["test"]
+
+
+def test_majority_baseline_recomputed(demo_corpus_path: Path) -> None:
+    splits = build_pkgcls(read_corpus(demo_corpus_path), FIXTURE_PACKAGES, seed=7)
+    gold = [row["label"] for row in splits["test"]]
+    label, pred = majority_baseline([row["label"] for row in splits["train"]], gold)
+    # Balanced train: every label ties, and the tie goes to the first label in sorted order.
+    assert label == "_pydecimal" and pred == [label] * len(gold)
+    accuracy = sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)
+    assert accuracy == pytest.approx(1 / 8)
+    # macro F1 by hand: the predicted label has precision 1/8 and recall 1, the others 0
+    f1_major = 2 * (1 / 8) * 1 / (1 / 8 + 1)
+    assert f1_major / 8 == pytest.approx(2 / 9 / 8)
+
+
+def test_summ_pairs_come_from_one_document_each(demo_corpus_path: Path, tmp_path: Path) -> None:
+    docs = read_corpus(demo_corpus_path)
+    splits = build_summ(docs, seed=3, num_validation=20, num_test=30)
+    sizes = write_task(tmp_path / "s", splits)
+    print("summ sizes on the fixture:", sizes)
+    assert sizes["test"] == 30 and sizes["validation"] == 20 and sizes["train"] > 200
+    texts = [d.text for d in docs]
+    owners = {}
+    for split in SPLITS:
+        owners[split] = set()
+        for row in splits[split]:
+            # the target opens a document and the source follows it in that same document
+            holders = [i for i, t in enumerate(texts) if t.startswith(row["target"])]
+            holders = [i for i in holders if row["source"] in texts[i][len(row["target"]) :]]
+            assert holders, row
+            owners[split].update(holders)
+    assert not owners["train"] & owners["test"]
+    assert not owners["validation"] & owners["test"]
+    assert not owners["train"] & owners["validation"]
+
+
+def test_summary_pair_rules() -> None:
+    text = "Return the sum of the values. It may overflow; use fsum.\n\nSee also math."
+    assert summary_pair(text) == {
+        "source": "It may overflow; use fsum.\n\nSee also math.",
+        "target": "Return the sum of the values.",
+    }
+    assert summary_pair(text, max_source_chars=20) == {
+        "source": "It may overflow;",
+        "target": "Return the sum of the values.",
+    }
+    assert summary_pair("Only one sentence here.") is None
+    assert summary_pair("Usage of the thing:\n    thing()") is None  # target ends in ':'
+    assert summary_pair("Too short. The rest of it is here.") is None  # 2-word target
+    assert lead_sentence("It may overflow; use fsum.\n\nSee also math.") == "It may overflow;"
+
+
+def test_corpus_without_module_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.jsonl"
+    path.write_text('{"text": "a", "module": "x"}\n{"text": "b"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{path}:2: no string 'module' \(a corpus from"):
+        read_corpus(path)
