@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_glm.data.demo_corpus import _LAYOUT_LINE, json_line
+from megatron_glm.data.demo_corpus import _LAYOUT_LINE, iter_documents_with_modules, json_line
 from megatron_glm.data.sentence_split import split_sentences
 
 __all__ = [
@@ -80,30 +80,50 @@ class CorpusDocument:
         return self.module.split(".", 1)[0]
 
 
-def read_corpus(path: str | os.PathLike[str]) -> list[CorpusDocument]:
-    """The documents of a demo corpus JSONL; a line without ``text`` or ``module`` is an error.
+def read_corpus(
+    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> list[CorpusDocument]:
+    """The documents of a demo corpus JSONL, each with its module; bad lines name ``file:line``.
 
-    A corpus written before the ``module`` field existed is refused with the command that
-    rebuilds it (its texts, and so the pretraining data, do not change).
+    A corpus written before the ``module`` field existed (``{"text"}`` only) still works: the
+    modules of its lines are found by walking the stdlib as the corpus was made
+    (:func:`megatron_glm.data.demo_corpus.iter_documents_with_modules`), and a text that walk
+    does not produce is an error, since its label cannot be known. ``root`` replaces the stdlib
+    directory of that walk (tests).
     """
-    docs = []
+    records: list[tuple[int, str, str | None]] = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
-            for key in ("text", "module"):
-                if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                    hint = (
-                        " (a corpus from before the module field: rebuild it with "
-                        "tools/make_demo_corpus.py; the texts stay the same)"
-                        if key == "module"
-                        else ""
-                    )
-                    raise ValueError(f"{path}:{n}: no string {key!r}{hint}")
-            docs.append(CorpusDocument(record["text"], record["module"], n))
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{n}: no string 'text'")
+            module = record.get("module")
+            if module is not None and not isinstance(module, str):
+                raise ValueError(f"{path}:{n}: 'module' is not a string")
+            records.append((n, record["text"], module))
+    modules = _stdlib_modules(root) if any(m is None for _, _, m in records) else {}
+    docs = []
+    for n, text, module in records:
+        if module is None:
+            module = modules.get(text)
+            if module is None:
+                raise ValueError(
+                    f"{path}:{n}: no 'module', and the text is no document of this Python's "
+                    "stdlib: rebuild the corpus with tools/make_demo_corpus.py"
+                )
+        docs.append(CorpusDocument(text, module, n))
     return docs
+
+
+def _stdlib_modules(root: str | os.PathLike[str] | None) -> dict[str, str]:
+    """Document text -> module for every demo-corpus document of the running stdlib."""
+    modules: dict[str, str] = {}
+    for text, module in iter_documents_with_modules(min_chars=1, root=root):
+        modules.setdefault(text, module)
+    return modules
 
 
 def classification_paragraphs(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_glm.data.demo_corpus import write_demo_corpus
 from megatron_glm.data.demo_tasks import (
     SPLITS,
     build_pkgcls,
@@ -129,8 +130,23 @@ def test_summary_pair_rules() -> None:
     assert lead_sentence("It may overflow; use fsum.\n\nSee also math.") == "It may overflow;"
 
 
-def test_corpus_without_module_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "old.jsonl"
-    path.write_text('{"text": "a", "module": "x"}\n{"text": "b"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"^{path}:2: no string 'module' \(a corpus from"):
-        read_corpus(path)
+def test_corpus_without_modules(tmp_path: Path) -> None:
+    """A corpus of texts only gets its modules from the stdlib walk; a foreign text is refused."""
+    root = tmp_path / "lib"
+    for rel, word in (("amod.py", "alpha"), ("pkg/__init__.py", "beta"), ("pkg/sub.py", "gamma")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f'"""{" ".join([word] * 50)}."""\n', encoding="utf-8")
+    write_demo_corpus(tmp_path / "new.jsonl", root=root)
+    records = _read(tmp_path / "new.jsonl")
+    assert [r["module"] for r in records] == ["amod", "pkg", "pkg.sub"]
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in records), "utf-8")
+    assert read_corpus(old, root=root) == read_corpus(tmp_path / "new.jsonl")
+    with old.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "Not a docstring of the standard library."}) + "\n")
+    with pytest.raises(ValueError, match=rf"^{old}:4: no 'module', and the text is no doc"):
+        read_corpus(old, root=root)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "module": "x"}\n{"module": "y"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"^{bad}:2: no string 'text'$"):
+        read_corpus(bad)
