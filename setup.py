@@ -33,6 +33,7 @@ setup(
         "tqdm>=4.66",
         "orjson>=3.9",
         "protobuf>=4.21",
+        "rouge-score>=0.1.2",
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
