@@ -6,12 +6,14 @@ first sentence from the rest of it), as described in megatron_glm.data.demo_task
 docstring also states what the test splits share with the pretraining data). Writes
 OUTPUT/{pkgcls,summ}/{train,validation,test}.jsonl; the same corpus and seed give the same bytes.
 Baselines on test: the majority training label (accuracy, macro F1) and the lead sentence of the
-source (ROUGE-1/2/L F-measure x 100, rouge-score via megatron_glm.finetune.metrics).
+source (ROUGE-1/2/L F-measure x 100, rouge-score via megatron_glm.finetune.metrics); they are
+printed and written to OUTPUT/baselines.json (figures x 100) for `make finetune` to compare with.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from megatron_glm.data.demo_tasks import (
@@ -32,7 +34,7 @@ def _sizes(counts: dict[str, int]) -> str:
     return ", ".join(f"{split} {n}" for split, n in counts.items())
 
 
-def make_pkgcls(args: argparse.Namespace, docs: list[CorpusDocument]) -> None:
+def make_pkgcls(args: argparse.Namespace, docs: list[CorpusDocument]) -> dict[str, float]:
     """Write pkgcls and print its sizes and the majority baseline on test."""
     from megatron_glm.finetune.metrics import accuracy, macro_f1
 
@@ -46,13 +48,18 @@ def make_pkgcls(args: argparse.Namespace, docs: list[CorpusDocument]) -> None:
     )
     gold = [row["label"] for row in splits["test"]]
     label, pred = majority_baseline([row["label"] for row in splits["train"]], gold)
+    scores = {
+        "accuracy": 100 * accuracy(pred, gold),
+        "macro_f1": 100 * macro_f1(pred, gold, packages),
+    }
     print(
         f"  majority baseline on test ({label!r} for every row): accuracy "
-        f"{100 * accuracy(pred, gold):.2f}, macro F1 {100 * macro_f1(pred, gold, packages):.2f}"
+        f"{scores['accuracy']:.2f}, macro F1 {scores['macro_f1']:.2f}"
     )
+    return scores
 
 
-def make_summ(args: argparse.Namespace, docs: list[CorpusDocument]) -> None:
+def make_summ(args: argparse.Namespace, docs: list[CorpusDocument]) -> dict[str, float]:
     """Write summ and print its sizes and the lead-sentence baseline on test."""
     from megatron_glm.finetune.metrics import rouge
 
@@ -65,6 +72,7 @@ def make_summ(args: argparse.Namespace, docs: list[CorpusDocument]) -> None:
         "  lead baseline on test (first sentence of the source): "
         + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
     )
+    return scores
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,10 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         docs = read_corpus(args.corpus)
-        make_pkgcls(args, docs)
-        make_summ(args, docs)
+        baselines = {"pkgcls": make_pkgcls(args, docs), "summ": make_summ(args, docs)}
     except (OSError, ValueError) as e:
         parser.error(str(e))
+    path = args.output / "baselines.json"
+    path.write_text(json.dumps(baselines, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

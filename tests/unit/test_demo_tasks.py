@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from megatron_glm.data.demo_tasks import (
     summary_pair,
     write_task,
 )
+from megatron_glm.data.sentence_split import split_sentences
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The 8 packages with the most prose paragraphs among the fixture's 400 documents
 # (the first 400 of the stdlib walk: the default packages are not all in it).
@@ -88,9 +93,6 @@ def test_majority_baseline_recomputed(demo_corpus_path: Path) -> None:
     assert label == "_pydecimal" and pred == [label] * len(gold)
     accuracy = sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)
     assert accuracy == pytest.approx(1 / 8)
-    # macro F1 by hand: the predicted label has precision 1/8 and recall 1, the others 0
-    f1_major = 2 * (1 / 8) * 1 / (1 / 8 + 1)
-    assert f1_major / 8 == pytest.approx(2 / 9 / 8)
 
 
 def test_summ_pairs_come_from_one_document_each(demo_corpus_path: Path, tmp_path: Path) -> None:
@@ -150,3 +152,54 @@ def test_corpus_without_modules(tmp_path: Path) -> None:
     bad.write_text('{"text": "a", "module": "x"}\n{"module": "y"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=rf"^{bad}:2: no string 'text'$"):
         read_corpus(bad)
+
+
+def test_cli_deterministic_with_baselines(demo_corpus_path: Path, tmp_path: Path) -> None:
+    """The tool twice: same bytes; its printed baselines equal ones recomputed here."""
+    from rouge_score import rouge_scorer
+
+    runs = []
+    for out in ("x", "y"):
+        cmd = [
+            sys.executable,
+            "tools/make_demo_tasks.py",
+            "--corpus",
+            str(demo_corpus_path),
+            "--output",
+            str(tmp_path / out),
+            "--packages",
+            ",".join(FIXTURE_PACKAGES),
+        ]
+        runs.append(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True))
+    print(runs[0].stdout)
+    assert runs[0].stdout == runs[1].stdout
+    files = sorted(p.relative_to(tmp_path / "x") for p in (tmp_path / "x").rglob("*.*"))
+    assert len(files) == 7  # 2 tasks x 3 splits + baselines.json
+    for rel in files:
+        assert (tmp_path / "x" / rel).read_bytes() == (tmp_path / "y" / rel).read_bytes()
+
+    train = _read(tmp_path / "x" / "pkgcls" / "train.jsonl")
+    test = _read(tmp_path / "x" / "pkgcls" / "test.jsonl")
+    counts = Counter(row["label"] for row in train)
+    majority = sorted(counts, key=lambda lab: (-counts[lab], lab))[0]
+    hits = sum(row["label"] == majority for row in test)
+    acc = 100 * hits / len(test)
+    # F1 of the majority label (precision hits/n, recall 1); every other label has F1 0
+    f1 = 100 * (2 * hits / (2 * hits + len(test) - hits)) / len(FIXTURE_PACKAGES)
+    pkgcls_line = f"accuracy {acc:.2f}, macro F1 {f1:.2f}"
+    assert (
+        f"majority baseline on test ({majority!r} for every row): {pkgcls_line}" in runs[0].stdout
+    )
+
+    pairs = _read(tmp_path / "x" / "summ" / "test.jsonl")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = Counter[str]()
+    for row in pairs:
+        lead = next(s for s in split_sentences(row["source"]) if s.strip()).strip()
+        for name, score in scorer.score(row["target"], lead).items():
+            totals[name] += score.fmeasure
+    expect = {name: 100 * totals[name] / len(pairs) for name in ("rouge1", "rouge2", "rougeL")}
+    assert ", ".join(f"{k} {v:.2f}" for k, v in expect.items()) in runs[0].stdout
+    saved = json.loads((tmp_path / "x" / "baselines.json").read_text(encoding="utf-8"))
+    assert saved["pkgcls"] == pytest.approx({"accuracy": acc, "macro_f1": f1})
+    assert saved["summ"] == pytest.approx(expect)
