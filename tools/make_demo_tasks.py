@@ -8,6 +8,8 @@ OUTPUT/{pkgcls,summ}/{train,validation,test}.jsonl; the same corpus and seed giv
 Baselines on test: the majority training label (accuracy, macro F1) and the lead sentence of the
 source (ROUGE-1/2/L F-measure x 100, rouge-score via megatron_glm.finetune.metrics); they are
 printed and written to OUTPUT/baselines.json (figures x 100) for `make finetune` to compare with.
+OUTPUT/heldout.jsonl gets the documents that the demo pretraining (data.split --pretrain-split)
+never trains on, for zero-shot evaluation (tools/evaluate.py --input OUTPUT/heldout.jsonl).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_glm.data.demo_corpus import json_line
 from megatron_glm.data.demo_tasks import (
     DEFAULT_PACKAGES,
     CorpusDocument,
@@ -24,6 +27,7 @@ from megatron_glm.data.demo_tasks import (
     label_counts,
     lead_sentence,
     majority_baseline,
+    pretraining_held_out,
     read_corpus,
     write_task,
 )
@@ -83,12 +87,19 @@ def main(argv: list[str] | None = None) -> None:
         "--packages", default=",".join(DEFAULT_PACKAGES), help="pkgcls labels, comma-separated"
     )
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--pretrain-split", default="949,50,1", help="data.split of the pretraining (demo.yaml)"
+    )
     args = parser.parse_args(argv)
     try:
         docs = read_corpus(args.corpus)
         baselines = {"pkgcls": make_pkgcls(args, docs), "summ": make_summ(args, docs)}
+        held_out = pretraining_held_out(docs, args.pretrain_split)
     except (OSError, ValueError) as e:
         parser.error(str(e))
+    with open(args.output / "heldout.jsonl", "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json_line({"text": text}) for text in held_out)
+    print(f"heldout: {len(held_out)} documents pretraining never trained on (zero-shot evaluation)")
     path = args.output / "baselines.json"
     path.write_text(json.dumps(baselines, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 

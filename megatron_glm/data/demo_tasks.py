@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_glm.config import parse_split
+from megatron_glm.data.dataset_builder import split_documents
 from megatron_glm.data.demo_corpus import _LAYOUT_LINE, iter_documents_with_modules, json_line
 from megatron_glm.data.sentence_split import split_sentences
 
@@ -54,6 +56,7 @@ __all__ = [
     "label_counts",
     "lead_sentence",
     "majority_baseline",
+    "pretraining_held_out",
     "read_corpus",
     "summary_pair",
     "write_task",
@@ -248,6 +251,19 @@ def build_summ(
         "validation": pairs[num_test : num_test + num_validation],
         "train": pairs[num_test + num_validation :],
     }
+
+
+def pretraining_held_out(docs: Sequence[CorpusDocument], split: str) -> list[str]:
+    """Texts of the documents a pretraining run with ``data.split = split`` never trains on.
+
+    The demo's ``data/demo/demo_text_sentence`` holds one document per corpus line in corpus
+    order, and pretraining splits it by contiguous document ranges
+    (:func:`megatron_glm.data.dataset_builder.split_documents`): its validation and test
+    documents are the corpus's last ones. Zero-shot figures (tools/evaluate.py) are honest on
+    these only.
+    """
+    (_, train_end), _, _ = split_documents(len(docs), parse_split(split))
+    return [d.text for d in docs[train_end:]]
 
 
 def write_task(

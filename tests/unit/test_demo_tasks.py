@@ -174,7 +174,7 @@ def test_cli_deterministic_with_baselines(demo_corpus_path: Path, tmp_path: Path
     print(runs[0].stdout)
     assert runs[0].stdout == runs[1].stdout
     files = sorted(p.relative_to(tmp_path / "x") for p in (tmp_path / "x").rglob("*.*"))
-    assert len(files) == 7  # 2 tasks x 3 splits + baselines.json
+    assert len(files) == 8  # 2 tasks x 3 splits, baselines.json, heldout.jsonl
     for rel in files:
         assert (tmp_path / "x" / rel).read_bytes() == (tmp_path / "y" / rel).read_bytes()
 
@@ -200,6 +200,11 @@ def test_cli_deterministic_with_baselines(demo_corpus_path: Path, tmp_path: Path
             totals[name] += score.fmeasure
     expect = {name: 100 * totals[name] / len(pairs) for name in ("rouge1", "rouge2", "rougeL")}
     assert ", ".join(f"{k} {v:.2f}" for k, v in expect.items()) in runs[0].stdout
+    # pretraining's 949,50,1 split of 400 documents trains on round(0.949 * 400) = 380
+    corpus = _read(demo_corpus_path)
+    held_out = [row["text"] for row in _read(tmp_path / "x" / "heldout.jsonl")]
+    assert held_out == [row["text"] for row in corpus[380:]]
+    assert "heldout: 20 documents pretraining never trained on" in runs[0].stdout
     saved = json.loads((tmp_path / "x" / "baselines.json").read_text(encoding="utf-8"))
     assert saved["pkgcls"] == pytest.approx({"accuracy": acc, "macro_f1": f1})
     assert saved["summ"] == pytest.approx(expect)
