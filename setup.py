@@ -44,6 +44,7 @@ setup(
     entry_points={
         "console_scripts": [
             "glm-pretrain=megatron_glm.pretrain:main",
+            "glm-finetune=megatron_glm.finetune.__main__:main",
         ],
     },
 )

@@ -416,6 +416,69 @@ class LoggingConfig:
         _require(self.log_interval > 0, "log_interval", "must be > 0")
 
 
+FinetuneTask = Literal["cloze", "seq2seq"]
+CandidateScore = Literal["sum", "mean"]
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """Finetuning (``glm-finetune``): the task, its files, patterns and verbalizers. Ignored by
+    pretraining."""
+
+    task: FinetuneTask = "cloze"
+    """``cloze``: classification as a cloze question (a pattern with one [MASK], a verbalizer
+    word per label); ``seq2seq``: source -> target by blank infilling."""
+    task_dir: str = ""
+    """Folder with train.jsonl, validation.jsonl and test.jsonl (cloze rows ``{"text", "label",
+    optional "text_b"}``, seq2seq rows ``{"source", "target"}``)."""
+    patterns: list[str] = field(default_factory=lambda: ["{text} [MASK]"])
+    """Cloze patterns (PET): each holds ``{text}`` (optionally ``{text_b}``) and exactly one
+    [MASK]. A run trains with one of them (``pattern_id``), as PET trains one model per
+    pattern."""
+    pattern_id: int = 0
+    """Index into ``patterns`` of the pattern this run uses."""
+    verbalizers: dict[str, str] = field(default_factory=dict)
+    """Cloze: label -> the word or phrase that fills [MASK]. All single-token: cross entropy over
+    those tokens' logits at [MASK]; otherwise each is scored by its tokens' log-probabilities
+    generated in part B."""
+    score: CandidateScore = "sum"
+    """Multi-token verbalizers: a candidate's score is the ``sum`` of its tokens'
+    log-probabilities or their ``mean`` (length-normalised)."""
+    label_smoothing: float = 0.0
+    """Seq2seq: label smoothing of the target tokens' cross entropy (0 = none)."""
+    mask: Literal["[gMASK]", "[MASK]"] = "[gMASK]"
+    """Seq2seq: the mask token appended to the source."""
+    max_target_length: int = 64
+    """Seq2seq: target tokens kept (longer targets are cut; the source is cut to fit the rest
+    of data.seq_length)."""
+    metric: str = "accuracy"
+    """Validation metric that picks the best checkpoint (``<checkpoint.save>/best``):
+    ``accuracy`` (cloze; higher is better) or ``loss`` (lower is better)."""
+    init: str | None = None
+    """Checkpoint folder (a pretraining run's checkpoint.save, or an HF import) whose weights
+    start the run at iteration 0 with a fresh optimizer; ignored when the run resumes its own
+    checkpoint.save."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.patterns), "patterns", "must hold at least one pattern")
+        _require(
+            0 <= self.pattern_id < len(self.patterns),
+            "pattern_id",
+            f"{self.pattern_id} is not an index into patterns ({len(self.patterns)} given)",
+        )
+        for i, pattern in enumerate(self.patterns):
+            _require(
+                pattern.count("[MASK]") == 1 and "{text}" in pattern,
+                f"patterns[{i}]",
+                f"{pattern!r} must hold {{text}} and exactly one [MASK]",
+            )
+        _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
+        _require(self.max_target_length > 0, "max_target_length", "must be > 0")
+        _require(
+            self.metric in ("accuracy", "loss"), "metric", f"{self.metric!r}: accuracy or loss"
+        )
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """One training run: every section, validated together."""
@@ -436,6 +499,8 @@ class RunConfig:
     """Where checkpoints are saved and resumed from, and how often."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console log lines, TensorBoard and the progress bar."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Finetuning task, patterns and verbalizers (``glm-finetune``; pretraining ignores it)."""
 
     def __post_init__(self) -> None:
         """Rules across sections; each needs only the config (the world size is the launch's)."""
@@ -533,6 +598,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in choices:
             raise ConfigError(key, f"{value!r} is not one of {list(choices)}")
         return value
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return {
+            _coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()
+        }
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)):

@@ -36,6 +36,28 @@ class EvalResult:
         return out
 
 
+@dataclass(frozen=True)
+class BestMetric:
+    """The validation figure that picks the best checkpoint (``<checkpoint.save>/best``).
+
+    ``name`` is ``loss`` or one of the loss's objectives (its per-objective ratio: finetuning's
+    ``accuracy`` objective sums correct predictions over examples).
+    """
+
+    name: str
+    higher_is_better: bool
+
+    def value(self, result: EvalResult) -> float | None:
+        if self.name == "loss":
+            return result.loss
+        return result.objective_loss.get(self.name)
+
+    def improves(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.higher_is_better else value < best
+
+
 def evaluate(runner: StepRunner, batches: Iterable[Batch]) -> EvalResult:
     """Collective: validation loss (dropout off), global over DP; per objective too."""
     stats = runner.eval_step(batches)

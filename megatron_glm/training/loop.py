@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -28,7 +30,7 @@ from megatron_glm.config import RunConfig, to_dict
 from megatron_glm.training import checkpoint as ckpt
 from megatron_glm.training.batches import Batch, BatchSource
 from megatron_glm.training.checkpoint import NonFiniteError
-from megatron_glm.training.evaluation import evaluate
+from megatron_glm.training.evaluation import BestMetric, EvalResult, evaluate
 from megatron_glm.training.loss_stats import LossStats
 from megatron_glm.training.metrics import (
     ScalarWriter,
@@ -156,8 +158,12 @@ class Trainer:
         world_size: int,
         rank: int,
         log: Callable[[str], None] | None = None,
+        best: BestMetric | None = None,
     ) -> None:
         self.cfg = cfg
+        self.best = best
+        """Keep the checkpoint of the best validation ``best`` in ``<checkpoint.save>/best``."""
+        self._best_value: float | None = None
         self.runner = runner
         self.eng = runner.eng
         self.source = source
@@ -181,7 +187,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
 
-    def _validate(self, iteration: int, writer: ScalarWriter) -> float | None:
+    def _validate(self, iteration: int, writer: ScalarWriter) -> EvalResult | None:
         batches = self.source.valid_batches()
         if batches is None:
             return None
@@ -189,7 +195,32 @@ class Trainer:
         self.log(result.line(iteration))
         if self.rank == 0:
             writer.write(result.scalars(), iteration)
-        return result.loss
+        return result
+
+    def _keep_best(self, run: _RunState, result: EvalResult, writer: ScalarWriter) -> None:
+        """Log the best-checkpoint metric; save ``<checkpoint.save>/best`` when it improves
+        (one tag kept there). Not at step 0: nothing was trained yet."""
+        assert self.best is not None
+        value = self.best.value(result)
+        if value is None:
+            return
+        name, save = self.best.name, self.cfg.checkpoint.save
+        if self.rank == 0:
+            writer.write({f"valid/{name}": value}, run.iteration)
+        improved = run.iteration > 0 and self.best.improves(value, self._best_value)
+        if improved:
+            self._best_value = value
+        where = ""
+        if improved and save is not None and run.bad_steps == 0:
+            best_dir = Path(save) / "best"
+            tag = ckpt.save(self.eng, best_dir, self._client_state(run))
+            if self.rank == 0:
+                for old in best_dir.iterdir():
+                    if old.is_dir() and old.name != tag:
+                        shutil.rmtree(old)
+            where = f", saved {best_dir}/{tag}"
+        best = "n/a" if self._best_value is None else f"{self._best_value:.4f}"
+        self.log(f"validation at step {run.iteration} | {name} {value:.4f} | best {best}{where}")
 
     def _log_window(
         self, window: _Window, iteration: int, consumed: int, writer: ScalarWriter
@@ -234,17 +265,19 @@ class Trainer:
         d = self.eng.dims
         return None if d.pp == 1 else bubble_fraction(d.pp, self.eng.grad_accum)
 
-    def _save(self, run: _RunState) -> str:
-        assert self.cfg.checkpoint.save is not None
-        state = ckpt.ClientState(
+    def _client_state(self, run: _RunState) -> ckpt.ClientState:
+        return ckpt.ClientState(
             iteration=run.iteration,
             consumed_samples=run.consumed,
             lr_scheduler=self.eng.scheduler.state_dict(),
             config=to_dict(self.cfg),
             valid_history=list(run.history),
         )
+
+    def _save(self, run: _RunState) -> str:
+        assert self.cfg.checkpoint.save is not None
         t0 = time.perf_counter()
-        tag = ckpt.save(self.eng, self.cfg.checkpoint.save, state)
+        tag = ckpt.save(self.eng, self.cfg.checkpoint.save, self._client_state(run))
         self.log(
             f"saved checkpoint {self.cfg.checkpoint.save}/{tag} ({time.perf_counter() - t0:.1f} s)"
         )
@@ -362,9 +395,11 @@ class Trainer:
             self._validate_into(run, writer)
 
     def _validate_into(self, run: _RunState, writer: ScalarWriter) -> None:
-        loss = self._validate(run.iteration, writer)
-        if loss is not None:
-            run.history.append((run.iteration, loss))
+        result = self._validate(run.iteration, writer)
+        if result is not None:
+            run.history.append((run.iteration, result.loss))
+            if self.best is not None:
+                self._keep_best(run, result, writer)
 
     def _stop_reason(self, run: _RunState, stop: StopConditions | None) -> str | None:
         """Signal/deadline (agreed by all ranks) or a planned ``exit_interval`` stop."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,12 +31,31 @@ from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.training import checkpoint as ckpt
 from megatron_glm.training.batches import Batch, BatchSource
 from megatron_glm.training.distributed import DistEnv, destroy_distributed, init_distributed
+from megatron_glm.training.evaluation import BestMetric
 from megatron_glm.training.loop import Trainer, TrainResult
+from megatron_glm.training.losses import BatchLoss
 from megatron_glm.training.signals import LauncherWatch, StopConditions
-from megatron_glm.training.step import StepRunner, build_runner
+from megatron_glm.training.step import InitWeights, StepRunner, build_runner
 from megatron_glm.training.watchdog import Watchdog
 
 SourceFactory = Callable[[int, int], tuple[BatchSource, int]]
+
+
+@dataclass
+class RunTask:
+    """What a kind of training brings to :func:`train_in_group` (defaults: pretraining)."""
+
+    loss: BatchLoss | None = None
+    """The objective (``None``: :class:`~megatron_glm.training.losses.PretrainLoss`)."""
+    init_weights: InitWeights | None = None
+    """Sets the fresh model's weights before the engine is built (finetuning's ``init``);
+    skipped when the run resumes a checkpoint."""
+    best: BestMetric | None = None
+    """Validation figure that picks ``<checkpoint.save>/best``."""
+    after: Callable[[StepRunner, Trainer], None] | None = None
+    """Collective, after a completed run: e.g. finetuning's test-split evaluation."""
+
+
 """(dp_rank, dp_size) -> (this rank's batch source, padded vocabulary size)."""
 
 
@@ -82,8 +102,12 @@ def train_in_group(
     *,
     log: Callable[[str], None] | None = None,
     watchdog: Watchdog | None = None,
+    task: RunTask | None = None,
 ) -> TrainResult:
     """Steps 2-4 plus the loop, inside an existing process group (tests reuse one group).
+
+    ``task`` is what differs for finetuning: the loss, the weights to start from, the metric
+    that picks the best checkpoint, and a last evaluation after the loop.
 
     ``watchdog`` (optional) is told of every micro-batch read, forward and optimizer step. Two
     torch warnings DeepSpeed causes are ignored for the duration of the call only
@@ -100,7 +124,12 @@ def train_in_group(
     if watchdog is not None:
         source = _ReportingSource(source, watchdog)
     torch.manual_seed(cfg.train.seed + 1 + dp_rank)  # model init draws no global RNG
-    runner = build_runner(cfg, vocab_size=vocab, dims=dims, device=device)
+    task = task or RunTask()
+    load_dir = ckpt.resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)
+    init = task.init_weights if load_dir is None else None  # a resume brings its own weights
+    runner = build_runner(
+        cfg, vocab_size=vocab, dims=dims, device=device, loss=task.loss, init_weights=init
+    )
     eng = runner.eng
     if watchdog is not None:  # the hooks live as long as this engine; harmless once stopped
         watchdog.attach(eng.module, eng.optimizer)
@@ -112,9 +141,9 @@ def train_in_group(
         world_size=env.world_size,
         rank=env.rank,
         log=log,
+        best=task.best,
     )
     _log_run_header(trainer, cfg, dims, env, runner, vocab, device)
-    load_dir = ckpt.resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)
     start = None
     if load_dir is not None:
         start = ckpt.load(eng, load_dir, allow_missing_rng=cfg.checkpoint.allow_missing_rng)
@@ -126,11 +155,14 @@ def train_in_group(
         cfg.train.exit_duration_mins, launcher=LauncherWatch.detect(), announce=env.rank == 0
     )
     with stop_conditions as stop:
-        return trainer.train(
+        result = trainer.train(
             start,
             stop=stop,
             start_is_saved=load_dir is not None and load_dir == cfg.checkpoint.save,
         )
+    if task.after is not None and result.exit_reason == "completed":
+        task.after(runner, trainer)
+    return result
 
 
 def _log_run_header(
@@ -161,6 +193,7 @@ def run_pretraining(
     *,
     make_source: SourceFactory | None = None,
     log: Callable[[str], None] | None = None,
+    task: RunTask | None = None,
 ) -> TrainResult:
     """Start the process group, train under the progress watchdog, and tear the group down
     (also on errors). Every collective and the watchdog are bounded by
@@ -173,6 +206,6 @@ def run_pretraining(
     try:
         factory = make_source or _real_data(cfg, env.local_rank)
         with Watchdog.for_process_group(env.rank, env.world_size, timeout) as watchdog:
-            return train_in_group(cfg, env, device, factory, log=log, watchdog=watchdog)
+            return train_in_group(cfg, env, device, factory, log=log, watchdog=watchdog, task=task)
     finally:
         destroy_distributed()

@@ -41,12 +41,12 @@ from __future__ import annotations
 import itertools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from megatron_glm.config import RunConfig
 from megatron_glm.model import build_model
@@ -67,6 +67,10 @@ from megatron_glm.training.metrics import bubble_fraction
 
 if TYPE_CHECKING:
     from megatron_glm.training.pipeline import PipelineLoss, StepHook
+
+InitWeights = Callable[[nn.Module, bool], None]
+"""Sets the weights of a freshly built module (the engine's module, or this stage's
+``PipelineModule`` when the flag says pipelined) before DeepSpeed wraps it."""
 
 
 @dataclass
@@ -185,12 +189,16 @@ class DataParallelRunner(StepRunner):
         dims: ParallelDims,
         device: torch.device,
         loss: BatchLoss,
+        init_weights: InitWeights | None = None,
     ) -> DataParallelRunner:
-        """Build the GLM on ``device`` (float32, weights from ``train.seed``) and its engine."""
+        """Build the GLM on ``device`` (float32, weights from ``train.seed``, then
+        ``init_weights``) and its engine."""
         glm = build_model(
             cfg.model, vocab_size=vocab_size, device=device, seed=cfg.train.seed, dims=dims
         )
         module = GLMPretrainModule(glm, loss)
+        if init_weights is not None:
+            init_weights(module, False)
         return cls(initialize(module, cfg, dims=dims, device=device, model_rng=glm.rng), loss)
 
     def train_step(self, micro_batches: list[Batch]) -> StepOutput:
@@ -267,8 +275,10 @@ class PipelineRunner(StepRunner):
         dims: ParallelDims,
         device: torch.device,
         loss: BatchLoss,
+        init_weights: InitWeights | None = None,
     ) -> PipelineRunner:
-        """Build this stage of the GLM (``dims.pp > 1``) and wrap it in the PipelineEngine."""
+        """Build this stage of the GLM (``dims.pp > 1``), set ``init_weights``, and wrap it in
+        the PipelineEngine."""
         from megatron_glm.compat.deepspeed import reduce_zero_grad_norm_once, wrap_optimizer_step
         from megatron_glm.training.pipeline import StepHook, build_pipeline
 
@@ -281,6 +291,8 @@ class PipelineRunner(StepRunner):
             partition_method=cfg.parallel.partition_method,
             loss=loss,
         )
+        if init_weights is not None:
+            init_weights(pipe, True)
         eng = initialize(pipe, cfg, dims=dims, device=device, model_rng=rng)
         reduce_zero_grad_norm_once(eng.engine)  # stages may hold different numbers of groups
         manual_norm = uses_manual_grad_norm(eng.engine)
@@ -344,10 +356,14 @@ def build_runner(
     dims: ParallelDims,
     device: torch.device,
     loss: BatchLoss | None = None,
+    init_weights: InitWeights | None = None,
 ) -> StepRunner:
     """Collective: the model, its engine and the runner for ``dims`` (the one place that asks
-    whether the run is pipelined). ``loss`` defaults to pretraining's."""
+    whether the run is pipelined). ``loss`` defaults to pretraining's; ``init_weights``
+    (finetuning from a checkpoint's weights) runs on the module before the engine exists, so
+    DeepSpeed's master weights and partitions start from those values."""
     loss = loss or PretrainLoss()
-    if dims.pp > 1:
-        return PipelineRunner.build(cfg, vocab_size=vocab_size, dims=dims, device=device, loss=loss)
-    return DataParallelRunner.build(cfg, vocab_size=vocab_size, dims=dims, device=device, loss=loss)
+    kind = PipelineRunner if dims.pp > 1 else DataParallelRunner
+    return kind.build(
+        cfg, vocab_size=vocab_size, dims=dims, device=device, loss=loss, init_weights=init_weights
+    )

@@ -1,0 +1,61 @@
+"""Finetuning entry point (reads the command line).
+
+    python -m megatron_glm.finetune --config configs/finetune/TASK.yaml [key.sub=value ...]
+    deepspeed --num_gpus N --module megatron_glm.finetune --config ...
+    glm-finetune --config ...          (console script; --help lists every config field)
+
+Errors in the config or the task files exit with status 2 before any process group starts,
+naming the field or ``file:line``; otherwise as ``glm-pretrain``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from megatron_glm.config import load_config
+from megatron_glm.logs import all_ranks_requested, setup_logging
+from megatron_glm.pretrain import (
+    EXIT_CONFIG_ERROR,
+    EXIT_NONFINITE,
+    build_parser,
+    describe_run,
+    report_launch_error,
+)
+from megatron_glm.training.checkpoint import NonFiniteError
+from megatron_glm.training.distributed import read_dist_env
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check, finetune. Returns the process exit status."""
+    parser = build_parser()
+    parser.prog = "glm-finetune"
+    parser.description = "Finetune a GLM on a cloze or seq2seq task (see README)."
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        env = read_dist_env()
+        from megatron_glm.finetune.run import check_finetune
+        from megatron_glm.training.preflight import validate_for_launch
+
+        validate_for_launch(cfg, env.world_size, check_data=False)
+        check_finetune(cfg)
+    except (ValueError, OSError) as exc:
+        report_launch_error(exc)
+        return EXIT_CONFIG_ERROR
+    if args.dry_run:
+        print(describe_run(cfg, env.world_size))
+        return 0
+    from megatron_glm.finetune.run import run_finetuning
+
+    with setup_logging(env.rank, all_ranks=all_ranks_requested()):
+        try:
+            run_finetuning(cfg, env)
+        except NonFiniteError as exc:
+            if env.rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_NONFINITE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
