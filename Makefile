@@ -74,10 +74,11 @@ FINETUNE_ARGS ?=  # overrides for both runs, e.g. train.train_iters=20 (a quick 
 $(TASKS)/baselines.json: $(DEMO)/corpus.jsonl tools/make_demo_tasks.py megatron_glm/data/demo_tasks.py
 	$(BIN)/python tools/make_demo_tasks.py --corpus $< --output $(TASKS)
 
-finetune: $(STAMP)
-	@test -f checkpoints/demo/latest || { \
-		echo "make finetune: checkpoints/demo has no 'latest': run make pretrain first" >&2; exit 2; }
-	$(MAKE) --no-print-directory $(TASKS)/baselines.json
+# A rule only for when the file is missing: make pretrain writes it.
+checkpoints/demo/latest:
+	@echo "make finetune: checkpoints/demo has no 'latest': run make pretrain first" >&2; exit 2
+
+finetune: $(STAMP) checkpoints/demo/latest $(TASKS)/baselines.json
 	for task in $(FINETUNE_TASKS); do \
 		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus 2 --master_port $(FINETUNE_PORT) \
 			--module megatron_glm.finetune --config configs/finetune/$$task.yaml $(FINETUNE_ARGS) \
