@@ -1,4 +1,5 @@
 # The README's two commands: `make pretrain` and `make test`. Both create the environment first.
+# `make finetune` is a third, run after `make pretrain` (it starts from its checkpoint).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv test lint pytest pretrain clean
+.PHONY: venv test lint pytest pretrain finetune clean
 
 venv: $(STAMP)
 
@@ -57,6 +58,33 @@ pretrain: $(STAMP) $(DEMO)/demo_text_sentence.idx
 	$(BIN)/python tools/fill_blank.py --config configs/demo.yaml
 	echo '$(DEMO_TEXT)' | $(BIN)/python tools/generate.py --load checkpoints/demo --interactive \
 		$(DEMO_STRATEGY)
+
+# The finetuning demo: the two tasks made from the corpus (tools/make_demo_tasks.py prints their
+# sizes and baselines once, and keeps the baselines in baselines.json), a finetuning run of each
+# from the pretraining checkpoint (configs/finetune/*.yaml, 2 ranks as in pretraining; a re-run
+# resumes, and exits at once when complete), then the test figures of each run's best checkpoint
+# (by validation accuracy or loss) against the baselines.
+# It does not start `make pretrain` itself: that is a training run of its own with its own closing
+# demo, not something to start as a side effect; without its checkpoint this stops with exit 2.
+TASKS := $(DEMO)/tasks
+FINETUNE_PORT ?= 29518
+FINETUNE_TASKS := pkgcls summ
+FINETUNE_ARGS ?=  # overrides for both runs, e.g. train.train_iters=20 (a quick check)
+
+$(TASKS)/baselines.json: $(DEMO)/corpus.jsonl tools/make_demo_tasks.py megatron_glm/data/demo_tasks.py
+	$(BIN)/python tools/make_demo_tasks.py --corpus $< --output $(TASKS)
+
+# A rule only for when the file is missing: make pretrain writes it.
+checkpoints/demo/latest:
+	@echo "make finetune: checkpoints/demo has no 'latest': run make pretrain first" >&2; exit 2
+
+finetune: $(STAMP) checkpoints/demo/latest $(TASKS)/baselines.json
+	for task in $(FINETUNE_TASKS); do \
+		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus 2 --master_port $(FINETUNE_PORT) \
+			--module megatron_glm.finetune --config configs/finetune/$$task.yaml $(FINETUNE_ARGS) \
+			|| exit $$?; \
+	done
+	$(BIN)/python tools/demo_finetune_report.py --best --baselines $(TASKS)/baselines.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -126,12 +126,24 @@ def _docstrings_of_unit(unit: ast.AST) -> list[str]:
     return docs
 
 
+def module_name(path: Path, root: Path) -> str:
+    """Dotted module name of a stdlib file: ``email/mime/text.py`` -> ``email.mime.text``.
+
+    A package's ``__init__.py`` is the package itself (``json/__init__.py`` -> ``json``).
+    """
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
 def _iter_documents_counted(
     counts: Counter[str], max_docs: int | None, min_chars: int, root: Path | None
-) -> Iterator[str]:
-    """Yield documents and record every file visited and every document skipped in ``counts``."""
+) -> Iterator[tuple[str, str]]:
+    """Yield (document, module name) and record every file visited and skip in ``counts``."""
     seen: set[bytes] = set()
     produced = 0
+    base = stdlib_root() if root is None else root
     for path in stdlib_source_files(root):
         if max_docs is not None and produced >= max_docs:
             return
@@ -158,7 +170,7 @@ def _iter_documents_counted(
                 continue
             seen.add(digest)
             produced += 1
-            yield text
+            yield text, module_name(path, base)
             if max_docs is not None and produced >= max_docs:
                 return
 
@@ -182,6 +194,21 @@ def iter_documents(
     test corpora are cheap.
     ``root`` overrides the stdlib directory (tests point it at a fixture tree).
     """
+    return (
+        text for text, _ in iter_documents_with_modules(max_docs, min_chars=min_chars, root=root)
+    )
+
+
+def iter_documents_with_modules(
+    max_docs: int | None = None,
+    *,
+    min_chars: int = DEFAULT_MIN_CHARS,
+    root: str | os.PathLike[str] | None = None,
+) -> Iterator[tuple[str, str]]:
+    """:func:`iter_documents` with each document's dotted module name (``email.mime.text``).
+
+    The module is what labels the demo classification task (tools/make_demo_tasks.py).
+    """
     _check_args(max_docs, min_chars)  # here, not lazily at the first next()
     counts: Counter[str] = Counter()
     return _iter_documents_counted(
@@ -189,13 +216,18 @@ def iter_documents(
     )
 
 
-def jsonl_line(text: str) -> str:
-    """``{"text": ...}`` as one JSONL line (with its ``\\n``), UTF-8 kept readable.
+def jsonl_line(text: str, module: str | None = None) -> str:
+    """``{"text": ...}`` (then ``"module": ...`` if given) as one JSONL line, UTF-8 readable.
 
     U+0085, U+2028 and U+2029 are escaped although JSON allows them raw, because
     ``str.splitlines`` (and some JSONL readers) would break the line on them.
     """
-    line = json.dumps({"text": text}, ensure_ascii=False)
+    return json_line({"text": text} if module is None else {"text": text, "module": module})
+
+
+def json_line(record: dict[str, str]) -> str:
+    """One JSON object as a JSONL line (with its ``\\n``), escaped as :func:`jsonl_line` says."""
+    line = json.dumps(record, ensure_ascii=False)
     for raw, escaped in _LINE_BREAK_ESCAPES.items():
         if raw in line:
             line = line.replace(raw, escaped)
@@ -211,6 +243,9 @@ def write_demo_corpus(
 ) -> dict[str, Any]:
     """Write the corpus as JSONL to ``path`` (atomically) and return its statistics.
 
+    Each line is ``{"text": document, "module": dotted module name}``; readers of the pretraining
+    data use ``text`` only (``--json-keys text``), the demo tasks label documents by ``module``.
+
     The file is written under a temporary name and renamed into place, so an interrupted run
     never leaves a truncated corpus that looks complete.
     """
@@ -225,8 +260,8 @@ def write_demo_corpus(
         counts, max_docs, min_chars, None if root is None else Path(root)
     )
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for text in docs:
-            line = jsonl_line(text)
+        for text, module in docs:
+            line = jsonl_line(text, module)
             f.write(line)
             n_docs += 1
             n_chars += len(text)

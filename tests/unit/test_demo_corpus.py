@@ -84,6 +84,8 @@ def test_fake_tree_stats_count_every_skip(fake_stdlib: Path, tmp_path: Path) -> 
     stats = write_demo_corpus(out, root=fake_stdlib)
     lines = out.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["text"] for line in lines] == list(iter_documents(root=fake_stdlib))
+    # the module each document comes from (a package's __init__ is the package itself)
+    assert [json.loads(line)["module"] for line in lines] == ["amod"] * 3 + ["bside", "pkg"]
     assert stats["documents"] == 5
     assert stats["bytes"] == out.stat().st_size
     assert stats["characters"] == sum(len(json.loads(line)["text"]) for line in lines)
@@ -129,6 +131,7 @@ def test_jsonl_line_escapes_unicode_line_breaks() -> None:
     assert line == '{"text": "a\\u2028b\\u2029c\\u0085d\\ne é"}\n'
     assert len(line.splitlines()) == 1
     assert json.loads(line)["text"] == "a\u2028b\u2029c\x85d\ne é"
+    assert jsonl_line("x\u2028", "email.mime") == '{"text": "x\\u2028", "module": "email.mime"}\n'
 
 
 def test_fixture_corpus_is_valid_and_deterministic(demo_corpus_path: Path) -> None:
