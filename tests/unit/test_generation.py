@@ -104,6 +104,7 @@ def test_cached_logits_equal_uncached_at_every_step(model: GLMModel, kind: str) 
         feed = torch.randint(10, REAL, (len(active),), generator=g).tolist()
     assert cached.cache.batch_size == 3
     assert worst < 1e-5, worst
+    print(f"{kind}: cached vs uncached logits, max |diff| over {steps} steps {worst:.2e}")
 
 
 def test_prefill_equals_forward_part_a(model: GLMModel) -> None:
