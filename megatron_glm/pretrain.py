@@ -31,7 +31,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import yaml
@@ -167,9 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megatron_glm.training.session import run_pretraining  # imports deepspeed: keep it late
 
+    return run_and_report(run_pretraining, cfg, env, all_ranks=all_ranks)
+
+
+def run_and_report(
+    run: Callable[[RunConfig, DistEnv], object], cfg: RunConfig, env: DistEnv, *, all_ranks: bool
+) -> int:
+    """Run a checked config (pretraining or finetuning) with the entry points' logging set-up;
+    the exit status: 0, or :data:`EXIT_NONFINITE` when the run stopped on non-finite steps."""
     with setup_logging(env.rank, all_ranks=all_ranks):
         try:
-            run_pretraining(cfg, env)
+            run(cfg, env)
         except NonFiniteError as exc:  # every rank agreed on it (all-reduced): rank 0 says it
             if env.rank == 0:
                 print(f"error: {exc}", file=sys.stderr)

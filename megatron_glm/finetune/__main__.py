@@ -13,15 +13,14 @@ from __future__ import annotations
 import sys
 
 from megatron_glm.config import load_config
-from megatron_glm.logs import all_ranks_requested, setup_logging
+from megatron_glm.logs import all_ranks_requested
 from megatron_glm.pretrain import (
     EXIT_CONFIG_ERROR,
-    EXIT_NONFINITE,
     build_parser,
     describe_run,
     report_launch_error,
+    run_and_report,
 )
-from megatron_glm.training.checkpoint import NonFiniteError
 from megatron_glm.training.distributed import read_dist_env
 
 
@@ -47,14 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megatron_glm.finetune.run import run_finetuning
 
-    with setup_logging(env.rank, all_ranks=all_ranks_requested()):
-        try:
-            run_finetuning(cfg, env)
-        except NonFiniteError as exc:
-            if env.rank == 0:
-                print(f"error: {exc}", file=sys.stderr)
-            return EXIT_NONFINITE
-    return 0
+    return run_and_report(run_finetuning, cfg, env, all_ranks=all_ranks_requested())
 
 
 if __name__ == "__main__":
