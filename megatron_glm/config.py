@@ -451,10 +451,13 @@ class FinetuneConfig:
     max_target_length: int = 64
     """Seq2seq: target tokens kept (longer targets are cut; the source is cut to fit the rest
     of data.seq_length)."""
-    metric: Literal["accuracy", "macro_f1", "loss"] | None = None
+    metric: (
+        Literal["accuracy", "macro_f1", "rouge1", "rouge2", "rougeL", "exact_match", "loss"] | None
+    ) = None
     """Validation metric that picks the best checkpoint (``<checkpoint.save>/best``):
-    ``accuracy`` or ``macro_f1`` (cloze; higher is better) or ``loss`` (lower is better);
-    null: accuracy for cloze, loss for seq2seq."""
+    ``accuracy`` or ``macro_f1`` (cloze), ``rouge1``, ``rouge2``, ``rougeL`` or ``exact_match``
+    (seq2seq: greedy decodes of the validation split at every validation), all higher is
+    better, or ``loss`` (lower is better); null: accuracy for cloze, loss for seq2seq."""
     init: str | None = None
     """Checkpoint folder (a pretraining run's checkpoint.save, or an HF import) whose weights
     start the run at iteration 0 with a fresh optimizer; ignored when the run resumes its own
@@ -475,10 +478,12 @@ class FinetuneConfig:
             )
         _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
         _require(self.max_target_length > 0, "max_target_length", "must be > 0")
+        cloze = ("accuracy", "macro_f1")
         _require(
-            self.task == "cloze" or self.metric in (None, "loss"),
+            (self.metric in cloze) == (self.task == "cloze") or self.metric in (None, "loss"),
             "metric",
-            f"{self.metric!r} is a classification metric; seq2seq keeps the best by loss",
+            f"{self.metric!r} is not a {self.task} metric (cloze: accuracy, macro_f1; seq2seq: "
+            "rouge1, rouge2, rougeL, exact_match; both: loss)",
         )
 
     @property

@@ -235,9 +235,30 @@ def finetune_task(cfg: RunConfig) -> tuple[Callable[[int, int], tuple[FinetuneDa
         loss=loss,
         init_weights=init_weights_from(cfg.finetune.init) if cfg.finetune.init else None,
         best=best_metric(cfg),
+        eval_metrics=validation_decoding(cfg, tok) if cfg.finetune.task == "seq2seq" else None,
         after=after,
     )
     return make_source, task
+
+
+def validation_decoding(cfg: RunConfig, tok: Tokenizer) -> Callable[[Any], dict[str, float]]:
+    """Seq2seq, at every validation: ROUGE-1/2/L and exact match of greedy decodes of the
+    validation split (the loss alone does not say whether the generated text improves; the
+    best checkpoint may be chosen by ``rougeL``). Skipped, with one note, where decoding is
+    not possible (:func:`_decode_scores`)."""
+    examples = read_split(cfg, "validation")
+    notes: list[str] = []
+
+    def figures(runner: Any) -> dict[str, float]:
+        return _decode_scores(cfg, runner, tok, examples, lambda m: _note_once(notes, m))
+
+    return figures
+
+
+def _note_once(seen: list[str], message: str) -> None:
+    if message not in seen:
+        seen.append(message)
+        logger.info("%s", message)
 
 
 def run_finetuning(

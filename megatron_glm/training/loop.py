@@ -164,9 +164,12 @@ class Trainer:
         rank: int,
         log: Callable[[str], None] | None = None,
         best: BestMetric | None = None,
+        eval_metrics: Callable[[StepRunner], dict[str, float]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.best = best
+        self.eval_metrics = eval_metrics
+        """Collective, after each validation's loss: more figures for its line and ``best``."""
         """Keep the checkpoint of the best validation ``best`` in ``<checkpoint.save>/best``."""
         self._best_value: float | None = None
         self.runner = runner
@@ -197,6 +200,8 @@ class Trainer:
         if batches is None:
             return None
         result = evaluate(self.runner, batches)
+        if self.eval_metrics is not None:
+            result.metrics.update(self.eval_metrics(self.runner))
         self.log(result.line(iteration))
         if self.rank == 0:
             writer.write(result.scalars(), iteration)

@@ -52,6 +52,10 @@ class RunTask:
     skipped when the run resumes a checkpoint."""
     best: BestMetric | None = None
     """Validation figure that picks ``<checkpoint.save>/best``."""
+    eval_metrics: Callable[[StepRunner], dict[str, float]] | None = None
+    """Collective, at every validation: figures the loss cannot give, added to the validation
+    line, TensorBoard and the best-checkpoint choice (finetuning seq2seq: ROUGE of greedy
+    decodes of the validation split)."""
     after: Callable[[StepRunner, Trainer], None] | None = None
     """Collective, after a completed run: e.g. finetuning's test-split evaluation."""
 
@@ -142,6 +146,7 @@ def train_in_group(
         rank=env.rank,
         log=log,
         best=task.best,
+        eval_metrics=task.eval_metrics,
     )
     _log_run_header(trainer, cfg, dims, env, runner, vocab, device)
     start = None

@@ -141,7 +141,8 @@ def finetune_runs(
     _write_tasks(tmp)
     tok = str(tiny_tokenizer_model)
     exact = ["model.hidden_dropout=0.0", "model.attention_dropout=0.0", "train.eval_interval=2"]
-    cloze, s2s = _tiny(tok, "cloze", tmp) + exact, _tiny(tok, "seq2seq", tmp) + exact
+    cloze = _tiny(tok, "cloze", tmp) + exact
+    s2s = [*_tiny(tok, "seq2seq", tmp), *exact, "finetune.metric=rougeL"]
     resume = [*_tiny(tok, "cloze", tmp), "train.train_iters=6", "train.eval_interval=3"]
     two = {  # dropout 0.1 in the resume runs: the RNG streams must resume too
         "cloze_tp2": [*cloze, "parallel.tp=2"],
@@ -156,9 +157,27 @@ def finetune_runs(
     }
     one = {"cloze_ref": cloze, "s2s_ref": s2s}
     res2, log2 = _run(2, list(two.values()), tmp)
-    res1, _ = _run(1, list(one.values()), tmp)
+    res1, log1 = _run(1, list(one.values()), tmp)
     out = dict(zip([*two, *one], [*res2, *res1], strict=True))
-    return {**out, "dir": tmp, "log2": log2}
+    return {**out, "dir": tmp, "log2": log2, "log1": log1}
+
+
+def _rouge_lines(log: str) -> list[str]:
+    """The seq2seq validation lines' decoded figures (``| rouge1 ... | exact_match ...``)."""
+    lines = [x for x in log.splitlines() if x.startswith("validation at step") and "rouge1" in x]
+    return [x[x.index("| rouge1") :] for x in lines]
+
+
+def test_seq2seq_validation_decodes_and_keeps_the_best_by_rouge(
+    finetune_runs: dict[str, Any],
+) -> None:
+    """Seq2seq validation decodes the validation split greedily at every eval (ROUGE and exact
+    match next to the loss), the same figures at tp 2 as in one process, and ``rougeL`` picks
+    the best checkpoint."""
+    tp2, one = _rouge_lines(finetune_runs["log2"]), _rouge_lines(finetune_runs["log1"])
+    assert len(one) == 3 and tp2 == one, (tp2, one)  # steps 0, 2 and 4
+    print("seq2seq validation, tp 2 and one process:", one[-1])
+    assert "validation at step 2 | rougeL " in finetune_runs["log1"]
 
 
 def _losses(result: dict[str, Any]) -> dict[int, float]:

@@ -260,6 +260,8 @@ def test_cli_refuses_a_bad_task_file_before_launch(
     assert "config field 'finetune.metric'" not in capsys.readouterr().err  # default resolves
     assert main(["--config", str(run), "finetune.metric=macro_f1", "finetune.task=seq2seq"]) == 2
     assert "config field 'finetune.metric'" in capsys.readouterr().err
+    assert main(["--config", str(run), "finetune.metric=rougeL"]) == 2  # cloze has no ROUGE
+    assert "'rougeL' is not a cloze metric" in capsys.readouterr().err
 
 
 def test_cli_refuses_to_resume_a_pretraining_checkpoint(
