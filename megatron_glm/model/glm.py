@@ -218,10 +218,12 @@ class GLMModel(nn.Module):
         valid: Tensor | None,
         prefill_sep: Tensor | None,
     ) -> Tensor:
-        _, end = cache.reserve(tokens.shape[1], valid)
+        start, end = cache.reserve(tokens.shape[1], valid)
+        # part-B queries: one mask for every layer (it depends on the slots, not the layer)
+        mask = cache.decode_mask(start, end) if prefill_sep is None else None
         hidden = self.embedding((tokens, position_ids))[0]  # [b, n, h]
         for index, block in enumerate(self._blocks()):
-            hidden = block.forward_cached(hidden, cache, index, prefill_sep)
+            hidden = block.forward_cached(hidden, cache, index, prefill_sep, mask)
         cache.commit(end)
         final = self.layers[-1]
         assert isinstance(final, FinalLayerNorm)

@@ -92,7 +92,12 @@ class SelfAttention(nn.Module):
         return out, bias
 
     def forward_cached(
-        self, hidden: Tensor, cache: KVCache, layer: int, prefill_sep: Tensor | None
+        self,
+        hidden: Tensor,
+        cache: KVCache,
+        layer: int,
+        prefill_sep: Tensor | None,
+        decode_mask: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
         """Inference: attend the new tokens ``hidden`` ``[b, n, h]`` through ``cache``.
 
@@ -100,7 +105,8 @@ class SelfAttention(nn.Module):
         ``prefill_sep`` (int64 ``[b]``) the new tokens are a right-padded part A, attended
         bidirectionally by the training kernel (:func:`glm_attention` with ``valid_len = sep``,
         the fused kernel on CUDA); otherwise they are part-B tokens attending everything cached
-        before them (:func:`glm_decode_attention`, always the torch path: see its docstring).
+        before them under ``decode_mask`` (``KVCache.decode_mask``, built once per step by the
+        model) through :func:`glm_decode_attention`, always the torch path: see its docstring.
         """
         qkv = self.query_key_value(hidden)  # [b, n, 3h/tp]
         b, n, _ = qkv.shape
@@ -120,8 +126,8 @@ class SelfAttention(nn.Module):
                 kernels=self.kernels,
             )  # [b, heads/tp, n, d]
         else:
-            mask = cache.decode_mask(start, start + n)  # [b, 1, n, start + n]
-            context = glm_decode_attention(q, keys, values, mask)  # [b, heads/tp, n, d]
+            assert decode_mask is not None  # [b, 1, n, start + n]
+            context = glm_decode_attention(q, keys, values, decode_mask)  # [b, heads/tp, n, d]
         context = context.transpose(1, 2).reshape(b, n, -1)  # [b, n, h/tp]
         return self.dense(context)  # [b, n, h], [h] unapplied
 
@@ -222,11 +228,16 @@ class GLMBlock(nn.Module):
             return self.dropout(mlp, hidden, mlp_bias)  # hidden + drop(mlp + b) (SP: s/tp)
 
     def forward_cached(
-        self, hidden: Tensor, cache: KVCache, layer: int, prefill_sep: Tensor | None
+        self,
+        hidden: Tensor,
+        cache: KVCache,
+        layer: int,
+        prefill_sep: Tensor | None,
+        decode_mask: Tensor | None,
     ) -> Tensor:
         """Inference twin of :meth:`_block` over a KV cache (no dropout, no checkpointing)."""
         attn, attn_bias = self.attention.forward_cached(
-            self.input_layernorm(hidden), cache, layer, prefill_sep
+            self.input_layernorm(hidden), cache, layer, prefill_sep, decode_mask
         )
         hidden = self.dropout(attn, hidden, attn_bias)  # eval: hidden + attn + b
         mlp, mlp_bias = self.mlp(self.post_attention_layernorm(hidden))
