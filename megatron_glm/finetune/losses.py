@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megatron_glm.model import LossOutput, glm_loss
+from megatron_glm.model import LossOutput
 from megatron_glm.model.loss import resolve_head
 from megatron_glm.parallel.dims import ParallelDims
 from megatron_glm.parallel.mappings import (
@@ -36,6 +36,7 @@ from megatron_glm.parallel.mappings import (
     gather_from_tensor_parallel_region,
 )
 from megatron_glm.training.loss_stats import LossStats
+from megatron_glm.training.losses import PretrainLoss
 
 
 def full_logits(selected: Tensor, weight: Tensor, dims: ParallelDims | None) -> Tensor:
@@ -175,11 +176,9 @@ class Seq2SeqLoss:
         dims: ParallelDims | None = None,
         kernels: str | None = None,
     ) -> LossOutput:
-        targets, loss_mask, objective = (labels[k] for k in self.label_keys)
-        if self.label_smoothing == 0.0:
-            return glm_loss(
-                head, hidden, targets, loss_mask, objective, 1, dims=dims, kernels=kernels
-            )
+        if self.label_smoothing == 0.0:  # pretraining's loss, one objective
+            return PretrainLoss(self.objectives)(head, hidden, labels, dims=dims, kernels=kernels)
+        targets, loss_mask, _ = (labels[k] for k in self.label_keys)
         weight, dims, _ = resolve_head(head, dims, kernels)
         b, s, h = hidden.shape
         mask = loss_mask.reshape(-1).float()

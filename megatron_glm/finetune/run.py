@@ -348,14 +348,15 @@ def _decode_scores(
         return {}
     f = cfg.finetune
     max_new = min(f.max_target_length, cfg.data.seq_length // 2)
-    room = cfg.data.seq_length - max_new - 2  # source tokens, as training cuts them
-    sources = [tok.decode(tok.encode(ex.source)[:room]) for ex in examples]
     gen = GenerationConfig(max_new_tokens=max_new)
+    sources = [ex.source for ex in examples]  # cut to data.seq_length there, as training cuts
     module = runner.eng.module
     module.eval()
     try:
         with torch.no_grad():
-            preds = seq2seq_predictions(module.glm, tok, sources, gen, mask=f.mask)
+            preds = seq2seq_predictions(
+                module.glm, tok, sources, gen, mask=f.mask, max_length=cfg.data.seq_length
+            )
     finally:
         module.train()
     refs = [ex.target for ex in examples]

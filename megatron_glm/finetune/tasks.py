@@ -193,6 +193,16 @@ def _put_row(batch: Batch, r: int, part_a: list[int], part_b: list[int], mask_at
     batch["valid_len"][r] = a + b
 
 
+def _with_labels(
+    batch: Batch, examples: Sequence[ClassificationExample | None]
+) -> list[ClassificationExample]:
+    """Set ``label`` and ``loss_mask`` (``[b]``) of ``batch``; returns the examples with each
+    ``None`` (micro-batch padding: ``loss_mask`` 0) replaced by an empty one to encode."""
+    batch["label"] = torch.tensor([0 if ex is None else ex.label for ex in examples])
+    batch["loss_mask"] = torch.tensor([float(ex is not None) for ex in examples])
+    return [ClassificationExample("", 0) if ex is None else ex for ex in examples]
+
+
 def cloze_single_batch(
     tok: Tokenizer,
     pattern: Pattern,
@@ -203,14 +213,7 @@ def cloze_single_batch(
     verbalizer tokens are scored. ``None`` pads the micro-batch (``loss_mask`` 0)."""
     batch = _empty(len(examples), seq_length, tok.pad_id)
     batch["mask_pos"] = torch.zeros(len(examples), dtype=torch.long)
-    batch["label"] = torch.zeros(len(examples), dtype=torch.long)
-    batch["loss_mask"] = torch.zeros(len(examples), dtype=torch.float32)
-    for r, ex in enumerate(examples):
-        if ex is None:
-            ex = ClassificationExample("", 0)
-        else:
-            batch["label"][r] = ex.label
-            batch["loss_mask"][r] = 1.0
+    for r, ex in enumerate(_with_labels(batch, examples)):
         part_a, mask_at = pattern.encode(tok, ex, seq_length)
         _put_row(batch, r, part_a, [], mask_at)
         batch["mask_pos"][r] = mask_at
@@ -231,14 +234,7 @@ def cloze_multi_batch(
     batch = _empty(len(examples) * c, seq_length, tok.pad_id)
     batch["targets"] = torch.zeros(len(examples) * c, seq_length, dtype=torch.long)
     batch["cand_mask"] = torch.zeros(len(examples) * c, seq_length, dtype=torch.float32)
-    batch["label"] = torch.zeros(len(examples), dtype=torch.long)
-    batch["loss_mask"] = torch.zeros(len(examples), dtype=torch.float32)
-    for e, ex in enumerate(examples):
-        if ex is None:
-            ex = ClassificationExample("", 0)
-        else:
-            batch["label"][e] = ex.label
-            batch["loss_mask"][e] = 1.0
+    for e, ex in enumerate(_with_labels(batch, examples)):
         part_a, mask_at = pattern.encode(tok, ex, seq_length - longest)
         for k, ids in enumerate(candidates):
             r, a = e * c + k, len(part_a)
