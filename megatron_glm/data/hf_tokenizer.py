@@ -130,13 +130,6 @@ class HFTokenizer(SpecialIdsMixin):
         assert int(np.sum(per_doc)) == len(pieces), "per_doc must count every piece"
         return self.encode_batch(pieces, num_threads)
 
-    def _check_id(self, i: int, where: str) -> None:
-        if not 0 <= i < self.padded_vocab_size:
-            raise TokenizerError(
-                f"token id {i}{where} is outside [0, {self.padded_vocab_size}) "
-                f"(padded vocab of {self.model_path})"
-            )
-
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of ``ids``: special tokens as their text, padding rows as ``<pad:ID>``.
 

@@ -91,9 +91,13 @@ class TokenizerError(ValueError):
 
 
 class SpecialIdsMixin:
-    """GLM's special-token ids as attributes (``cls_id`` .. ``eos_id``, ``pad_id`` = eos) and
-    :meth:`special_ids`: one definition for every tokenizer backend, which only looks the
-    :data:`SPECIAL_TOKENS` up in its vocabulary and calls :meth:`_set_special_ids`."""
+    """GLM's special-token ids as attributes (``cls_id`` .. ``eos_id``, ``pad_id`` = eos),
+    :meth:`special_ids` and the id range check: one definition for every tokenizer backend,
+    which only looks the :data:`SPECIAL_TOKENS` up in its vocabulary and calls
+    :meth:`_set_special_ids`."""
+
+    padded_vocab_size: int
+    model_path: Path
 
     cls_id: int
     mask_id: int
@@ -114,6 +118,13 @@ class SpecialIdsMixin:
     def special_ids(self) -> dict[str, int]:
         """``{token text: id}`` for the 7 :data:`SPECIAL_TOKENS` (pad is eos)."""
         return dict(self._special_ids)
+
+    def _check_id(self, i: int, where: str) -> None:
+        if not 0 <= i < self.padded_vocab_size:
+            raise TokenizerError(
+                f"token id {i}{where} is outside [0, {self.padded_vocab_size}) "
+                f"(padded vocab of {self.model_path})"
+            )
 
 
 class GLMTokenizer(SpecialIdsMixin):
@@ -305,13 +316,6 @@ class GLMTokenizer(SpecialIdsMixin):
             return NATIVE.starting_with(texts, SPECIAL_TOKENS)
         first = map(itemgetter(slice(0, 1)), texts)
         return compress(range(len(texts)), map(_SPECIAL_FIRST_CHARS.__contains__, first))
-
-    def _check_id(self, i: int, where: str) -> None:
-        if not 0 <= i < self.padded_vocab_size:
-            raise TokenizerError(
-                f"token id {i}{where} is outside [0, {self.padded_vocab_size}) "
-                f"(padded vocab of {self.model_path})"
-            )
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of ``ids``: special tokens as their text (eos too, though SentencePiece decodes
