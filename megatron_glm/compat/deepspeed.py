@@ -4,7 +4,8 @@
   matcher and the ZeRO optimizer's grad-norm internals the pipeline runner hooks;
 - checkpoint loading: the restricted loader (this docstring);
 - start-up and warnings: the op-compatibility cache and two torch warnings DeepSpeed causes;
-- optimizer-state restore: relinking the fragment views of a resharded checkpoint's state.
+- optimizer-state restore: relinking the fragment views of a resharded checkpoint's state;
+- ZeRO-3 partitions: a partitioned parameter's whole value (:func:`full_weight`).
 
 Each function's docstring says why it exists and which upstream change would remove it;
 ``tests/unit/test_compat.py``, ``test_compat_pipeline.py`` and ``test_optimizer_state.py`` fail
@@ -178,6 +179,28 @@ def reduce_zero_grad_norm_once(engine: Any) -> None:
         return squares.sqrt()
 
     optimizer.scaled_global_norm = scaled_global_norm
+
+
+# ============================================================================ ZeRO-3 partitions
+# ``deepspeed.zero.GatheredParameters`` is public; telling a partitioned parameter from a plain
+# one reads the ``ds_id`` attribute ZeRO-3 sets on the parameters it partitions (DeepSpeed's own
+# test in ``GatheredParameters``). ``tests/distributed/test_finetune_layouts.py`` fails if the
+# gathered copies stop matching one process's weights.
+
+
+def full_weight(param: Tensor) -> Tensor:
+    """The whole of a parameter (this TP rank's shard of it), ZeRO-3 partitioned or not.
+
+    A partitioned parameter is gathered over its data-parallel group and copied out (a
+    collective: every rank of the group calls this for the same parameters in the same order);
+    a plain one is returned as a detached view, no copy.
+    """
+    if not hasattr(param, "ds_id"):
+        return param.detach()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        return param.detach().clone()
 
 
 # ============================================================================ checkpoint loading

@@ -29,6 +29,7 @@ from megatron_glm.training.batches import Batch
 from megatron_glm.training.evaluation import BestMetric, evaluate
 
 if TYPE_CHECKING:
+    from megatron_glm.model import GLMModel
     from megatron_glm.training.loop import TrainResult
 
 logger = logging.getLogger(__name__)
@@ -244,21 +245,13 @@ def finetune_task(cfg: RunConfig) -> tuple[Callable[[int, int], tuple[FinetuneDa
 def validation_decoding(cfg: RunConfig, tok: Tokenizer) -> Callable[[Any], dict[str, float]]:
     """Seq2seq, at every validation: ROUGE-1/2/L and exact match of greedy decodes of the
     validation split (the loss alone does not say whether the generated text improves; the
-    best checkpoint may be chosen by ``rougeL``). Skipped, with one note, where decoding is
-    not possible (:func:`_decode_scores`)."""
+    best checkpoint may be chosen by ``rougeL``), at any layout (:func:`_decode_scores`)."""
     examples = read_split(cfg, "validation")
-    notes: list[str] = []
 
     def figures(runner: Any) -> dict[str, float]:
-        return _decode_scores(cfg, runner, tok, examples, lambda m: _note_once(notes, m))
+        return _decode_scores(cfg, runner, tok, examples)
 
     return figures
-
-
-def _note_once(seen: list[str], message: str) -> None:
-    if message not in seen:
-        seen.append(message)
-        logger.info("%s", message)
 
 
 def run_finetuning(
@@ -293,7 +286,7 @@ def test_evaluation(cfg: RunConfig, source: FinetuneData, tok: Tokenizer) -> Cal
         result = evaluate(runner, source.eval_batches(examples))
         figures = {"loss": result.loss, **result.metrics}
         if cfg.finetune.task == "seq2seq":
-            figures.update(_decode_scores(cfg, runner, tok, examples, trainer.log))
+            figures.update(_decode_scores(cfg, runner, tok, examples))
         text = " | ".join(f"{k} {v:.4f}" for k, v in figures.items())
         trainer.log(f"test ({len(examples)} examples, {which}) | {text}")
         if trainer.rank == 0:
@@ -334,30 +327,36 @@ def _decode_scores(
     runner: Any,
     tok: Tokenizer,
     examples: Sequence[tasks.Seq2SeqExample],
-    log: Callable[[str], None],
 ) -> dict[str, float]:
-    """ROUGE-1/2/L and exact match of greedy decodes (``finetune.evaluate``), where the whole
-    model is on this rank: pp 1, no ZeRO-3 partitions, no sequence parallelism (every rank
-    decodes the whole split; TP ranks together)."""
+    """Collective: ROUGE-1/2/L and exact match of greedy decodes (``finetune.evaluate``) of
+    ``examples``, at any layout: every rank decodes the whole list with this TP rank's shard of
+    every layer (:func:`decoding_model`), TP ranks together, so every rank gets the same figures
+    (the best-checkpoint choice depends on them)."""
     from megatron_glm.finetune.evaluate import seq2seq_predictions
     from megatron_glm.finetune.metrics import exact_match, rouge
     from megatron_glm.generation import GenerationConfig
 
-    if cfg.parallel.pp > 1 or cfg.train.zero_stage == 3 or cfg.parallel.sequence_parallel:
-        log("test decoding skipped: it needs pp 1, ZeRO < 3 and no sequence parallelism")
-        return {}
     f = cfg.finetune
-    max_new = min(f.max_target_length, cfg.data.seq_length // 2)
-    gen = GenerationConfig(max_new_tokens=max_new)
+    gen = GenerationConfig(max_new_tokens=min(f.max_target_length, cfg.data.seq_length // 2))
     sources = [ex.source for ex in examples]  # cut to data.seq_length there, as training cuts
-    module = runner.eng.module
-    module.eval()
-    try:
-        with torch.no_grad():
-            preds = seq2seq_predictions(
-                module.glm, tok, sources, gen, mask=f.mask, max_length=cfg.data.seq_length
-            )
-    finally:
-        module.train()
+    model = decoding_model(cfg, runner, tok)
+    with torch.no_grad():
+        preds = seq2seq_predictions(
+            model, tok, sources, gen, mask=f.mask, max_length=cfg.data.seq_length
+        )
     refs = [ex.target for ex in examples]
     return {**rouge(preds, refs), "exact_match": exact_match(preds, refs)}
+
+
+def decoding_model(cfg: RunConfig, runner: Any, tok: Tokenizer) -> GLMModel:
+    """Collective: the engine's weights as a plain ``GLMModel`` in eval mode, this TP rank's
+    shard of every layer (``training.whole_model``: pipeline stages broadcast their layers,
+    ZeRO-3 partitions are gathered, sequence parallelism is off; no copy at pp 1 without
+    ZeRO-3)."""
+    from megatron_glm.model.glm import resolve_vocab_size
+    from megatron_glm.training.whole_model import whole_model
+
+    eng = runner.eng
+    vocab = resolve_vocab_size(cfg.model, tok.padded_vocab_size)
+    parts = getattr(runner, "parts", None) if eng.dims.pp > 1 else None
+    return whole_model(eng.module, eng.dims, cfg.model, vocab, parts=parts)

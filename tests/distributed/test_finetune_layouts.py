@@ -1,4 +1,5 @@
-"""Finetuning at tp 2 and pp 2 equals one process (fp32, dropout 0), and resume is bitwise.
+"""Finetuning at tp 2, pp 2, dp 2, ZeRO-3 and with sequence parallelism equals one process (fp32,
+dropout 0), seq2seq decoding included, and resume is bitwise.
 
 Two launches (start-up is most of the cost on 2 cores): 2 ranks run the parallel layouts and
 the resume runs in turn inside one process group (``training.session.train_in_group`` with the
@@ -88,12 +89,14 @@ def _worker(spec: dict[str, Any]) -> int:
             validate_for_launch(cfg, env.world_size, check_data=False)
             check_finetune(cfg)
             make_source, task = finetune_task(cfg)
-            res = train_in_group(cfg, env, device, make_source, task=task)
+            lines: list[str] = []
+            res = train_in_group(cfg, env, device, make_source, task=task, log=_keep(lines))
             results.append(
                 {
                     "losses": {str(k): v for k, v in res.step_losses.items()},
                     "valid": res.valid_history,
                     "exit_reason": res.exit_reason,
+                    "lines": lines,
                 }
             )
             if env.rank == 0:
@@ -101,6 +104,16 @@ def _worker(spec: dict[str, Any]) -> int:
     finally:
         destroy_distributed()
     return 0
+
+
+def _keep(lines: list[str]) -> Any:
+    """The run's console lines (rank 0's), kept per run and printed as the loop would log."""
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    return log
 
 
 def _run(nprocs: int, runs: list[list[str]], tmp: Path) -> tuple[list[dict[str, Any]], str]:
@@ -147,13 +160,19 @@ def finetune_runs(
     two = {  # dropout 0.1 in the resume runs: the RNG streams must resume too
         "cloze_tp2": [*cloze, "parallel.tp=2"],
         "cloze_pp2": [*cloze, "parallel.pp=2"],
+        "cloze_dp2": cloze,
         "s2s_tp2": [*s2s, "parallel.tp=2"],
+        # decoding from a whole-model copy: stages broadcast, ZeRO-3 gathered, SP off
+        "s2s_pp2": [*s2s, "parallel.pp=2"],
+        "s2s_zero3": [*s2s, "train.zero_stage=3"],
+        "s2s_tp2_sp": [*s2s, "parallel.tp=2", "parallel.sequence_parallel=true"],
         "straight": [*resume, f"checkpoint.save={tmp / 'straight'}"],
         "stop": [*resume, f"checkpoint.save={tmp / 'stop'}", "train.exit_interval=3"],
         "resume": [*resume, f"checkpoint.save={tmp / 'stop'}"],
         # weights only from the finetuned checkpoint, into other layouts, at iteration 0
         "init_pp2": [*cloze, "parallel.pp=2", f"finetune.init={tmp / 'straight'}"],
         "init_tp2": [*cloze, "parallel.tp=2", f"finetune.init={tmp / 'straight'}"],
+        "init_zero3": [*cloze, "train.zero_stage=3", f"finetune.init={tmp / 'straight'}"],
     }
     one = {"cloze_ref": cloze, "s2s_ref": s2s}
     res2, log2 = _run(2, list(two.values()), tmp)
@@ -162,34 +181,47 @@ def finetune_runs(
     return {**out, "dir": tmp, "log2": log2, "log1": log1}
 
 
-def _rouge_lines(log: str) -> list[str]:
-    """The seq2seq validation lines' decoded figures (``| rouge1 ... | exact_match ...``)."""
-    lines = [x for x in log.splitlines() if x.startswith("validation at step") and "rouge1" in x]
+def _rouge_lines(result: dict[str, Any]) -> list[str]:
+    """A run's decoded figures (``| rouge1 ... | exact_match ...``): validations, then test."""
+    lines = [
+        x
+        for x in result["lines"]
+        if x.startswith(("validation at step", "test (")) and "| rouge1" in x
+    ]
     return [x[x.index("| rouge1") :] for x in lines]
 
 
-def test_seq2seq_validation_decodes_and_keeps_the_best_by_rouge(
+def test_seq2seq_decodes_at_every_layout_and_keeps_the_best_by_rouge(
     finetune_runs: dict[str, Any],
 ) -> None:
     """Seq2seq validation decodes the validation split greedily at every eval (ROUGE and exact
-    match next to the loss), the same figures at tp 2 as in one process, and ``rougeL`` picks
-    the best checkpoint."""
-    tp2, one = _rouge_lines(finetune_runs["log2"]), _rouge_lines(finetune_runs["log1"])
-    assert len(one) == 3 and tp2 == one, (tp2, one)  # steps 0, 2 and 4
-    print("seq2seq validation, tp 2 and one process:", one[-1])
+    match next to the loss) and the test split at the end; the figures at tp 2, pp 2, ZeRO-3
+    dp 2 and tp 2 with sequence parallelism equal one process's, and ``rougeL`` picks the best
+    checkpoint."""
+    r = finetune_runs
+    one = _rouge_lines(r["s2s_ref"])
+    assert len(one) == 4, one  # validation at steps 0, 2 and 4, then the test split
+    for name in ("s2s_tp2", "s2s_pp2", "s2s_zero3", "s2s_tp2_sp"):
+        assert _rouge_lines(r[name]) == one, (name, _rouge_lines(r[name]), one)
+    print("seq2seq test split, tp 2 / pp 2 / ZeRO-3 dp 2 / tp 2 + SP and one process:", one[-1])
     assert "validation at step 2 | rougeL " in finetune_runs["log1"]
+    assert "skipped" not in r["log2"]
 
 
 def _losses(result: dict[str, Any]) -> dict[int, float]:
     return {int(k): v for k, v in result["losses"].items()}
 
 
-def test_tp2_and_pp2_equal_one_process(finetune_runs: dict[str, Any]) -> None:
+def test_tp2_pp2_dp2_zero3_and_sp_equal_one_process(finetune_runs: dict[str, Any]) -> None:
     r = finetune_runs
     for name, ref in (
         ("cloze_tp2", "cloze_ref"),
         ("cloze_pp2", "cloze_ref"),
+        ("cloze_dp2", "cloze_ref"),
         ("s2s_tp2", "s2s_ref"),
+        ("s2s_pp2", "s2s_ref"),
+        ("s2s_zero3", "s2s_ref"),
+        ("s2s_tp2_sp", "s2s_ref"),
     ):
         curve, want = _losses(r[name]), _losses(r[ref])
         assert sorted(curve) == [1, 2, 3, 4], name
@@ -202,6 +234,8 @@ def test_tp2_and_pp2_equal_one_process(finetune_runs: dict[str, Any]) -> None:
     log = r["log2"]
     for layout in ("tp 2 x pp 1 x dp 1", "tp 1 x pp 2 x dp 1", "tp 1 x pp 1 x dp 2"):
         assert f"parallel layout: world 2 = {layout}" in log
+    assert "parallel layout: world 2 = tp 2 x pp 1 x dp 1, sequence parallel" in log
+    assert "ZeRO-3" in "".join(r["s2s_zero3"]["lines"])
     assert "validation at step 2 | accuracy" in log
     assert "test (6 examples, final weights) | loss" in log  # no checkpoint.save: no best
     record = json.loads((r["dir"] / "straight" / "best" / "best.json").read_text())
@@ -225,16 +259,18 @@ def test_resume_mid_finetune_is_bitwise(finetune_runs: dict[str, Any]) -> None:
 
 
 def test_init_takes_weights_only_into_any_layout(finetune_runs: dict[str, Any]) -> None:
-    """``finetune.init`` (a dp 2 checkpoint) into pp 2 and tp 2: training starts at step 1 with
-    a fresh optimizer, and the step-0 validation equals the saved model's last one."""
+    """``finetune.init`` (a dp 2 checkpoint) into pp 2, tp 2 and ZeRO-3 dp 2: training starts
+    at step 1 with a fresh optimizer, and the step-0 validation equals the saved model's last
+    one."""
     r = finetune_runs
     saved = r["straight"]["valid"][-1]
     assert saved[0] == 6
-    for name in ("init_pp2", "init_tp2"):
+    for name in ("init_pp2", "init_tp2", "init_zero3"):
         assert sorted(_losses(r[name])) == [1, 2, 3, 4], name
         step0 = r[name]["valid"][0]
         assert step0[0] == 0 and step0[1] == pytest.approx(saved[1], rel=1e-5), name
-    assert r["init_pp2"]["losses"] == pytest.approx(r["init_tp2"]["losses"], rel=1e-5)
+    for name in ("init_tp2", "init_zero3"):
+        assert r["init_pp2"]["losses"] == pytest.approx(r[name]["losses"], rel=1e-5), name
     assert "finetune: weights from" in r["log2"]
 
 
