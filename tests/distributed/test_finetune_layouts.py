@@ -16,6 +16,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,8 @@ def _worker(spec: dict[str, Any]) -> int:
             check_finetune(cfg)
             make_source, task = finetune_task(cfg)
             lines: list[str] = []
+            decoder: list[list[float]] = []
+            task = replace(task, after=_and_decoder_logits(cfg, task.after, decoder))
             res = train_in_group(cfg, env, device, make_source, task=task, log=_keep(lines))
             results.append(
                 {
@@ -97,6 +100,7 @@ def _worker(spec: dict[str, Any]) -> int:
                     "valid": res.valid_history,
                     "exit_reason": res.exit_reason,
                     "lines": lines,
+                    "decoder": decoder,
                 }
             )
             if env.rank == 0:
@@ -104,6 +108,28 @@ def _worker(spec: dict[str, Any]) -> int:
     finally:
         destroy_distributed()
     return 0
+
+
+def _and_decoder_logits(cfg: Any, after: Any, out: list[list[float]]) -> Any:
+    """``after`` (the test evaluation), then the logits of the model the run decodes with
+    (``finetune.run.decoding_model``) on two validation rows: the decodes of a tiny model are
+    too flat to tell a slightly wrong copy of the weights apart, its logits are not."""
+    import torch
+
+    from megatron_glm.finetune.run import decoding_model, read_split, task_loss
+    from megatron_glm.training.batches import MODEL_INPUTS
+    from megatron_glm.training.preflight import load_tokenizer
+
+    def run(runner: Any, trainer: Any) -> None:
+        after(runner, trainer)
+        tok = load_tokenizer(cfg)
+        model = decoding_model(cfg, runner, tok)
+        batch = task_loss(cfg, tok)[1](read_split(cfg, "validation")[:2])
+        with torch.no_grad():
+            logits = model.logits(model(*(batch[k] for k in MODEL_INPUTS)))
+        out.append(logits[:, :, :64].flatten().tolist())
+
+    return run
 
 
 def _keep(lines: list[str]) -> Any:
@@ -196,13 +222,15 @@ def test_seq2seq_decodes_at_every_layout_and_keeps_the_best_by_rouge(
 ) -> None:
     """Seq2seq validation decodes the validation split greedily at every eval (ROUGE and exact
     match next to the loss) and the test split at the end; the figures at tp 2, pp 2, ZeRO-3
-    dp 2 and tp 2 with sequence parallelism equal one process's, and ``rougeL`` picks the best
-    checkpoint."""
+    dp 2 and tp 2 with sequence parallelism equal one process's, as do the logits of the model
+    decoded with, and ``rougeL`` picks the best checkpoint."""
     r = finetune_runs
     one = _rouge_lines(r["s2s_ref"])
     assert len(one) == 4, one  # validation at steps 0, 2 and 4, then the test split
     for name in ("s2s_tp2", "s2s_pp2", "s2s_zero3", "s2s_tp2_sp"):
         assert _rouge_lines(r[name]) == one, (name, _rouge_lines(r[name]), one)
+        got, want = r[name]["decoder"][0], r["s2s_ref"]["decoder"][0]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), name
     print("seq2seq test split, tp 2 / pp 2 / ZeRO-3 dp 2 / tp 2 + SP and one process:", one[-1])
     assert "validation at step 2 | rougeL " in finetune_runs["log1"]
     assert "skipped" not in r["log2"]
