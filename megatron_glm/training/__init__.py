@@ -19,4 +19,6 @@
 - ``signals``: SIGTERM/SIGINT/SIGUSR1, a lost launcher and a deadline, agreed on by all ranks.
 - ``data_source``: the real batch source (tokenizer, packed splits, blank infilling, loaders).
 - ``session``: one run end to end (``megatron_glm.pretrain`` calls it).
+- ``whole_model``: the engine's weights as one plain ``GLMModel`` per TP rank, from any layout
+  (pipeline stages, ZeRO-3 partitions), for decoding during a run (finetuning's ROUGE).
 """
