@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -144,3 +145,114 @@ def test_pretrain_on_an_imported_wordpiece_model(tmp_path: Path, demo_corpus_pat
     loss = float(re.search(r"loss (\S+)", _step_fields(out.stdout)).group(1))  # type: ignore[union-attr]
     print("imported WordPiece model, step 1:", _step_fields(out.stdout))
     assert math.isfinite(loss) and loss > 0
+
+
+def _cloze_task(folder: Path) -> None:
+    """A small cloze task: does the text hold ``data``? (train 8, validation 6 rows)."""
+    import json
+    import random
+
+    rng, words = random.Random(3), ["data", "file", "list", "value", "name", "type"]
+    folder.mkdir()
+    for split, n in (("train", 8), ("validation", 6), ("test", 2)):
+        rows = []
+        for _ in range(n):
+            text = [rng.choice(words) for _ in range(6)]
+            rows.append({"text": " ".join(text), "label": "yes" if "data" in text else "no"})
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _direct_losses(model: Any, cfg: Any) -> tuple[float, float]:
+    """(step-0 validation loss, step-1 training loss) of ``model`` run in this process with the
+    run's task loss on the rows the run reads at those steps."""
+    from megatron_glm.finetune.run import FinetuneData, read_split, task_loss
+    from megatron_glm.training.batches import MODEL_INPUTS
+
+    loss, collate = task_loss(cfg, load_tokenizer(cfg.data.tokenizer_model))
+    t = cfg.train
+    data = FinetuneData(
+        read_split(cfg, "train"), None, collate,
+        micro_batch_size=t.micro_batch_size, dp_rank=0, dp_size=1, seed=t.seed,
+    )  # fmt: skip
+    train = data.train_batches(0)
+    step1 = [next(train) for _ in range(t.global_batch_size // t.micro_batch_size)]
+
+    def mean(batches: list[Any]) -> float:
+        total = count = 0.0
+        with torch.no_grad():
+            for b in batches:
+                out = loss(model, model(*(b[k] for k in MODEL_INPUTS)), b)
+                total, count = total + float(out.sum_loss), count + float(out.num_tokens)
+        return total / count
+
+    return mean(data.eval_batches(read_split(cfg, "validation"))), mean(step1)
+
+
+@pytest.mark.slow
+def test_finetune_init_from_an_import(tmp_path: Path, tiny_tokenizer_model: Path) -> None:
+    """A random model (seeded unlike the run, with non-trivial biases and norms) through our
+    checkpoint, ``to-hf`` and ``from-hf``; ``glm-finetune`` with ``finetune.init`` at the import
+    starts from exactly the HF folder's weights: its step-0 validation loss and step-1 training
+    loss (TensorBoard, float32) equal a direct forward of those weights."""
+    import subprocess
+    import sys
+
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_glm.inference import build_for_inference, hf_weights
+
+    _cloze_task(tmp_path / "task")
+    run = tmp_path / "finetune.yaml"
+    run.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+                          "max_position_embeddings": 64, "kernels": "torch",
+                          "hidden_dropout": 0.0, "attention_dropout": 0.0},
+                "data": {"tokenizer_model": str(tiny_tokenizer_model), "seq_length": 32},
+                "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 1,
+                          "eval_interval": 1},
+                "logging": {"log_interval": 1, "progress_bar": False},
+                "finetune": {"task": "cloze", "task_dir": str(tmp_path / "task"),
+                             "patterns": ["{text} Package: [MASK]."],
+                             "verbalizers": {"no": "no", "yes": "yes please"}},
+            }
+        )
+    )  # fmt: skip
+    cfg = load_config(run, [])
+    vocab = load_tokenizer(cfg.data.tokenizer_model).padded_vocab_size
+    model = build_model(replace(cfg.model, vocab_size=vocab), seed=cfg.train.seed + 1)
+    with torch.no_grad():  # zero biases and unit norms would hide a swapped bias or norm
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    _checkpoint(tmp_path / "ours", model)
+    export_to_hf(tmp_path / "ours", tmp_path / "hf")
+    import_from_hf(tmp_path / "hf", tmp_path / "imported", run_config=run)
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    tb = tmp_path / "tb"
+    args = [f"finetune.init={tmp_path / 'imported'}", f"logging.tensorboard_dir={tb}"]
+    out = subprocess.run(
+        [sys.executable, "-m", "megatron_glm.finetune", "--config", str(run), *args],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert f"finetune: weights from {tmp_path / 'imported'}" in log
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    valid0 = next(e.value for e in events.Scalars("valid/loss") if e.step == 0)
+    train1 = next(e.value for e in events.Scalars("train/loss") if e.step == 1)
+    hf = build_for_inference(hf_weights(tmp_path / "hf"))  # the HF files, not the import
+    want_valid, want_train = _direct_losses(hf, cfg)
+    print(f"from an HF import: step-0 validation {valid0:.6f} (direct {want_valid:.6f}), "
+          f"step-1 loss {train1:.6f} (direct {want_train:.6f})")  # fmt: skip
+    assert valid0 == pytest.approx(want_valid, rel=1e-5)
+    assert train1 == pytest.approx(want_train, rel=1e-5)
+    # the run's own seed's weights (what it trains without finetune.init) score otherwise
+    fresh = build_model(replace(cfg.model, vocab_size=vocab), seed=cfg.train.seed).eval()
+    assert abs(_direct_losses(fresh, cfg)[0] - valid0) > 1e-3 * valid0
