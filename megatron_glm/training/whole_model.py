@@ -17,9 +17,9 @@ does:
 Memory. The copy exists only while a decode runs (the caller drops it) and is weights only:
 this TP rank's shard of the whole model, ``4 P / tp`` bytes in fp32 (``P`` parameters), and
 nothing at all unpipelined without ZeRO-3. Training keeps 16 bytes per local parameter
-(weights, gradients, Adam's two moments) for ``P / (tp pp)`` parameters, so the copy fits in
-what training already uses up to pp 4 without ZeRO-3; ZeRO-3 and deeper pipelines exist to
-hold less than that, and for them the copy is the price of decoding. Peak use is the copy plus
+(weights, gradients, Adam's two moments) for ``P / (tp pp)`` parameters, so without ZeRO the
+copy is no larger than what training already uses up to pp 4; ZeRO and deeper pipelines exist
+to hold less than that, and for them the copy is the price of decoding. Peak use is the copy plus
 one parameter in flight (gathered or broadcast one at a time). The alternatives that keep only
 a stage or a partition resident -- re-gathering every layer at every generated token, or a
 pipelined decode passing activations stage to stage per token -- pay a collective per layer per
