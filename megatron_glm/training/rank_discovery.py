@@ -207,7 +207,7 @@ def resolve_rendezvous(task: SchedulerTask, env: Mapping[str, str]) -> Rendezvou
     The variables first; mpi4py only for what they lack (then its port too, a really free one,
     unless ``MASTER_PORT`` is set).
     """
-    addr = env.get("MASTER_ADDR") or (first_host(task.nodelist) if task.nodelist else None)
+    addr = env.get("MASTER_ADDR") or (master_address(task.nodelist) if task.nodelist else None)
     if addr is None and task.single_node:
         addr = "127.0.0.1"
     port = _opt_int(env, "MASTER_PORT")
@@ -275,6 +275,44 @@ def free_port_any() -> int:
 _BRACKET = re.compile(r"\[([^\]]*)\]")
 
 
+def master_address(nodelist: str) -> str:
+    """Rank 0's node: the list's first host, or SLURM's ``NodeAddr`` for a name DNS cannot
+    resolve (a node defined as ``NodeName=n1 NodeAddr=10.0.0.7``); asked of slurmctld only then.
+    """
+    host = first_host(nodelist)
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:
+        addr = _slurm_node_addr(host)
+        if addr is None:
+            raise ValueError(
+                f"the first node of SLURM node list {nodelist!r}, {host!r}, does not resolve and "
+                "scontrol does not give its NodeAddr: set MASTER_ADDR to its address"
+            ) from None
+        return addr
+    return host
+
+
+def _slurm_node_addr(node: str) -> str | None:
+    """``NodeAddr`` of ``scontrol show node NODE``, or None when scontrol cannot say."""
+    out = _scontrol("show", "node", "--oneliner", node)
+    match = re.search(r"\bNodeAddr=(\S+)", out)
+    return match.group(1) if match else None
+
+
+def _scontrol(*args: str) -> str:
+    """scontrol's stdout, or "" when it is missing or fails (no config on this host, no daemon)."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return ""
+    try:
+        return subprocess.run(
+            [scontrol, *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM host list (``node[03-05,9],gpu1`` -> ``node03``).
 
@@ -282,20 +320,9 @@ def first_host(nodelist: str) -> str:
     otherwise the common forms are parsed here: comma-separated entries, each with any number of
     bracket groups of numbers and zero-padded ranges.
     """
-    scontrol = shutil.which("scontrol")
-    if scontrol is not None:
-        try:
-            out = subprocess.run(
-                [scontrol, "show", "hostnames", nodelist],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout.split()
-        except (OSError, subprocess.SubprocessError):
-            out = []
-        if out:
-            return out[0]
+    hosts = _scontrol("show", "hostnames", nodelist).split()
+    if hosts:
+        return hosts[0]
     return parse_first_host(nodelist)
 
 

@@ -6,6 +6,7 @@ The variable sets are the ones the launchers export (Open MPI 4.1's were copied 
 
 from __future__ import annotations
 
+import socket
 import sys
 import types
 import zlib
@@ -34,6 +35,13 @@ def _no_scontrol_no_mpi4py(monkeypatch: pytest.MonkeyPatch) -> None:
     """The host-list parser and the no-mpi4py paths, whatever this machine has installed."""
     monkeypatch.setattr(rank_discovery.shutil, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails like an absent package
+
+    def resolve(host: str, port: object) -> list[object]:
+        if host.startswith("n"):
+            raise socket.gaierror(f"{host}: Name or service not known")
+        return []
+
+    monkeypatch.setattr(rank_discovery.socket, "getaddrinfo", resolve)
 
 
 def ompi(rank: int, size: int, local_size: int, **extra: str) -> dict[str, str]:
@@ -81,6 +89,24 @@ def test_srun_step_of_two_forms_the_world_on_the_first_node() -> None:
     assert got == DistEnv(
         1, 2, 0, "gpu07", port, "SLURM step 1234.0 (SLURM_PROCID, SLURM_STEP_NUM_TASKS)"
     )
+
+
+def test_srun_master_not_in_dns_is_slurms_node_addr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node known to SLURM by name only (``NodeName=n1 NodeAddr=...``): its NodeAddr."""
+    env = slurm_step(0, 2, SLURM_STEP_NODELIST="n[1-2]")
+    with pytest.raises(ValueError, match=r"'n1', does not resolve and scontrol does not give"):
+        read_dist_env(env)
+    calls: list[tuple[str, ...]] = []
+
+    def scontrol(*args: str) -> str:
+        calls.append(args)
+        if args[:2] == ("show", "hostnames"):
+            return "n1\nn2\n"
+        return "NodeName=n1 Arch=x86_64 CoresPerSocket=1 NodeAddr=10.0.0.7 NodeHostName=vm\n"
+
+    monkeypatch.setattr(rank_discovery, "_scontrol", scontrol)
+    assert read_dist_env(env).master_addr == "10.0.0.7"
+    assert calls == [("show", "hostnames", "n[1-2]"), ("show", "node", "--oneliner", "n1")]
 
 
 def test_srun_respects_the_users_master() -> None:
