@@ -1,5 +1,7 @@
-"""Open MPI launches of the entry point on this host: plain ``mpirun``, ``launch/mpirun.sh`` and
-DeepSpeed's ``--launcher openmpi`` over a hostfile, each one world of 2 with one process's losses.
+"""Launches of the entry point on this host: plain ``mpirun`` (Open MPI), ``launch/mpirun.sh``,
+and DeepSpeed's multi-node launchers over a hostfile through ``launch/deepspeed_hostfile.sh``
+(``openmpi`` on loopback, ``slurm`` on the test cluster's two nodes): each one world of 2 with
+one process's losses.
 
 A tiny model without dropout trains 3 steps of 4 samples: 2 data-parallel ranks of 2 samples must
 log the losses of one process accumulating 2 micro-batches of 2 (TensorBoard ``train/loss``).
@@ -158,3 +160,30 @@ def test_deepspeed_openmpi_launcher_with_hostfile(
     line = "process group: rank 1 of 2 from Open MPI (OMPI_COMM_WORLD_*), rendezvous 127.0.0.1:"
     assert f"[rank 1] {line}{env['MASTER_PORT']}" in out, out[-3000:]
     same_losses(tb, one_process, "deepspeed --launcher openmpi")
+
+
+def test_deepspeed_slurm_launcher_with_hostfile(
+    run_yaml: Path, one_process: dict[int, float]
+) -> None:
+    """``LAUNCHER=slurm`` on the test cluster's two nodes: DeepSpeed runs ``srun -n 2``, which
+    drops ``--module`` (hence the script path); the ranks form the world from the SLURM step."""
+    require_tools("srun", "sinfo")
+    cwd = run_yaml.parent / "ds_slurm"
+    cwd.mkdir()
+    (cwd / "hostfile").write_text("n1 slots=1\nn2 slots=1\n")
+    tb = cwd / "tb"
+    env = launch_env(
+        HOSTFILE="hostfile",
+        MASTER_ADDR="n1",
+        MASTER_PORT=str(free_port()),
+        LAUNCHER="slurm",
+        DS_ARGS="--no_ssh_check",
+        LAUNCHER_ARGS="--nodes 2",
+        GLM_LOG_ALL_RANKS="1",
+    )
+    cmd = [str(REPO / "launch" / "deepspeed_hostfile.sh"), str(run_yaml)]
+    out = run([*cmd, f"logging.tensorboard_dir={tb}"], env, cwd)
+    assert "cmd = srun -n 2 --nodes 2 --export=ALL" in out, out[-3000:]
+    line = "process group: rank 1 of 2 from SLURM step "
+    assert f"[rank 1] {line}" in out and f"rendezvous n1:{env['MASTER_PORT']}" in out, out[-3000:]
+    same_losses(tb, one_process, "deepspeed --launcher slurm")
