@@ -10,6 +10,7 @@ log the losses of one process accumulating 2 micro-batches of 2 (TensorBoard ``t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,28 @@ def test_deepspeed_slurm_launcher_with_hostfile(
     line = "process group: rank 1 of 2 from SLURM step "
     assert f"[rank 1] {line}" in out and f"rendezvous n1:{env['MASTER_PORT']}" in out, out[-3000:]
     same_losses(tb, one_process, "deepspeed --launcher slurm")
+
+
+def test_salloc_shell_of_two_tasks_refuses(run_yaml: Path) -> None:
+    """The entry point run directly in the shell of a 2-task allocation (no srun) is none of the
+    tasks: exit 2 with what to do, before any training."""
+    require_tools("salloc", "sinfo")
+    cmd = ["salloc", "-n", "2", sys.executable, "-m", "megatron_glm.pretrain"]
+    proc = subprocess.run(
+        [*cmd, "--config", str(run_yaml)],
+        env=launch_env(),
+        cwd=run_yaml.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    job = re.search(r"Granted job allocation (\d+)", proc.stderr)
+    assert job is not None, proc.stderr
+    assert (
+        f"error: SLURM job {job.group(1)} has 2 tasks but this process is not one of them (it "
+        "runs in the batch script or salloc shell, outside any srun step): start one rank per "
+        "task with `srun python -m megatron_glm.pretrain ...`"
+    ) in proc.stderr
+    assert "parallel layout" not in proc.stdout
