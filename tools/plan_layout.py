@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from megatron_glm.config import RunConfig, apply_overrides, from_dict, load_yaml
+from megatron_glm.data.tokenizer import load_tokenizer
 from megatron_glm.model import num_parameters
 from megatron_glm.planning.layout import (
     Assumptions,
@@ -38,21 +40,55 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="run recipe YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the run, e.g. a=b")
     parser.add_argument("--gpus", required=True, type=int, help="GPUs in all")
-    parser.add_argument("--gpu-memory", required=True, type=parse_size, help="per GPU: 80GiB")
+    parser.add_argument("--gpu-memory", required=True, type=_size, help="per GPU, e.g. 80GiB")
     parser.add_argument("--nodes", type=int, help="nodes (default: 8 GPUs per node)")
     parser.add_argument("--top", type=int, default=5, help="plans to print (default 5)")
-    parser.add_argument("--vocab-size", type=int, help="tokenizer size when model.vocab_size=0")
-    defaults = Assumptions()
-    parser.add_argument("--peak-tflops", type=float, default=defaults.peak_flops / 1e12)
-    parser.add_argument("--mfu", type=float, default=defaults.mfu)
     parser.add_argument(
-        "--intra-node-gbps", type=float, default=defaults.intra_node_bandwidth / 1e9, help="GB/s"
+        "--vocab-size",
+        type=int,
+        help="the tokenizer's size when model.vocab_size=0 (default: read data.tokenizer_model)",
     )
-    parser.add_argument(
-        "--inter-node-gbps", type=float, default=defaults.inter_node_bandwidth / 1e9, help="GB/s"
+    d = Assumptions()
+    assumption = parser.add_argument_group("assumptions of the step-time estimate")
+    assumption.add_argument(
+        "--peak-tflops", type=float, default=d.peak_flops / 1e12, help="per GPU (%(default)s)"
     )
-    parser.add_argument("--margin", type=float, default=defaults.memory_margin)
+    assumption.add_argument("--mfu", type=float, default=d.mfu, help="(%(default)s)")
+    assumption.add_argument(
+        "--intra-node-gbps",
+        type=float,
+        default=d.intra_node_bandwidth / 1e9,
+        help="GB/s per GPU inside a node (%(default)s)",
+    )
+    assumption.add_argument(
+        "--inter-node-gbps",
+        type=float,
+        default=d.inter_node_bandwidth / 1e9,
+        help="GB/s per GPU across nodes (%(default)s)",
+    )
+    assumption.add_argument(
+        "--margin", type=float, default=d.memory_margin, help="GPU memory kept free (%(default)s)"
+    )
     return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def tokenizer_vocab(cfg: RunConfig, given: int | None) -> int | None:
+    """The tokenizer's (unpadded) size when the model takes it from the tokenizer, else None."""
+    if given is not None or cfg.model.vocab_size > 0 or not cfg.data.tokenizer_model:
+        return given
+    if not Path(cfg.data.tokenizer_model).exists():
+        return None  # padded_vocab_size then asks for --vocab-size
+    multiple = cfg.model.make_vocab_size_divisible_by
+    return load_tokenizer(
+        cfg.data.tokenizer_model, make_vocab_size_divisible_by=multiple
+    ).vocab_size
 
 
 def launch_command(config: str, overrides: list[str], plan: Plan, cluster: Cluster) -> str:
@@ -67,8 +103,8 @@ def launch_command(config: str, overrides: list[str], plan: Plan, cluster: Clust
 def _plan_line(rank: int, plan: Plan) -> str:
     t = plan.time
     return (
-        f"#{rank} {plan.layout.describe()}: step {t.total:.3f} s (compute {t.compute:.3f}, "
-        f"bubble {t.bubble:.3f}, tp {t.tp_comm:.3f}, pp {t.pp_comm:.3f}, dp {t.dp_comm:.3f}), "
+        f"#{rank} {plan.layout.describe()}: step {t.total:.4g} s (compute {t.compute:.4g}, "
+        f"bubble {t.bubble:.4g}, tp {t.tp_comm:.4g}, pp {t.pp_comm:.4g}, dp {t.dp_comm:.4g}), "
         f"memory {plan.memory.total / GiB:.1f} GiB per rank"
     )
 
@@ -96,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     raw = apply_overrides(load_yaml(args.config), args.overrides)
     base = from_dict(RunConfig, raw)
-    search = plan_layouts(raw, cluster, assumptions, tokenizer_vocab=args.vocab_size)
-    params = num_parameters(base.model, padded_vocab_size(base, 1, args.vocab_size))
+    vocab = tokenizer_vocab(base, args.vocab_size)
+    search = plan_layouts(raw, cluster, assumptions, tokenizer_vocab=vocab)
+    params = num_parameters(base.model, padded_vocab_size(base, 1, vocab))
+    nodes = f"{cluster.nodes} node{'s' if cluster.nodes > 1 else ''} x {cluster.gpus_per_node}"
     print(
-        f"{base.model.name} ({params / 1e9:.2f}B parameters, {args.config}): {cluster.gpus} GPUs "
-        f"({cluster.nodes} node(s) x {cluster.gpus_per_node}) of {cluster.gpu_memory / GiB:.1f} "
-        f"GiB; global batch {base.train.global_batch_size} x {base.data.seq_length} tokens, "
-        f"{base.train.precision}"
+        f"{base.model.name} ({params:,} parameters, {args.config}): {cluster.gpus} GPUs ({nodes})"
+        f" of {cluster.gpu_memory / GiB:.1f} GiB; global batch {base.train.global_batch_size} x "
+        f"{base.data.seq_length} tokens, {base.train.precision}"
     )
     print("assumptions: " + "; ".join(assumptions.lines()))
     print(_summary(search, cluster.gpu_memory * (1 - assumptions.memory_margin)))

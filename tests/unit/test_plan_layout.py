@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from megatron_glm.config import ConfigError, RunConfig, load_config, load_yaml
+from megatron_glm.data.tokenizer import GLMTokenizer
+from megatron_glm.model import num_parameters
 from megatron_glm.planning.layout import (
     Assumptions,
     Cluster,
@@ -228,3 +230,26 @@ def test_nothing_fits_exits_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 1
     out = capsys.readouterr().out
     assert "0 fit" in out and "no layout fits" in out
+
+
+def test_vocab_comes_from_the_configs_tokenizer(
+    tmp_path: Path,
+    tiny_tokenizer_model: Path,
+    tiny_tokenizer: GLMTokenizer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """model.vocab_size 0: the tool reads data.tokenizer_model and pads it per tp."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: glm-tiny\ndata:\n  tokenizer_model: {tiny_tokenizer_model}\n"
+        "  seq_length: 64\ntrain:\n  global_batch_size: 8\n"
+    )
+    config.parent.joinpath("configs", "model").mkdir(parents=True)
+    config.parent.joinpath("configs", "model", "glm-tiny.yaml").write_text(
+        (ROOT / "configs" / "model" / "glm-tiny.yaml").read_text()
+    )
+    assert main(["--config", str(config), "--gpus", "2", "--gpu-memory", "1GiB"]) == 0
+    out = capsys.readouterr().out
+    rows = tiny_tokenizer.padded_vocab_size  # its pieces and GLM's specials, padded at tp 1
+    assert rows != tiny_tokenizer.vocab_size
+    assert out.startswith(f"glm-tiny ({num_parameters(load_config(config).model, rows):,} ")
