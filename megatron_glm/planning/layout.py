@@ -10,7 +10,9 @@ GPUs per node).
 
 A candidate fits when :func:`megatron_glm.planning.memory.estimate_memory` per rank, plus the
 margin, is within the GPU's memory. Fitting candidates are ranked by an estimated step time
-(:func:`step_time`), a roofline sum with no overlap between its terms:
+(:func:`step_time`), a roofline sum with no overlap between its terms (the engine's DeepSpeed
+config leaves ``overlap_comm`` at its default, off for ZeRO-0/1/2; ZeRO-3 overlaps by default,
+which the estimate does not credit):
 
 * compute: the step's model FLOPs (``flops_per_token x global_batch x seq``, ``model/flops.py``)
   over ``gpus x peak x MFU``; activation checkpointing recomputes the forward, +1/3;
@@ -19,15 +21,17 @@ margin, is within the GPU's memory. Fitting candidates are ranked by an estimate
 * TP: ``tensor_parallel_bytes_per_layer`` (the wire bytes per rank of one layer's collectives)
   x layers per stage x ``m``, over the intra-node bandwidth;
 * PP: each stage sends one activation ``[b, s, h]`` forward and receives its gradient back per
-  micro-batch, ``2 x m x b s h`` bytes, over the inter-node bandwidth when a stage boundary
-  crosses nodes (stages are ``dp x tp`` ranks apart), else intra-node;
+  micro-batch, each TP rank ``1/tp`` of it, over the inter-node bandwidth when a stage boundary
+  crosses nodes (stages are ``dp x tp`` ranks apart), else intra-node; without SP the receiving
+  TP group all-gathers the slices (``(tp-1)/tp`` of it, intra-node);
 * DP: ring wire bytes per rank of the rank's parameter shard ``P = N / (tp x pp)``:
   ZeRO-0/1 all-reduce the gradients once per step (``2 (d-1)/d P``); ZeRO-2 reduce-scatters at
   every micro-batch and all-gathers the updated parameters once (``(m + 1) (d-1)/d P``); ZeRO-3
   gathers the parameters for forward and backward and reduce-scatters the gradients at every
   micro-batch (``3 m (d-1)/d P``); over the inter-node bandwidth when the DP group spans nodes.
 
-Communication is in the training precision's bytes (2 for bf16/fp16, 4 for fp32). These are
+Communication is in the training precision's bytes (2 for bf16/fp16, 4 for fp32). Equal
+estimates are ordered by the larger micro-batch, then the smaller memory. These are
 estimates for ranking layouts against each other, not predictions of the wall clock: the
 assumptions (:class:`Assumptions`) are printed with every answer.
 """
@@ -162,6 +166,8 @@ class StepTime:
 
 @dataclass(frozen=True)
 class Plan:
+    """A fitting layout: its validated config, its memory estimate and its step time."""
+
     layout: Layout
     config: RunConfig = field(repr=False)
     memory: MemoryEstimate = field(repr=False)
@@ -310,16 +316,21 @@ def tp_seconds(cfg: RunConfig, layout: Layout, a: Assumptions) -> float:
 
 
 def pp_seconds(cfg: RunConfig, layout: Layout, cluster: Cluster, a: Assumptions) -> float:
-    """An activation forward and its gradient back per micro-batch across a stage boundary."""
+    """An activation forward and its gradient back per micro-batch across a stage boundary.
+
+    Each TP rank sends ``1/tp`` of the ``[b, s, h]`` tensor: its sequence slice under SP, else
+    (DeepSpeed's ``pipe_partitioned``/``grad_partitioned``, ``training.engine``) a slice of the
+    replica, which the receiving stage's TP group then all-gathers inside its node.
+    """
     if layout.pp == 1:
         return 0.0
     act = layout.micro_batch_size * cfg.data.seq_length * cfg.model.hidden_size
     act *= BYTES_PER_ELEMENT[cfg.train.precision]
-    if layout.sequence_parallel:  # the residual stream between blocks is [b, s/tp, h]
-        act //= layout.tp
     inter = _crosses_nodes(_stage_pairs(layout), cluster)
-    rate = a.inter_node_bandwidth if inter else a.intra_node_bandwidth
-    return 2 * micro_batches(cfg, layout) * act / rate
+    seconds = act / layout.tp / (a.inter_node_bandwidth if inter else a.intra_node_bandwidth)
+    if not layout.sequence_parallel:
+        seconds += (layout.tp - 1) / layout.tp * act / a.intra_node_bandwidth
+    return 2 * micro_batches(cfg, layout) * seconds
 
 
 def dp_seconds(

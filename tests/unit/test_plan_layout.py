@@ -88,7 +88,8 @@ def test_step_time_terms_equal_hand_computation() -> None:
     act = b * s * h * 2  # one bf16 activation [b, s, h]
     tp_comm = 8 * (1 / 2) * act * (L // 2) * m / 100e9  # 4 all-reduces x 2 (t-1)/t per layer
     bubble = (2 - 1) / m * (compute + tp_comm)
-    pp_comm = 2 * m * act / 10e9  # across the node boundary
+    # a half of each activation per TP rank across the node boundary, then gathered in the node
+    pp_comm = 2 * m * (act / 2 / 10e9 + act / 2 / 100e9)
     params = v * h + 2 * 512 * h + L * (12 * h * h + 13 * h) + 2 * h
     dp_comm = 2 * (3 / 4) * params / 4 * 2 / 100e9  # inside a node
     t = step_time(cfg, layout, Cluster(gpus=16, gpu_memory=80 * GiB, nodes=2), A, v)
@@ -104,18 +105,22 @@ def test_step_time_terms_equal_hand_computation() -> None:
     assert four.pp_comm == pytest.approx(pp_comm, rel=1e-12)
     # 16 GPUs on one node: every link is NVLink
     one = step_time(cfg, layout, Cluster(gpus=16, gpu_memory=80 * GiB, nodes=1), A, v)
-    assert one.pp_comm == pytest.approx(pp_comm / 10, rel=1e-12)
+    assert one.pp_comm == pytest.approx(2 * m * act / 100e9, rel=1e-12)
 
 
 def test_checkpointing_and_sequence_parallel_terms() -> None:
-    """Recomputation costs a third more compute; SP halves (tp 2) the pipeline's payload."""
+    """Recomputation costs a third more compute; SP sends the same slices between stages but
+    needs no all-gather after them."""
     base = Layout(2, 2, 4, 1, 4, False, False)
     both = Layout(2, 2, 4, 1, 4, True, True)
     cluster = Cluster(gpus=16, gpu_memory=80 * GiB, nodes=2)
     plain = step_time(_cfg_410m(base), base, cluster, A, 30592)
     other = step_time(_cfg_410m(both), both, cluster, A, 30592)
     assert other.compute == pytest.approx(plain.compute * 4 / 3, rel=1e-12)
-    assert other.pp_comm == pytest.approx(plain.pp_comm / 2, rel=1e-12)
+    act = 4 * 512 * 1024 * 2
+    gather = 2 * 64 * act / 2 / 100e9  # m = 64 micro-batches, both directions
+    assert other.pp_comm == pytest.approx(plain.pp_comm - gather, rel=1e-12)
+    assert other.pp_comm == pytest.approx(2 * 64 * act / 2 / 10e9, rel=1e-12)
     # recomputation repeats the forward's 2 gathers and 2 reductions: 12 transfers, not 8; SP
     # adds the all-reduce of the 6h sequence-split parameters' gradients (15 layers x m = 64)
     param_grads = 2 * (1 / 2) * 6 * 1024 * 2 * 15 * 64 / 100e9
