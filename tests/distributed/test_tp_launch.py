@@ -119,34 +119,40 @@ def test_torchrun_3d_pretrain_logs_layout_and_equals_one_process(
     print(f"8-process (tp 2, pp 2, dp 2) vs 1 process: max relative loss difference {worst:.2e}")
 
 
-def _run_nodes(cmds: list[list[str]], timeout: float) -> list[str]:
-    """Run one torchrun agent per "node" at once (each its own process group); their outputs."""
+def _run_nodes(cmds: list[list[str]], logs: Path, timeout: float) -> list[str]:
+    """Run one torchrun agent per "node" at once (each its own process group); their outputs.
+
+    Each agent writes to a file, not a pipe: a pipe not read while the other agent is awaited
+    could fill and stall that node.
+    """
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    procs = [
-        subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-        for cmd in cmds
-    ]
-    outs: list[str] = []
+    files = [logs / f"node{i}.log" for i in range(len(cmds))]
+    procs = []
+    for cmd, path in zip(cmds, files, strict=True):
+        with path.open("w") as out:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=ROOT,
+                    start_new_session=True,  # one process group per node: a timeout kills all
+                )
+            )
     try:
         for proc in procs:
-            outs.append(proc.communicate(timeout=timeout)[0])
+            proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(
-            "a torchrun node timed out:\n" + "\n".join(p.communicate()[0][-3000:] for p in procs)
+            "a torchrun node timed out:\n" + "\n".join(f.read_text()[-3000:] for f in files)
         )
+    outs = [f.read_text() for f in files]
     for proc, out in zip(procs, outs, strict=True):
         assert proc.returncode == 0, out[-4000:]
     return outs
@@ -177,7 +183,7 @@ def test_two_nodes_tp_inside_pp_across_equal_one_process(
         ]
         for node in (0, 1)
     ]
-    head, _ = _run_nodes(nodes, timeout=300)
+    head, _ = _run_nodes(nodes, tmp_path, timeout=300)
     layout = next(line for line in head.splitlines() if "parallel layout:" in line)
     step_lines = [line for line in head.splitlines() if line.startswith("step ")]
     print(layout, *step_lines, sep="\n")
