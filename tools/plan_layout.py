@@ -10,7 +10,9 @@ sequence parallelism; keeps the layouts the config accepts whose per-rank memory
 the GPU less a margin, ranks them by an estimated step time and prints the best with the
 DeepSpeed launcher command for each and the assumptions the estimate rests on (formulas:
 ``megatron_glm.planning.layout``). Overrides after the config change the run being planned and
-are repeated in every command line. Exit status 1 when nothing fits.
+are repeated in every command line. On several nodes the command reads a DeepSpeed hostfile named
+``hostfile`` (a ``host slots=N`` line per node; ``launch/deepspeed_hostfile.sh``). Exit status 1
+when nothing fits.
 """
 
 from __future__ import annotations
