@@ -38,6 +38,7 @@ def test_configs_exist() -> None:
         "glm-515m",
         "glm-2b",
         "glm-10b",
+        "glm-130b",
     } <= names
 
 

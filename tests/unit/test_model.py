@@ -326,7 +326,13 @@ def test_activation_checkpointing_gives_identical_gradients() -> None:
 # ----------------------------------------------------------------------------- sizes
 
 
-PAPER = {"glm-large": 335e6, "glm-410m": 410e6, "glm-515m": 515e6, "glm-10b": 10e9}
+PAPER = {
+    "glm-large": 335e6,
+    "glm-410m": 410e6,
+    "glm-515m": 515e6,
+    "glm-10b": 10e9,
+    "glm-130b": 130e9,
+}
 
 
 def load_model_config(path: Path) -> ModelConfig:
