@@ -184,8 +184,11 @@ def _inject(faults: dict[str, Any], rank: int, cfg: Any, world: int) -> Any:
     ``nan_weight_at`` (step) + ``nan_weight_rank``: that rank writes a NaN into its first
     parameter just before the checkpoint of that step is saved. ``nan_grad_steps``: the
     gradients of those steps are NaN while their loss stays finite (a hook on the loss).
+    ``bf16_master``: every optimizer step rounds the parameters it updates to bf16 (under bf16
+    ZeRO: the fp32 master weights), the bf16 path without fp32 master weights.
     """
     import megatron_glm.training.checkpoint as ck
+    import megatron_glm.training.engine as eng_mod
     from megatron_glm.training.engine import GLMPretrainModule
 
     save, forward = ck.save, GLMPretrainModule.forward
@@ -217,9 +220,30 @@ def _inject(faults: dict[str, Any], rank: int, cfg: Any, world: int) -> Any:
 
         GLMPretrainModule.forward = nan_forward  # type: ignore[method-assign]
 
+    build = eng_mod.build_optimizer
+    if faults.get("bf16_master"):  # a wrong bf16 path: master weights kept in bf16
+
+        def rounding_optimizer(*args: Any, **kwargs: Any) -> Any:
+            optimizer = build(*args, **kwargs)
+            step = optimizer.step  # torch wraps the class's step: patch the instance's
+
+            def rounding_step(closure: Any = None) -> Any:
+                out = step(closure)
+                with torch.no_grad():
+                    for group in optimizer.param_groups:
+                        for param in group["params"]:
+                            param.copy_(param.bfloat16())
+                return out
+
+            optimizer.step = rounding_step
+            return optimizer
+
+        eng_mod.build_optimizer = rounding_optimizer
+
     def restore() -> None:
         ck.save = save
         GLMPretrainModule.forward = forward  # type: ignore[method-assign]
+        eng_mod.build_optimizer = build
 
     return restore
 
