@@ -22,8 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+from megatron_glm.compat.deepspeed import restart_cpu_adam_powers
 from megatron_glm.training.skip import SkippableStep
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,9 @@ class SkippableCPUAdam(SkippableStep, DeepSpeedCPUAdam):
     """``DeepSpeedCPUAdam`` in AdamW mode whose next ``step()`` can be turned into a no-op
     (:class:`~megatron_glm.training.skip.SkippableStep`).
 
-    Its per-parameter ``step`` count is a Python int (torch's Adam keeps a tensor): code that
-    writes optimizer state reads :attr:`integer_step`.
+    Every step computes Adam's bias corrections from the saved step count, so a resumed run
+    updates exactly as the uninterrupted one. Its per-parameter ``step`` count is a Python int
+    (torch's Adam keeps a tensor): code that writes optimizer state reads :attr:`integer_step`.
     """
 
     integer_step = True
@@ -53,3 +56,11 @@ class SkippableCPUAdam(SkippableStep, DeepSpeedCPUAdam):
         where = extensions_dir()
         logger.info("DeepSpeed CPU Adam: loading the C++ op (built once into %s)", where)
         DeepSpeedCPUAdam.__init__(self, params, adamw_mode=True, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update (or a skipped one) whose bias corrections come from the step count alone,
+        as after a resume (:func:`megatron_glm.compat.deepspeed.restart_cpu_adam_powers`)."""
+        if not self.skip_next_step:
+            restart_cpu_adam_powers(self)
+        return super().step(closure)

@@ -26,6 +26,7 @@ run, only from a fresh process; the curves compared here are not affected beyond
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 import time
@@ -37,6 +38,7 @@ import torch
 import yaml
 
 from megatron_glm.config import RunConfig, apply_overrides, from_dict
+from megatron_glm.logs import setup_logging
 from megatron_glm.training.distributed import destroy_distributed, init_distributed, read_dist_env
 from megatron_glm.training.session import train_in_group
 
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="steps of each precision run")
     parser.add_argument("--offload-steps", type=int, default=50, help="0: no offload runs")
     args = parser.parse_args(argv)
+    setup_logging(info_stream="stderr")  # stdout is the result
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its own handler writes to stdout
     device = init_distributed(read_dist_env({}))
     try:
         compare_precisions(args.steps, device)
