@@ -11,6 +11,7 @@ tests independent of the data pipeline while exercising exactly the loop the CLI
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -111,6 +112,8 @@ def _worker(spec: dict[str, Any]) -> int:
     files rank 0 deletes after that run), ``reshard``, ``skip_preflight`` (exercise the
     in-group checks that pre-launch checks would otherwise pre-empt).
     """
+    import cpuinfo
+
     from megatron_glm.config import load_config
     from megatron_glm.logs import setup_logging
     from megatron_glm.serialization import CheckpointFileError
@@ -123,6 +126,8 @@ def _worker(spec: dict[str, Any]) -> int:
     from megatron_glm.training.preflight import validate_for_launch
     from megatron_glm.training.session import train_in_group
 
+    # DeepSpeed's CPU Adam (ZeRO-Offload runs) asks py-cpuinfo at every construction, 1.3 s each
+    cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
     env = read_dist_env()
     setup_logging(env.rank)  # an entry point, like pretrain.main: rank 0's lines on stdout
     configs = [load_config(None, TINY + o) for o in spec["runs"]]
