@@ -2,10 +2,11 @@
 
 With ``train.cpu_offload`` the fp32 master weights, gradients and Adam moments of every ZeRO
 partition live in CPU memory and the update runs there (ZeRO-Offload). DeepSpeed's
-``DeepSpeedCPUAdam`` is a C++ AdamW (SIMD + OpenMP) 5-7x faster on CPU than torch's; it is what
-the ZeRO-Offload paper measures, so it is what ``cpu_offload`` means here. It is a C++ extension
-that DeepSpeed compiles at first use (``torch.utils.cpp_extension.load``: a C++ compiler and
-ninja, 30-100 s). torch caches the build in ``$TORCH_EXTENSIONS_DIR`` (default
+``DeepSpeedCPUAdam`` is a C++ AdamW (SIMD + OpenMP), 5-7x faster on CPU than torch's by
+DeepSpeed's figures; it is what the ZeRO-Offload paper measures, so it is what ``cpu_offload``
+means here. It is a C++ extension that DeepSpeed compiles at first use
+(``torch.utils.cpp_extension.load``: a C++ compiler and ninja; measured here: 110 s of CPU time,
+66 s wall on 2 cores). torch caches the build in ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``); :func:`extensions_dir` points it inside the Python environment
 instead (unless the user set it), so a CI job that builds a fresh virtual environment compiles
 once per run, and the cache disappears with the environment it was built for (the extension
