@@ -8,10 +8,10 @@ Optimizer choice: torch's AdamW, except under ZeRO-Offload. Without offload Deep
 compiles no op (its FusedAdam is a CUDA extension built at first use): on CUDA torch's
 ``fused=True`` AdamW is a single multi-tensor kernel, on par with FusedAdam and without a build
 step. With ``train.cpu_offload`` the update runs on the CPU partitions, where DeepSpeed's C++ CPU
-Adam is 5-7x faster than torch's: :mod:`megatron_glm.training.cpu_adam` (compiled once per Python
-environment). Either optimizer is a :class:`~megatron_glm.training.skip.SkippableStep` so the loop
-can skip an update whose loss was non-finite in every precision, not only under fp16 loss
-scaling. ``zero_force_ds_cpu_optimizer`` stays off: DeepSpeed checks the class by identity and
+Adam is the fast choice (5-7x torch's, by DeepSpeed's figures): :mod:`.cpu_adam` (compiled once
+per Python environment). Either optimizer is a :class:`~megatron_glm.training.skip.SkippableStep`
+so the loop can skip an update whose loss was non-finite in every precision, not only under fp16
+loss scaling. ``zero_force_ds_cpu_optimizer`` stays off: DeepSpeed checks the class by identity and
 ours is a subclass.
 
 The loss lives inside the engine's module (:class:`GLMPretrainModule`): under ZeRO-3 the tied
