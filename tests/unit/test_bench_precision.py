@@ -40,4 +40,5 @@ def test_short_run_prints_the_precision_comparison() -> None:
     worst = re.search(r"max relative difference over 3 steps: (\S+)\n", out)
     assert worst, out
     assert 0 < float(worst.group(1)) < 1e-3, out
-    assert out.endswith(worst.group(0)) and "Offload" not in out
+    assert out.endswith(f"{worst.group(0)}bf16 within 5.0e-03 of fp32: yes\n"), out
+    assert "Offload" not in out
