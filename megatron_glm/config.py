@@ -327,12 +327,16 @@ class TrainConfig:
     seed: int = 1234
     """Seed of everything: init, data order, masking, dropout; in [0, 2**64)."""
     precision: Precision = "fp32"
-    """Training precision: fp32, bf16, or fp16 with dynamic loss scaling (fp16 needs CUDA)."""
+    """Training precision: fp32; bf16 (bf16 weights, forward and backward; fp32 master weights
+    and Adam state in the ZeRO optimizer); or fp16 with dynamic loss scaling (needs a GPU, or a
+    CPU with native fp16)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 none, 1 shards the optimizer state over data-parallel ranks, 2 also
     the gradients, 3 also the parameters (2 and 3 not with parallel.pp > 1)."""
     cpu_offload: bool = False
-    """Keep the optimizer state in CPU memory (ZeRO-Offload; needs zero_stage >= 1 and CUDA)."""
+    """ZeRO-Offload: fp32 master weights, gradients and Adam state of each ZeRO partition live in
+    CPU memory and DeepSpeed's C++ CPU Adam updates them (compiled at first use, cached under the
+    Python environment). Needs zero_stage >= 1."""
     eval_interval: int = 0
     """Validate every this many optimizer steps; 0 disables."""
     eval_iters: int = 10

@@ -4,13 +4,15 @@ One code path for every world size: the run config becomes a DeepSpeed config *d
 file to keep in sync), the optimizer is a torch ``AdamW`` we build ourselves, and
 ``deepspeed.initialize`` wraps both.
 
-Optimizer choice: torch's AdamW everywhere. On CPU this means DeepSpeed compiles no op (its
-FusedAdam/CPUAdam are C++/CUDA extensions built at first use). On CUDA torch's ``fused=True``
-AdamW is a single multi-tensor kernel, on par with DeepSpeed's FusedAdam and without a build
-step; with ZeRO CPU offload the optimizer runs on CPU partitions, where the ``foreach`` variant is
-used (DeepSpeedCPUAdam would be faster there but needs a compiler; ``zero_force_ds_cpu_optimizer``
-is switched off to allow the choice). The optimizer is :class:`SkippableAdamW` so the loop can
-skip an update whose loss was non-finite in every precision, not only under fp16 loss scaling.
+Optimizer choice: torch's AdamW, except under ZeRO-Offload. Without offload DeepSpeed then
+compiles no op (its FusedAdam is a CUDA extension built at first use): on CUDA torch's
+``fused=True`` AdamW is a single multi-tensor kernel, on par with FusedAdam and without a build
+step. With ``train.cpu_offload`` the update runs on the CPU partitions, where DeepSpeed's C++ CPU
+Adam is the fast choice (5-7x torch's, by DeepSpeed's figures): :mod:`.cpu_adam` (compiled once
+per Python environment). Either optimizer is a :class:`~megatron_glm.training.skip.SkippableStep`
+so the loop can skip an update whose loss was non-finite in every precision, not only under fp16
+loss scaling. ``zero_force_ds_cpu_optimizer`` stays off: DeepSpeed checks the class by identity and
+ours is a subclass.
 
 The loss lives inside the engine's module (:class:`GLMPretrainModule`): under ZeRO-3 the tied
 head weight is gathered by DeepSpeed's hooks only while the engine's forward runs, so computing
@@ -35,6 +37,7 @@ from megatron_glm.parallel.random import ModelParallelRNG
 from megatron_glm.training.batches import MODEL_INPUTS, Batch
 from megatron_glm.training.losses import BatchLoss, LossSums, PretrainLoss
 from megatron_glm.training.lr_schedule import AnnealingLR, build_scheduler
+from megatron_glm.training.skip import SkippableStep
 
 STEPS_PER_PRINT = 2**31 - 1
 """DeepSpeed's own progress print is disabled (the loop logs); it must still be an int."""
@@ -121,42 +124,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next ``step()`` can be turned into a no-op.
-
-    DeepSpeed (and its ZeRO wrappers) call ``step()`` of this inner optimizer at the
-    accumulation boundary; when the loop has seen a non-finite loss it sets
-    :attr:`skip_next_step`, so parameters and moments stay untouched and the NaN gradients are
-    simply zeroed by the engine afterwards.
-    """
-
-    def __init__(self, params: Any, **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
-        self.skip_next_step = False
-        self.last_step_skipped = False
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One AdamW update, or nothing if :attr:`skip_next_step` is set (then cleared)."""
-        self.last_step_skipped = self.skip_next_step
-        if self.skip_next_step:
-            self.skip_next_step = False
-            return None
-        return super().step(closure)
+class SkippableAdamW(SkippableStep, torch.optim.AdamW):
+    """torch's AdamW whose next ``step()`` can be turned into a no-op (:class:`SkippableStep`)."""
 
 
 def build_optimizer(
     model: nn.Module, cfg: OptimizerConfig, *, device: torch.device, cpu_offload: bool
-) -> SkippableAdamW:
-    """AdamW over :func:`param_groups`, fused on CUDA unless ZeRO offloads it to CPU."""
-    fused = device.type == "cuda" and not cpu_offload
-    return SkippableAdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        fused=fused or None,
-    )
+) -> SkippableStep:
+    """AdamW over :func:`param_groups`: DeepSpeed's CPU Adam under ZeRO-Offload, else torch's
+    (fused on CUDA)."""
+    kwargs: dict[str, Any] = {
+        "lr": cfg.lr,
+        "betas": (cfg.adam_beta1, cfg.adam_beta2),
+        "eps": cfg.adam_eps,
+    }
+    groups = param_groups(model, cfg.weight_decay)
+    if cpu_offload:
+        from megatron_glm.training.cpu_adam import SkippableCPUAdam  # imports DeepSpeed
+
+        return SkippableCPUAdam(groups, **kwargs)
+    return SkippableAdamW(groups, fused=device.type == "cuda" or None, **kwargs)
 
 
 class GLMPretrainModule(nn.Module):
@@ -187,7 +174,7 @@ class Engine:
 
     engine: Any
     """``deepspeed.DeepSpeedEngine`` (a ``PipelineEngine`` when ``dims.pp > 1``)."""
-    optimizer: SkippableAdamW
+    optimizer: SkippableStep
     """The inner torch optimizer (DeepSpeed may wrap it in a ZeRO/fp16 optimizer)."""
     scheduler: AnnealingLR
     """Stepped by the loop after each applied update."""

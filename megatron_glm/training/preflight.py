@@ -3,8 +3,8 @@
 ``RunConfig`` enforces every rule that needs only the config, on load (ranges, heads and vocab
 dividing over tp, layers over pp, ZeRO with a pipeline, unknown keys): this module does not
 repeat them. What the config cannot know is the launch: the data-parallel size (world size /
-(tp * pp)) that the global batch must divide into, whether the machine has the CUDA device that
-fp16 and CPU offload need, and whether the data, tokenizer and checkpoint files exist and hold
+(tp * pp)) that the global batch must divide into, whether the machine can run fp16 (a GPU, or
+a CPU with native fp16), and whether the data, tokenizer and checkpoint files exist and hold
 what they should. One rule that reads only the config is checked here because its code cannot
 live in the leaf ``config`` module: a ``type:REGEX`` partition is matched by DeepSpeed's own
 matcher (``training.pipeline.check_partition_method``).
@@ -69,10 +69,8 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
             f"gradient accumulation x data-parallel size ({dp}); use a multiple of "
             f"{t.micro_batch_size * dp}",
         )
-    if t.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.precision", "fp16 needs a CUDA device; use fp32 or bf16 on CPU")
-    if t.cpu_offload and not torch.cuda.is_available():
-        raise ConfigError("train.cpu_offload", "offloading to CPU needs a CUDA device")
+    if t.precision == "fp16":
+        _check_fp16()
     load_dir = resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)  # checkpoint.load
     if load_dir is not None:
         check_layout(
@@ -84,6 +82,28 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
         check_architecture(load_dir, cfg.model)
     if check_data:
         _check_data(cfg)
+
+
+def _check_fp16() -> None:
+    """fp16 runs where DeepSpeed's accelerator supports it: CUDA, or a CPU with native fp16.
+
+    DeepSpeed's engine asks its accelerator (``is_fp16_supported``: on CPU, oneDNN's fp16 support,
+    AVX512-FP16/AMX-FP16) and raises "Type fp16 is not supported on your device" on every rank
+    after the process group started; the same question is asked here, before the launch.
+    """
+    if torch.cuda.is_available():
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if not accelerator.is_fp16_supported():
+        raise ConfigError(
+            "train.precision",
+            f"fp16 needs a GPU here: DeepSpeed's {accelerator.device_name()} accelerator runs "
+            "fp16 only on CPUs with native fp16 (AVX512-FP16/AMX-FP16), which this one lacks. "
+            "fp16 with dynamic loss scaling runs on GPUs; on CPU use bf16 (bf16 forward and "
+            "backward, fp32 master weights and optimizer) or fp32",
+        )
 
 
 def load_tokenizer(cfg: RunConfig) -> Tokenizer:

@@ -184,12 +184,19 @@ def _log_run_header(
     trainer.log(
         f"model {cfg.model.name}: {num_parameters(cfg.model, vocab) / 1e6:.2f}M parameters, "
         f"vocab {vocab}, seq {cfg.data.seq_length} | world {env.world_size}, dp {dims.dp_size}, "
-        f"grad accumulation {runner.eng.grad_accum}, ZeRO-{cfg.train.zero_stage}, "
-        f"{cfg.train.precision} | device {device}"
+        f"grad accumulation {runner.eng.grad_accum}, ZeRO-{cfg.train.zero_stage}"
+        f"{_offload(runner)}, {cfg.train.precision} | device {device}"
     )
     schedule = runner.describe()
     if schedule is not None:
         trainer.log(schedule)
+
+
+def _offload(runner: StepRunner) -> str:
+    """What the engine offloads (from DeepSpeed's engine, not the config): '' or the optimizer."""
+    if not runner.eng.engine.zero_cpu_offload():
+        return ""
+    return f" + optimizer offloaded to CPU ({type(runner.eng.optimizer).__name__})"
 
 
 def run_pretraining(

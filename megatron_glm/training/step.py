@@ -30,10 +30,11 @@ only; over the world it would be counted ``tp`` times and the gradient would com
 times too small.
 
 Non-finite losses: the step's loss sum is all-reduced *before* the optimizer step; if it is not
-finite, every rank's :class:`SkippableAdamW` skips the update (in every precision). DeepSpeed
-also skips, on its own, an update whose gradients are not finite although the loss was (its
-ZeRO optimizers check the gradient norm in every precision; under fp16 this is the dynamic loss
-scaler's overflow). The runner reports both (:attr:`StepOutput.applied`); the loop counts them.
+finite, every rank's optimizer (a :class:`~megatron_glm.training.skip.SkippableStep`) skips the
+update (in every precision). DeepSpeed also skips, on its own, an update whose gradients are not
+finite although the loss was (its ZeRO optimizers check the gradient norm in every precision;
+under fp16 this is the dynamic loss scaler's overflow). The runner reports both
+(:attr:`StepOutput.applied`); the loop counts them.
 """
 
 from __future__ import annotations

@@ -46,10 +46,6 @@ LAYOUTS: dict[str, list[str]] = {
     "pp2_uniform": ["parallel.pp=2", "train.zero_stage=1", "parallel.partition_method=uniform"],
     "pp2_parameters": ["parallel.pp=2", "train.zero_stage=1"],
 }
-import os  # noqa: E402  TEMP
-
-if os.environ.get("SKIP_PP_PARAMS"):
-    del LAYOUTS["pp2_parameters"]
 """Two-process layouts (dropout 0.1 everywhere: the RNG streams must resume exactly too)."""
 LAYOUTS_4 = {"tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "train.zero_stage=1"]}
 KILL_AFTER = 3

@@ -11,6 +11,7 @@ tests independent of the data pipeline while exercising exactly the loop the CLI
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -111,6 +112,8 @@ def _worker(spec: dict[str, Any]) -> int:
     files rank 0 deletes after that run), ``reshard``, ``skip_preflight`` (exercise the
     in-group checks that pre-launch checks would otherwise pre-empt).
     """
+    import cpuinfo
+
     from megatron_glm.config import load_config
     from megatron_glm.logs import setup_logging
     from megatron_glm.serialization import CheckpointFileError
@@ -123,6 +126,8 @@ def _worker(spec: dict[str, Any]) -> int:
     from megatron_glm.training.preflight import validate_for_launch
     from megatron_glm.training.session import train_in_group
 
+    # DeepSpeed's CPU Adam (ZeRO-Offload runs) asks py-cpuinfo at every construction, 1.3 s each
+    cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
     env = read_dist_env()
     setup_logging(env.rank)  # an entry point, like pretrain.main: rank 0's lines on stdout
     configs = [load_config(None, TINY + o) for o in spec["runs"]]
@@ -184,8 +189,11 @@ def _inject(faults: dict[str, Any], rank: int, cfg: Any, world: int) -> Any:
     ``nan_weight_at`` (step) + ``nan_weight_rank``: that rank writes a NaN into its first
     parameter just before the checkpoint of that step is saved. ``nan_grad_steps``: the
     gradients of those steps are NaN while their loss stays finite (a hook on the loss).
+    ``bf16_master``: every optimizer step rounds the parameters it updates to bf16 (under bf16
+    ZeRO: the fp32 master weights), the bf16 path without fp32 master weights.
     """
     import megatron_glm.training.checkpoint as ck
+    import megatron_glm.training.engine as eng_mod
     from megatron_glm.training.engine import GLMPretrainModule
 
     save, forward = ck.save, GLMPretrainModule.forward
@@ -217,9 +225,30 @@ def _inject(faults: dict[str, Any], rank: int, cfg: Any, world: int) -> Any:
 
         GLMPretrainModule.forward = nan_forward  # type: ignore[method-assign]
 
+    build = eng_mod.build_optimizer
+    if faults.get("bf16_master"):  # a wrong bf16 path: master weights kept in bf16
+
+        def rounding_optimizer(*args: Any, **kwargs: Any) -> Any:
+            optimizer = build(*args, **kwargs)
+            step = optimizer.step  # torch wraps the class's step: patch the instance's
+
+            def rounding_step(closure: Any = None) -> Any:
+                out = step(closure)
+                with torch.no_grad():
+                    for group in optimizer.param_groups:
+                        for param in group["params"]:
+                            param.copy_(param.bfloat16())
+                return out
+
+            optimizer.step = rounding_step
+            return optimizer
+
+        eng_mod.build_optimizer = rounding_optimizer
+
     def restore() -> None:
         ck.save = save
         GLMPretrainModule.forward = forward  # type: ignore[method-assign]
+        eng_mod.build_optimizer = build
 
     return restore
 

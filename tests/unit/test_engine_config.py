@@ -4,14 +4,17 @@ refusals, DeepSpeed settings, bubble fraction and checkpoint file layout."""
 
 from __future__ import annotations
 
+import copy
 import os
 import runpy
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from megatron_glm.config import RunConfig, load_config
 from megatron_glm.model import build_model
@@ -104,22 +107,57 @@ def test_pretrain_module_has_the_glm_parameter_names() -> None:
     assert list(module.state_dict()) == list(glm.state_dict())
 
 
-def test_skippable_adamw_leaves_parameters_and_moments() -> None:
+def _skippable(kind: str, params: list[torch.nn.Parameter], **kwargs: Any) -> Any:
+    if kind == "cpu_adam":  # compiles DeepSpeed's C++ op at its first use in this environment
+        from megatron_glm.training.cpu_adam import SkippableCPUAdam
+
+        return SkippableCPUAdam(params, **kwargs)
+    return SkippableAdamW(params, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "cpu_adam"])
+def test_skippable_optimizers_leave_parameters_and_moments(kind: str) -> None:
     p = torch.nn.Parameter(torch.ones(3))
-    opt = SkippableAdamW([p], lr=0.1)
+    opt = _skippable(kind, [p], lr=0.1)
     p.grad = torch.ones(3)
     opt.step()
     after_one = p.detach().clone()
-    state = {k: v.clone() for k, v in opt.state[p].items()}
+    state = copy.deepcopy(opt.state[p])
     p.grad = torch.full((3,), float("nan"))
     opt.skip_next_step = True
     opt.step()
     assert opt.last_step_skipped and not opt.skip_next_step
     assert torch.equal(p.detach(), after_one)
-    assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+    assert all(
+        torch.equal(torch.as_tensor(opt.state[p][k]), torch.as_tensor(v)) for k, v in state.items()
+    )
     p.grad = torch.ones(3)
     opt.step()
     assert not opt.last_step_skipped and not torch.equal(p.detach(), after_one)
+
+
+def test_cpu_adam_takes_torch_adamw_steps() -> None:
+    """ZeRO-Offload's optimizer (DeepSpeed's C++ CPU Adam, AdamW mode) and torch's AdamW make
+    the same updates, decoupled weight decay included: the offloaded run may equal the plain one."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(4099, generator=g)  # not a multiple of the SIMD width: the tail too
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    kwargs = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    opts = [
+        _skippable(kind, [p], **kwargs)
+        for kind, p in zip(("adamw", "cpu_adam"), params, strict=True)
+    ]
+    for _ in range(5):
+        grad = torch.randn(4099, generator=g)
+        for opt, p in zip(opts, params, strict=True):
+            p.grad = grad.clone()
+            opt.step()
+    moved = (params[0] - start).abs().max()
+    assert moved > 1e-2
+    assert torch.allclose(params[1], params[0], rtol=0, atol=1e-6), (
+        (params[1] - params[0]).abs().max()
+    )
+    assert opts[1].state[params[1]]["step"] == 5 and opts[1].integer_step
 
 
 def test_launch_checks_name_the_field() -> None:
@@ -178,9 +216,13 @@ def test_launch_checks_name_the_field() -> None:
     validate_for_launch(
         _cfg("train.micro_batch_size=4", "train.global_batch_size=8"), 2, check_data=False
     )
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"^config field 'train\.precision': fp16 needs"):
+    if not torch.cuda.is_available() and not get_accelerator().is_fp16_supported():
+        with pytest.raises(
+            ValueError, match=r"^config field 'train\.precision': fp16 needs a GPU"
+        ) as err:
             validate_for_launch(_cfg("train.precision=fp16"), 1, check_data=False)
+        assert "runs on GPUs; on CPU use bf16" in str(err.value)
+    validate_for_launch(_cfg("train.cpu_offload=true", "train.zero_stage=2"), 1, check_data=False)
     with pytest.raises(ValueError, match=r"^config field 'data\.data_path': is empty"):
         validate_for_launch(_cfg(), 1)
 

@@ -3,7 +3,8 @@
 The interpreter runs every Triton program in numpy, one tile at a time, so shapes are small, but
 tiles are 16 so every shape spans several query and key tiles: fully visible, partially visible
 and skipped blocks all occur. In fp32 the interpreter's ``tl.dot`` is an exact fp32 matmul (its
-TF32 setting is ignored), so agreement is at fp32 rounding level.
+TF32 setting is ignored), so agreement is at fp32 rounding level. fp16 is covered; bf16 is not
+(the interpreter's bf16 ``tl.dot`` is wrong: :func:`test_bf16_in_the_interpreter`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,19 @@ def test_single_token_and_fp16(interpret: None) -> None:
     q, k, v = random_qkv(2, 1, 21, 16, seed=3, dtype=torch.float16)
     sep, valid = torch.tensor([7, 0]), torch.tensor([21, 12])
     run_and_compare(q, k, v, sep, valid, flash_glm_attention, atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Triton 3.9's interpreter computes tl.dot on bf16 operands wrongly (a 16x16 bf16 "
+    "product is off by ~1e10), so bf16 attention is checked "
+    "on a GPU (tests/gpu/test_kernels_gpu.py::test_attention_bf16); this fails as XPASS once "
+    "the interpreter gets it right: then make it a plain test",
+)
+def test_bf16_in_the_interpreter(interpret: None) -> None:
+    q, k, v = random_qkv(2, 1, 21, 16, seed=3, dtype=torch.bfloat16)
+    sep, valid = torch.tensor([7, 0]), torch.tensor([21, 12])
+    run_and_compare(q, k, v, sep, valid, flash_glm_attention, atol=3e-2, rtol=3e-2)
 
 
 def test_strided_qkv_views_and_output_layout(interpret: None) -> None:

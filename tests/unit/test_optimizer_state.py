@@ -3,9 +3,10 @@
 What :func:`read_optimizer_state` extracts from a checkpoint's files (ZeRO-1/2 flat partitions,
 ZeRO-0's torch state) equals the live optimizer's state (DeepSpeed's ``safe_get_full_*`` under
 ZeRO, torch's own state under ZeRO-0) bitwise. A resharded checkpoint then restores it into an
-engine of another ZeRO stage: that engine's state equals the store bitwise, and its next update
-gives the weights of the engine that never stopped. The same checkpoint resharded without its
-optimizer state gives other weights after that update (the check above can fail).
+engine of another ZeRO stage (one with CPU offload: DeepSpeed's CPU Adam): that engine's state
+equals the store bitwise, and its next update gives the weights of the engine that never stopped.
+The same checkpoint resharded without its optimizer state gives other weights after that update
+(the check above can fail).
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def device(monkeypatch: pytest.MonkeyPatch) -> Iterator[torch.device]:
     destroy_distributed()
 
 
-def _engine(zero: int, device: torch.device, precision: str = "fp32") -> Engine:
-    cfg = load_config(None, [*RUN, f"train.zero_stage={zero}", f"train.precision={precision}"])
+def _engine(zero: int, device: torch.device, precision: str = "fp32", *extra: str) -> Engine:
+    cfg = load_config(
+        None, [*RUN, f"train.zero_stage={zero}", f"train.precision={precision}", *extra]
+    )
     dims = ParallelDims.build()
     return build_runner(cfg, vocab_size=VOCAB, dims=dims, device=device).eng
 
@@ -106,13 +109,21 @@ def _save(eng: Engine, root: Path, iteration: int) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("zero", "precision"), [(0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16")]
+    ("zero", "precision", "offload"),
+    [
+        (0, "fp32", False),
+        (1, "fp32", False),
+        (2, "fp32", False),
+        (1, "bf16", False),
+        (0, "fp32", True),  # restored into ZeRO-1 + CPU offload (DeepSpeed's CPU Adam)
+    ],
 )
 def test_extracted_optimizer_state_equals_the_live_one_and_restores_into_another_stage(
     tmp_path: Path,
     device: torch.device,
     zero: int,
     precision: str,
+    offload: bool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="megatron_glm")
@@ -133,7 +144,8 @@ def test_extracted_optimizer_state_equals_the_live_one_and_restores_into_another
         "optimizer_state": "kept",
     }
     target = (zero + 1) % 3
-    resumed = _engine(target, device, precision)
+    resumed = _engine(target, device, precision, f"train.cpu_offload={offload}")
+    assert resumed.engine.zero_cpu_offload() == offload
     ckpt.load(resumed, tmp_path / "r")
     assert "was resharded: optimizer state from optimizer_state.pt" in caplog.text
     _assert_state(resumed, state, 2, f"ZeRO-{zero} -> ZeRO-{target} restored")
@@ -142,7 +154,8 @@ def test_extracted_optimizer_state_equals_the_live_one_and_restores_into_another
     after, after_resumed = _fp32(eng), _fp32(resumed)
     worst = max(float((after[n] - after_resumed[n]).abs().max()) for n in after)
     print(
-        f"{precision} ZeRO-{zero} -> ZeRO-{target}: step 3 loss {loss:.8f} vs {loss_resumed:.8f}, "
+        f"{precision} ZeRO-{zero} -> ZeRO-{target}{' + offload' * offload}: step 3 loss "
+        f"{loss:.8f} vs {loss_resumed:.8f}, "
         f"weights after it differ by {worst:.2e}"
     )
     assert loss_resumed == pytest.approx(loss, abs=1e-6)

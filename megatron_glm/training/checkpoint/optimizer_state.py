@@ -335,10 +335,13 @@ def _set_torch_state(optimizer: torch.optim.Optimizer, step: int, values: Any) -
     tensor on its parameter's device and dtype and keeps ``step`` the way Adam expects it.
     """
     saved = optimizer.state_dict()
-    state: dict[int, dict[str, Tensor]] = {}
+    state: dict[int, dict[str, Any]] = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    integer = getattr(optimizer, "integer_step", False)  # DeepSpeed's CPU Adam counts in an int
     for index, param in enumerate(params):
-        entry = {"step": torch.tensor(float(step), dtype=torch.float32)}
+        entry: dict[str, Any] = {
+            "step": step if integer else torch.tensor(float(step), dtype=torch.float32)
+        }
         for kind in MOMENTS:
             entry[kind] = torch.zeros_like(param) if values is None else values(param)[kind]
         state[index] = entry
