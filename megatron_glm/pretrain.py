@@ -44,6 +44,7 @@ from megatron_glm.logs import all_ranks_requested, setup_logging
 from megatron_glm.training.checkpoint import NonFiniteError
 from megatron_glm.training.distributed import DistEnv, read_dist_env
 from megatron_glm.training.preflight import validate_for_launch
+from megatron_glm.training.rank_discovery import launcher_local_rank
 
 if TYPE_CHECKING:
     from megatron_glm.training.loop import TrainResult
@@ -134,9 +135,10 @@ def describe_run(cfg: RunConfig, world_size: int) -> str:
 
 
 def _is_local_rank_zero(environ: Mapping[str, str]) -> bool:
-    """LOCAL_RANK (else RANK, as :func:`read_dist_env` does) is 0, absent or unreadable."""
+    """LOCAL_RANK (else RANK, as :func:`read_dist_env` does; without WORLD_SIZE the scheduler's
+    local rank, see :func:`launcher_local_rank`) is 0, absent or unreadable."""
     if "WORLD_SIZE" not in environ:
-        return True  # a world of one
+        return launcher_local_rank(environ) in (0, None)
     value = environ.get("LOCAL_RANK", environ.get("RANK", "0")).strip()
     return not value.isdigit() or int(value) == 0
 

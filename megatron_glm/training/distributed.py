@@ -2,9 +2,10 @@
 
 All supported launchers describe the job with the same variables: ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` (the ``deepspeed`` launcher and ``torchrun`` set
-them; SLURM/MPI launch scripts export them from ``SLURM_PROCID`` / ``OMPI_COMM_WORLD_RANK``). A
-process started with none of them is a world of one: it gets a loopback rendezvous on a free port,
-so ``python -m megatron_glm.pretrain`` runs DeepSpeed exactly like a multi-process job.
+them). Without ``WORLD_SIZE``, a process started by plain ``srun`` or ``mpirun`` learns its place
+from the scheduler's own variables (:mod:`megatron_glm.training.rank_discovery`). A process with
+none of them is a world of one: it gets a loopback rendezvous on a free port, so ``python -m
+megatron_glm.pretrain`` runs DeepSpeed exactly like a multi-process job.
 
 :func:`read_dist_env` only reads; it is what configuration validation uses to learn the world
 size *before* any process group exists. :func:`init_distributed` then starts the group through
@@ -13,6 +14,7 @@ size *before* any process group exists. :func:`init_distributed` then starts the
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -23,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.compat.torch import set_subgroup_timeout
+from megatron_glm.training.rank_discovery import find_task, resolve_rendezvous
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class DistEnv:
     local_rank: int
     master_addr: str | None
     master_port: int | None
+    source: str = "launcher variables (RANK, WORLD_SIZE)"
+    """Where the rank came from, for the start-up log line."""
 
 
 def _int_env(environ: Mapping[str, str], key: str) -> int:
@@ -46,18 +53,15 @@ def _int_env(environ: Mapping[str, str], key: str) -> int:
 def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Parse the launcher variables (``os.environ`` by default) without starting anything.
 
-    No ``WORLD_SIZE`` means a single process. A multi-process world must name its rank and its
-    rendezvous (``MASTER_ADDR``/``MASTER_PORT``); a missing one is reported by name.
+    ``WORLD_SIZE`` set (deepspeed, torchrun, or by hand): those variables, whatever scheduler
+    variables the process also inherited. Otherwise the scheduler's (:func:`discover_world`);
+    none: a single process. A multi-process world must name its rank and its rendezvous
+    (``MASTER_ADDR``/``MASTER_PORT``); a missing one is reported by name, as is a scheduler job
+    of several tasks this process cannot join (ValueError: the entry points exit 2).
     """
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" not in env:
-        return DistEnv(
-            rank=0,
-            world_size=1,
-            local_rank=0,
-            master_addr=env.get("MASTER_ADDR"),
-            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
-        )
+        return discover_world(env)
     world = _int_env(env, "WORLD_SIZE")
     if world < 1:
         raise ValueError(f"environment variable WORLD_SIZE={world} must be >= 1")
@@ -77,6 +81,31 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         local_rank=local_rank,
         master_addr=env.get("MASTER_ADDR"),
         master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
+    )
+
+
+def discover_world(env: Mapping[str, str]) -> DistEnv:
+    """The world of a process started by ``srun``/``mpirun`` (or of one, with no scheduler)."""
+    task = find_task(env)
+    if task is None or task.size == 1:
+        return DistEnv(
+            rank=0,
+            world_size=1,
+            local_rank=0,
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=_int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else None,
+            source="a single process" if task is None else task.source,
+        )
+    if not 0 <= task.rank < task.size:
+        raise ValueError(f"{task.source}: rank {task.rank} is not in [0, {task.size})")
+    meet = resolve_rendezvous(task, env)
+    return DistEnv(
+        rank=task.rank,
+        world_size=task.size,
+        local_rank=meet.local_rank,
+        master_addr=meet.addr,
+        master_port=meet.port,
+        source=task.source,
     )
 
 
@@ -112,6 +141,14 @@ def init_distributed(env: DistEnv, *, timeout_minutes: float = 30.0) -> torch.de
         "MASTER_PORT": str(env.master_port if env.master_port is not None else free_port()),
     }
     os.environ.update(values)
+    logger.info(
+        "process group: rank %d of %d from %s, rendezvous %s:%s",
+        env.rank,
+        env.world_size,
+        env.source,
+        values["MASTER_ADDR"],
+        values["MASTER_PORT"],
+    )
     skip_shm_comm_build()  # no C++ build of an op training never uses (see the seam)
     accel = get_accelerator()
     if accel.device_name() != "cpu":
