@@ -94,6 +94,15 @@ EOF
     return 0
 }
 
+# The node names resolve to the nodes' address, as on a real cluster: ranks that take the master
+# from SLURM_JOB_NODELIST (plain srun, deepspeed --launcher slurm) connect to "n1".
+add_hosts() {
+    local node
+    for node in "${NODES[@]}"; do
+        getent hosts "$node" >/dev/null || echo "127.0.0.1 $node # megatron_glm test cluster" >>/etc/hosts
+    done
+}
+
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 start_munge() {
@@ -161,6 +170,7 @@ if write_conf; then
     log "wrote $CONF"
     stop_slurm # daemons of an older config
 fi
+add_hosts
 start_munge
 start_slurm
 wait_idle

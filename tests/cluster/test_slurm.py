@@ -12,6 +12,7 @@ process's environment (sbatch's default ``--export=ALL``): ``PYTHON`` names the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -211,3 +212,53 @@ def test_usr1_saves_requeues_and_resumes_exactly(
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got == want  # bitwise: the stop, the requeue and the resume change nothing
     assert EXIT_REQUEUE == 75  # what launch/slurm.sbatch passes and requeues on
+
+
+def _launch(cmd: list[str], cwd: Path) -> str:
+    """Run a launcher command to its end (a 5-minute SLURM time limit bounds it); its output."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def test_plain_srun_forms_one_world_of_two(
+    uninterrupted: dict[str, Any], run_yaml: Path, tmp_path: Path
+) -> None:
+    """No launch script: each task finds its rank, the world size and the master (the first
+    node of the step, n1) from SLURM's variables."""
+    t0 = time.monotonic()
+    cli = [sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run_yaml)]
+    log = _launch(["srun", "-t", "5", "-N", "2", "-n", "2", *cli, *_overrides(tmp_path)], tmp_path)
+    print(f"\nsrun -N 2 -n 2 python -m megatron_glm.pretrain: {time.monotonic() - t0:.1f} s")
+    assert "process group: rank 0 of 2 from SLURM step " in log
+    assert ", rendezvous n1:" in log
+    assert "world 2, dp 2, grad accumulation 1" in log
+    got = _losses(tmp_path / "tb")
+    assert got == _losses(uninterrupted["out"] / "tb")  # the batch script's job, bit for bit
+    print(f"plain srun: loss {got[1]:.4f} -> {got[STEPS]:.4f}, equal to the sbatch job's")
+
+
+def test_deepspeed_slurm_launcher_inside_an_allocation(
+    uninterrupted: dict[str, Any], run_yaml: Path, tmp_path: Path
+) -> None:
+    """``deepspeed --launcher slurm`` with a hostfile, inside ``salloc -N 2``: DeepSpeed runs
+    ``srun -n 2 python -u SCRIPT`` (it drops ``--module``, so the console script by path;
+    ``--no_ssh_check`` and ``--master_addr``: srun needs no ssh, which the runner would try)."""
+    script = shutil.which("glm-pretrain", path=str(Path(sys.executable).parent))
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    assert script is not None and deepspeed is not None, "the venv lacks glm-pretrain/deepspeed"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("n1 slots=1\nn2 slots=1\n")
+    t0 = time.monotonic()
+    cmd = ["salloc", "-t", "5", "-N", "2", deepspeed, "--hostfile", str(hostfile)]
+    cmd += ["--no_ssh_check", "--master_addr", "n1", "--launcher", "slurm", script]
+    log = _launch([*cmd, "--config", str(run_yaml), *_overrides(tmp_path)], tmp_path)
+    print(f"\nsalloc -N 2 deepspeed --launcher slurm: {time.monotonic() - t0:.1f} s")
+    assert "cmd = srun -n 2 " in log
+    assert "process group: rank 0 of 2 from SLURM step " in log
+    got = _losses(tmp_path / "tb")
+    assert got == _losses(uninterrupted["out"] / "tb")
+    print(f"deepspeed --launcher slurm: loss {got[1]:.4f} -> {got[STEPS]:.4f}, equal")
