@@ -39,10 +39,28 @@ install_packages() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# install_conf PATH TMP: move the temporary file TMP to PATH; status 1 when PATH already held it.
+install_conf() {
+    local path=$1 tmp=$2
+    if [ -f "$path" ] && cmp -s "$tmp" "$path"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    if [ -f "$path" ] && ! head -n 1 "$path" | grep -qxF "$MARK"; then
+        rm -f "$tmp"
+        die "$path exists and was not written by this script; not overwriting it"
+    fi
+    mkdir -p "$(dirname "$path")"
+    mv "$tmp" "$path"
+    chmod 644 "$path"
+    log "wrote $path"
+}
+
 write_conf() {
-    local host cpus tmp
+    local host cpus tmp changed=1
     host=$(hostname -s)
     cpus=$(nproc)
+    [ "$cpus" -ge 2 ] || cpus=2 # two tasks per node (a "GPU" each) even on a one-core runner
     tmp=$(mktemp)
     cat >"$tmp" <<EOF
 $MARK
@@ -76,22 +94,21 @@ SlurmdTimeout=60
 InactiveLimit=0
 MessageTimeout=20
 SchedulerParameters=sched_interval=2
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=$cpus State=UNKNOWN
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=$cpus State=UNKNOWN
+# Two "GPUs" per node (gres.conf below), so that --gpus-per-node allocates and sets SLURM_GPUS_*
+# like a GPU cluster; the ranks still run on CPU.
+GresTypes=gpu
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=$cpus Gres=gpu:2 State=UNKNOWN
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=$cpus Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 EOF
-    if [ -f "$CONF" ] && cmp -s "$tmp" "$CONF"; then
-        rm -f "$tmp"
-        return 1 # unchanged
-    fi
-    if [ -f "$CONF" ] && ! head -n 1 "$CONF" | grep -qxF "$MARK"; then
-        rm -f "$tmp"
-        die "$CONF exists and was not written by this script; not overwriting it"
-    fi
-    mkdir -p "$(dirname "$CONF")"
-    mv "$tmp" "$CONF"
-    chmod 644 "$CONF"
-    return 0
+    install_conf "$CONF" "$tmp" && changed=0
+    # The two "GPUs" of each node are /dev/null and /dev/zero: slurmd counts a GPU only with a
+    # device file. SLURM sets CUDA_VISIBLE_DEVICES=0,1; the CPU ranks ignore it.
+    tmp=$(mktemp)
+    printf '%s\nNodeName=n[1-2] Name=gpu File=/dev/null\nNodeName=n[1-2] Name=gpu File=/dev/zero\n' \
+        "$MARK" >"$tmp"
+    install_conf "$(dirname "$CONF")/gres.conf" "$tmp" && changed=0
+    return $changed
 }
 
 # The node names resolve to the nodes' address, as on a real cluster: ranks that take the master
@@ -167,7 +184,6 @@ wait_idle() {
 install_packages
 mkdir -p "$STATE"
 if write_conf; then
-    log "wrote $CONF"
     stop_slurm # daemons of an older config
 fi
 add_hosts

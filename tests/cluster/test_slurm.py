@@ -83,10 +83,11 @@ def _overrides(out: Path) -> list[str]:
     ]
 
 
-def _submit(config: Path, out: Path, *sbatch_args: str) -> str:
+def _submit(config: Path, out: Path, *sbatch_args: str, extra: tuple[str, ...] = ()) -> str:
     """``sbatch [ARGS] launch/slurm.sbatch CONFIG overrides`` from ``out``; the job id."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--parsable", *sbatch_args, str(SBATCH), str(config), *_overrides(out)]
+    cmd += extra
     proc = subprocess.run(cmd, cwd=out, env=_env(), capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -262,3 +263,28 @@ def test_deepspeed_slurm_launcher_inside_an_allocation(
     got = _losses(tmp_path / "tb")
     assert got == _losses(uninterrupted["out"] / "tb")
     print(f"deepspeed --launcher slurm: loss {got[1]:.4f} -> {got[STEPS]:.4f}, equal")
+
+
+def test_sbatch_one_task_per_gpu(
+    uninterrupted: dict[str, Any], run_yaml: Path, tmp_path: Path
+) -> None:
+    """``--gpus-per-node=2`` and no task count: two tasks on each node, local ranks 0 and 1 (the
+    test cluster's GPUs are counted, not real; the ranks train on CPU), losses of the 2-rank job."""
+    t0 = time.monotonic()
+    job_id = _submit(
+        run_yaml, tmp_path, "-N", "2", "--gpus-per-node=2", extra=("train.micro_batch_size=1",)
+    )
+    seen: list[str] = []
+    job = _wait(job_id, _finished, seen, JOB_TIMEOUT_S)
+    log = _output(tmp_path, job_id)
+    print(f"\nsbatch -N 2 --gpus-per-node=2: job {job_id} {seen}, {time.monotonic() - t0:.1f} s")
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-4000:]
+    for rank in range(4):
+        assert f"megatron_glm: rank {rank} of 4 on n{rank // 2 + 1} (local rank {rank % 2})" in log
+    # global batch 4 = micro batch 1 x dp 4: the same rows per step as the 2-rank job
+    assert "world 4, dp 4, grad accumulation 1" in log
+    got, want = _losses(tmp_path / "tb"), _losses(uninterrupted["out"] / "tb")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    worst = max(abs(got[s] - want[s]) for s in want)
+    assert worst <= 1e-5, (worst, got, want)
+    print(f"4 ranks on 2 nodes vs 2 ranks: max |diff| {worst:.1e}")
