@@ -11,7 +11,9 @@ multiple of micro batch x data-parallel size, missing data or tokenizer file) ar
 the field name and exit status 2 *before* any process group starts, printed once per node
 (:func:`report_launch_error`). A run stopped by SIGTERM, SIGINT, SIGUSR1, the loss of its
 ``deepspeed`` launcher (``training.signals``), ``train.exit_duration_mins`` or
-``train.exit_interval`` saves a checkpoint and exits 0. A rank that made no progress for
+``train.exit_interval`` saves a checkpoint and exits 0, or ``--stopped-exit-status N`` when it
+stopped before ``train.train_iters`` (``launch/slurm.sbatch`` passes 75 and requeues the job on
+it). A rank that made no progress for
 ``train.distributed_timeout_minutes`` (plus a margin) is ended by its watchdog with status 4
 (``training.watchdog``).
 
@@ -49,6 +51,11 @@ if TYPE_CHECKING:
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_REQUEUE = 75
+"""What ``launch/slurm.sbatch`` passes as ``--stopped-exit-status`` (sysexits' EX_TEMPFAIL:
+"try again later"); any status the run does not use for an error would do."""
+_ERROR_STATUSES = range(1, 5)
+"""1 (an exception), 2 (launch error), 3 (non-finite), 4 (watchdog: ``EXIT_NO_PROGRESS``)."""
 QUIET_RANK_GRACE_S = 10.0
 """How long a rank other than local rank 0 waits before printing a pre-launch error itself
 (:func:`report_launch_error`)."""
@@ -81,9 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the config and files, print the resolved run and DeepSpeed config, exit",
     )
+    parser.add_argument(
+        "--stopped-exit-status",
+        type=_stopped_status,
+        default=0,
+        metavar="N",
+        help="exit status of a run that saved and stopped before train.train_iters (a signal, "
+        "its launcher gone, train.exit_duration_mins, train.exit_interval), so that a batch "
+        "script can tell it from a finished run and requeue the job (default 0, like a "
+        "finished run; launch/slurm.sbatch passes 75)",
+    )
     # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
+
+
+def _stopped_status(text: str) -> int:
+    """``--stopped-exit-status``: 0, or a status no error uses (a batch script that requeues
+    on it must never requeue a failed run)."""
+    status = int(text)
+    if not 0 <= status <= 255 or status in _ERROR_STATUSES:
+        raise argparse.ArgumentTypeError(
+            f"{status} is not 0 or a free exit status in 5..255 (1-4 mean errors)"
+        )
+    return status
 
 
 def describe_run(cfg: RunConfig, world_size: int) -> str:
@@ -169,22 +197,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megatron_glm.training.session import run_pretraining  # imports deepspeed: keep it late
 
-    return run_and_report(run_pretraining, cfg, env, all_ranks=all_ranks)
+    return run_and_report(
+        run_pretraining, cfg, env, all_ranks=all_ranks, stopped_status=args.stopped_exit_status
+    )
 
 
 def run_and_report(
-    run: Callable[[RunConfig, DistEnv], object], cfg: RunConfig, env: DistEnv, *, all_ranks: bool
+    run: Callable[[RunConfig, DistEnv], TrainResult],
+    cfg: RunConfig,
+    env: DistEnv,
+    *,
+    all_ranks: bool,
+    stopped_status: int = 0,
 ) -> int:
     """Run a checked config (pretraining or finetuning) with the entry points' logging set-up;
-    the exit status: 0, or :data:`EXIT_NONFINITE` when the run stopped on non-finite steps."""
+    the exit status: 0, :data:`EXIT_NONFINITE` when the run stopped on non-finite steps, or
+    ``stopped_status`` when it saved and stopped before ``train.train_iters``.
+
+    Every rank returns the same status: the stop is agreed by all ranks
+    (``training.signals``), so every rank ends at the same iteration.
+    """
     with setup_logging(env.rank, all_ranks=all_ranks):
         try:
-            run(cfg, env)
+            result = run(cfg, env)
         except NonFiniteError as exc:  # every rank agreed on it (all-reduced): rank 0 says it
             if env.rank == 0:
                 print(f"error: {exc}", file=sys.stderr)
             return EXIT_NONFINITE
-    return 0
+    return stopped_status if result.iteration < cfg.train.train_iters else 0
 
 
 if __name__ == "__main__":

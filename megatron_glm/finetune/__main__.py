@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from megatron_glm.finetune.run import run_finetuning
 
-    return run_and_report(run_finetuning, cfg, env, all_ranks=all_ranks_requested())
+    return run_and_report(
+        run_finetuning,
+        cfg,
+        env,
+        all_ranks=all_ranks_requested(),
+        stopped_status=args.stopped_exit_status,
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A handler only records the signal; the loop polls :meth:`StopConditions.should_stop` after each
 optimizer step, which all-reduces (max) a local flag over the world so that every rank stops after
 the *same* step even when only some ranks received the signal or their clocks disagree. The loop
-then saves a checkpoint and the process exits 0 (SLURM requeues a preempted job; the restart
+then saves a checkpoint and the process exits 0, or with the entry point's
+``--stopped-exit-status`` (``launch/slurm.sbatch`` requeues the job on it; the restart
 auto-resumes from ``latest``).
 
 SIGINT counts as a stop request like SIGTERM: Ctrl-C reaches every process of the terminal's
