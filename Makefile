@@ -33,7 +33,7 @@ pytest: $(STAMP)
 # failure instead of a skip. One test at a time: they share one scheduler.
 test-cluster: $(STAMP)
 	.ci/setup_services.sh
-	MEGATRON_GLM_REQUIRE_CLUSTER=1 $(BIN)/python -m pytest -q -m cluster tests
+	MEGATRON_GLM_REQUIRE_CLUSTER=1 $(BIN)/python -m pytest -q -s -m cluster --durations=0 tests
 
 # ruff (lint + format) and mypy are blocking, like the tests.
 test: lint pytest

@@ -13,10 +13,13 @@ script=$(command -v glm-pretrain) || { echo "glm-pretrain not on PATH: activate 
 launcher=${LAUNCHER:-pdsh}
 port=${MASTER_PORT:-29500}
 largs=${LAUNCHER_ARGS:-}
+dsargs=${DS_ARGS:-}
 if [[ $launcher == openmpi ]]; then
     largs="-x MASTER_ADDR=${MASTER_ADDR:?} -x MASTER_PORT=$port $largs"
+elif [[ $launcher == slurm && $dsargs != *--no_ssh_check* ]]; then
+    dsargs="--no_ssh_check $dsargs"  # srun needs no ssh; DeepSpeed's runner would try it
 fi
-# shellcheck disable=SC2086  # DS_ARGS is a list of deepspeed options
+# shellcheck disable=SC2086  # dsargs is a list of deepspeed options
 exec deepspeed --hostfile "${HOSTFILE:?}" --launcher "$launcher" --master_addr "${MASTER_ADDR:?}" \
-    --master_port "$port" ${DS_ARGS:-} --launcher_args "$largs" \
+    --master_port "$port" $dsargs --launcher_args "$largs" \
     "$script" --config "$@"

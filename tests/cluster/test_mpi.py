@@ -178,7 +178,6 @@ def test_deepspeed_slurm_launcher_with_hostfile(
         MASTER_ADDR="n1",
         MASTER_PORT=str(free_port()),
         LAUNCHER="slurm",
-        DS_ARGS="--no_ssh_check",
         LAUNCHER_ARGS="--nodes 2",
         GLM_LOG_ALL_RANKS="1",
     )
