@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for a program ended by Ctrl-C."""
 QUIET_RANK_GRACE_S = 10.0
 """How long a rank other than local rank 0 waits before printing a pre-launch error itself
 (:func:`report_launch_error`)."""
@@ -154,6 +156,37 @@ def run_pretraining(cfg: RunConfig, env: DistEnv | None = None) -> TrainResult:
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, train. Returns the process exit status."""
     args = build_parser().parse_args(argv)
+    return exit_quietly_on_ctrl_c(_main, args)
+
+
+def exit_quietly_on_ctrl_c(
+    body: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    """``body(args)``, with a KeyboardInterrupt turned into one line and status 130.
+
+    Inside the training loop Ctrl-C is a stop request (save after the step,
+    ``training.signals``); it raises only before the loop (imports, process group, model
+    build, checkpoint load: nothing new to save), after it, or as a second Ctrl-C
+    (:class:`~megatron_glm.training.signals.AbortRequested`). Ctrl-C reaches every rank of
+    the terminal, so only rank 0 (``RANK`` unset or 0) says so: once per job, not a traceback
+    per rank.
+    """
+    from megatron_glm.training.signals import AbortRequested
+
+    try:
+        return body(args)
+    except KeyboardInterrupt as exc:
+        if os.environ.get("RANK", "0").strip() in ("", "0"):
+            what = (
+                "second Ctrl-C: aborted without saving the current step"
+                if isinstance(exc, AbortRequested)
+                else "interrupted (Ctrl-C) outside the training steps: nothing new to save"
+            )
+            print(f"{what}; a rerun resumes from the last saved checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = read_dist_env()

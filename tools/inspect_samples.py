@@ -1,4 +1,4 @@
-"""Print blank-infilling training rows of a preprocessed corpus: what the model is trained on.
+r"""Print blank-infilling training rows of a preprocessed corpus: what the model is trained on.
 
     python tools/inspect_samples.py --data-prefix data/demo_text_sentence \
         --tokenizer-model data/tok.model --seq-length 512 --num-samples 4 --objective span

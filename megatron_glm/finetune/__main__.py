@@ -10,6 +10,7 @@ naming the field or ``file:line``; otherwise as ``glm-pretrain``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from megatron_glm.config import load_config
@@ -18,6 +19,7 @@ from megatron_glm.pretrain import (
     EXIT_CONFIG_ERROR,
     build_parser,
     describe_run,
+    exit_quietly_on_ctrl_c,
     report_launch_error,
     run_and_report,
 )
@@ -29,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.prog = "glm-finetune"
     parser.description = "Finetune a GLM on a cloze or seq2seq task (see README)."
-    args = parser.parse_args(argv)
+    return exit_quietly_on_ctrl_c(_main, parser.parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = read_dist_env()
