@@ -27,16 +27,13 @@ From Python, :func:`run_pretraining` does what this command does after parsing i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import yaml
-
-from megatron_glm.config import RunConfig, load_config, to_dict
+from megatron_glm.config import RunConfig, load_config
 from megatron_glm.config_docs import fields_help
 from megatron_glm.logs import all_ranks_requested, setup_logging
 from megatron_glm.training.checkpoint import NonFiniteError
@@ -50,6 +47,9 @@ EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, what a shell reports for a program ended by Ctrl-C."""
+WORLD_SIZE_WITHOUT_DRY_RUN = (
+    "--world-size is for --dry-run only; a launch takes its world size from the launcher"
+)
 QUIET_RANK_GRACE_S = 10.0
 """How long a rank other than local rank 0 waits before printing a pre-launch error itself
 (:func:`report_launch_error`)."""
@@ -80,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the config and files, print the resolved run and DeepSpeed config, exit",
+        help="print the plan (config, layout, parameters, data, checkpoint, DeepSpeed config) "
+        "and exit; needs no process group, data or tokenizer",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --dry-run: plan for N processes (default: the launcher's WORLD_SIZE, else 1)",
     )
     # The deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
@@ -88,23 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe_run(cfg: RunConfig, world_size: int) -> str:
-    """The resolved config, the derived layout and the DeepSpeed config, as YAML + JSON text."""
-    from megatron_glm.model import flops_per_token, num_parameters
-    from megatron_glm.training.engine import deepspeed_config
-    from megatron_glm.training.preflight import data_parallel_size, load_tokenizer
+    """The plan of ``cfg`` on ``world_size`` processes (:mod:`megatron_glm.training.dry_run`)."""
+    from megatron_glm.training.dry_run import describe_run as describe
 
-    vocab = load_tokenizer(cfg).padded_vocab_size if cfg.data.tokenizer_model else None
-    dp = data_parallel_size(cfg, world_size)
-    lines = [
-        yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
-        f"# world size {world_size}, data parallel {dp}, tensor parallel {cfg.parallel.tp}, "
-        f"pipeline parallel {cfg.parallel.pp}",
-        f"# parameters {num_parameters(cfg.model, vocab):,}, FLOPs/token "
-        f"{flops_per_token(cfg.model, vocab, cfg.data.seq_length):,}",
-        "# DeepSpeed config:",
-        json.dumps(deepspeed_config(cfg, dp), indent=2),
-    ]
-    return "\n".join(lines)
+    return describe(cfg, world_size)
+
+
+def dry_run(args: argparse.Namespace, check: Callable[[RunConfig], None] | None = None) -> int:
+    """``--dry-run``: print the plan for ``--world-size`` (else the launcher's, else 1).
+
+    No process group starts and no launcher variable is needed. The config is checked for
+    that world size; the data, tokenizer and checkpoint are reported on, not required
+    (:mod:`megatron_glm.training.dry_run`). ``check``: the entry point's own config checks.
+    """
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world_size = args.world_size or read_dist_env().world_size
+        validate_for_launch(cfg, world_size, check_data=False, check_resume=False)
+        if check is not None:
+            check(cfg)
+        text = describe_run(cfg, world_size)
+    except (ValueError, OSError) as exc:
+        report_launch_error(exc)
+        return EXIT_CONFIG_ERROR
+    print(text)
+    return 0
 
 
 def _is_local_rank_zero(environ: Mapping[str, str]) -> bool:
@@ -155,7 +170,7 @@ def run_pretraining(cfg: RunConfig, env: DistEnv | None = None) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, train. Returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     return exit_quietly_on_ctrl_c(_main, args)
 
 
@@ -187,6 +202,11 @@ def exit_quietly_on_ctrl_c(
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return dry_run(args)
+    if args.world_size is not None:
+        report_launch_error(ValueError(WORLD_SIZE_WITHOUT_DRY_RUN))
+        return EXIT_CONFIG_ERROR
     try:
         cfg = load_config(args.config, args.overrides)
         env = read_dist_env()
@@ -195,9 +215,6 @@ def _main(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         report_launch_error(exc)
         return EXIT_CONFIG_ERROR
-    if args.dry_run:
-        print(describe_run(cfg, env.world_size))
-        return 0
     from megatron_glm.training.session import run_pretraining  # imports deepspeed: keep it late
 
     return run_and_report(run_pretraining, cfg, env, all_ranks=all_ranks)
