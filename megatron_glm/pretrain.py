@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from megatron_glm.config import RunConfig, load_config
 from megatron_glm.config_docs import fields_help
 from megatron_glm.logs import all_ranks_requested, setup_logging
-from megatron_glm.training.checkpoint import NonFiniteError
+from megatron_glm.training.checkpoint import CheckpointDirectoryError, NonFiniteError
 from megatron_glm.training.distributed import DistEnv, read_dist_env
 from megatron_glm.training.preflight import validate_for_launch
 
@@ -232,6 +232,10 @@ def run_and_report(
             if env.rank == 0:
                 print(f"error: {exc}", file=sys.stderr)
             return EXIT_NONFINITE
+        except CheckpointDirectoryError as exc:  # all-gathered: the same on every rank
+            if env.rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     return 0
 
 

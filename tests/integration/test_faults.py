@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -197,17 +198,23 @@ def test_ctrl_c_outside_the_loop_is_one_line_and_status_130(
         assert err.endswith("; a rerun resumes from the last saved checkpoint\n")
 
 
-def _start_two_ranks(cmd: list[str], tmp: Path, name: str) -> list[subprocess.Popen[str]]:
+def _start_two_ranks(
+    cmd: list[str], tmp: Path, name: str, cwds: tuple[Path, Path] | None = None
+) -> list[subprocess.Popen[str]]:
     """Two ranks of ``cmd`` as launchers start them (RANK, WORLD_SIZE, MASTER_*), in one new
-    process group as a terminal's foreground job; stdout and stderr apart per rank."""
+    process group as a terminal's foreground job; stdout and stderr apart per rank; each in
+    its own working directory if ``cwds`` (two nodes' view of a relative path)."""
     port, procs = free_port(), []
     for rank in range(2):
+        cwd = None if cwds is None else cwds[rank]
         env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         group = {"process_group": 0} if rank == 0 else {"process_group": procs[0].pid}
         out = subprocess.PIPE if rank == 0 else (tmp / f"{name}.rank1.out").open("w")
         err = (tmp / f"{name}.rank{rank}.err").open("w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, **group))
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, cwd=cwd, **group)
+        )
     return procs
 
 
@@ -219,8 +226,49 @@ def _finish(procs: list[subprocess.Popen[str]], tmp: Path, name: str) -> tuple[l
     return codes, out, errs
 
 
-def _two_rank_run(cmd: list[str], tmp: Path, name: str) -> tuple[list[int], str, str]:
-    return _finish(_start_two_ranks(cmd, tmp, name), tmp, name)
+def _two_rank_run(
+    cmd: list[str], tmp: Path, name: str, cwds: tuple[Path, Path] | None = None
+) -> tuple[list[int], str, str]:
+    return _finish(_start_two_ranks(cmd, tmp, name, cwds), tmp, name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xdist_group("faults")
+def test_a_checkpoint_directory_the_ranks_see_differently_is_named(
+    tmp_path: Path, tiny_corpus: tuple[str, str], reaper: str
+) -> None:
+    """``checkpoint.save=ckpt``, a relative path, resolved in each rank's working directory
+    as on two nodes without a shared filesystem. A checkpoint that only rank 0 sees is refused
+    by every rank before anything is loaded, rank 0 naming both views once, exit 2; a first
+    save into such a directory is named at once."""
+    run = _run_yaml(tmp_path, *tiny_corpus, train_iters=2)
+    cmd = [sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run)]
+    cmd += ["checkpoint.save=ckpt", "data.num_workers=0"]
+    nodes = [tmp_path / f"node{i}" for i in range(4)]
+    for node in nodes:
+        node.mkdir()
+    codes, log, errs = _two_rank_run(cmd, tmp_path, "shared", (nodes[0], nodes[0]))
+    assert codes == [0, 0] and (nodes[0] / "ckpt" / "latest").read_text() == "global_step2", errs
+    host = socket.gethostname()
+    files = sorted(p for p in (nodes[0] / "ckpt" / "global_step2").iterdir())
+    size = sum(p.stat().st_size for p in files)
+    codes, log, errs = _two_rank_run(cmd, tmp_path, "split", (nodes[0], nodes[1]))
+    assert codes == [2, 2], f"{log[-3000:]}\n{errs[-3000:]}"
+    assert "Traceback" not in errs and "resumed from" not in log, errs[-4000:]
+    assert errs == (
+        f"error: the ranks see different checkpoints: rank 1 on {host} sees no 'latest' in "
+        f"ckpt ({nodes[1]}/ckpt); but rank 0 on {host} sees ckpt ({nodes[0]}/ckpt): latest = "
+        f"global_step2, {len(files)} files, {size:,} bytes. checkpoint.save must be a "
+        "directory every rank sees alike: on several nodes, a shared filesystem (not a "
+        "node-local or relative path)\n"
+    )
+    codes, log, errs = _two_rank_run(cmd, tmp_path, "fresh", (nodes[2], nodes[3]))
+    assert codes == [2, 2], f"{log[-3000:]}\n{errs[-3000:]}"
+    assert "Traceback" not in errs, errs[-4000:]
+    assert errs.startswith(f"error: the ranks see different checkpoints: rank 1 on {host} sees ")
+    assert errs.count("\n") == 1
+    assert not _wait_gone(reaper, 10.0)
 
 
 @pytest.mark.slow

@@ -65,6 +65,7 @@ from megatron_glm.training.checkpoint.reshard import (
     write_checkpoint,
 )
 from megatron_glm.training.checkpoint.save import optimizer_param_names, save
+from megatron_glm.training.checkpoint.shared import CheckpointDirectoryError, agree_on_checkpoint
 from megatron_glm.training.checkpoint.state import (
     CLIENT_STATE_VERSION,
     LAYOUT,
@@ -84,12 +85,14 @@ __all__ = [
     "MODEL_PARALLEL_RNG",
     "RESHARD_KEY",
     "STORE",
+    "CheckpointDirectoryError",
     "CheckpointFileError",
     "ClientState",
     "FullOptimizerState",
     "NonFiniteError",
     "NonFiniteWeightsError",
     "ReshardResult",
+    "agree_on_checkpoint",
     "check_architecture",
     "check_checkpoint",
     "check_layout",

@@ -199,7 +199,9 @@ def check_checkpoint(load_dir: str, *, world_size: int, allow_missing_rng: bool 
                 f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): resuming "
                 "would reseed their dropout streams silently, so the run would not "
                 "continue exactly. Resume with the world size that wrote it, or set "
-                "checkpoint.allow_missing_rng=true to accept the drift"
+                "checkpoint.allow_missing_rng=true to accept the drift (on several nodes: "
+                "the other nodes' ranks may have written theirs to their own disks; the "
+                "checkpoint directory must be on a shared filesystem)"
             )
     return tag
 
