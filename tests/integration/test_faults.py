@@ -240,8 +240,9 @@ def test_a_checkpoint_directory_the_ranks_see_differently_is_named(
 ) -> None:
     """``checkpoint.save=ckpt``, a relative path, resolved in each rank's working directory
     as on two nodes without a shared filesystem. A checkpoint that only rank 0 sees is refused
-    by every rank before anything is loaded, rank 0 naming both views once, exit 2; a first
-    save into such a directory is named at once."""
+    by every rank before anything is loaded (after one look again 3 s later), rank 0 naming
+    both views once, exit 2; a first save into such a directory is named at once (a warning:
+    a network filesystem may be late to show another node's files)."""
     run = _run_yaml(tmp_path, *tiny_corpus, train_iters=2)
     cmd = [sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run)]
     cmd += ["checkpoint.save=ckpt", "data.num_workers=0"]
@@ -264,10 +265,17 @@ def test_a_checkpoint_directory_the_ranks_see_differently_is_named(
         "node-local or relative path)\n"
     )
     codes, log, errs = _two_rank_run(cmd, tmp_path, "fresh", (nodes[2], nodes[3]))
-    assert codes == [2, 2], f"{log[-3000:]}\n{errs[-3000:]}"
-    assert "Traceback" not in errs, errs[-4000:]
-    assert errs.startswith(f"error: the ranks see different checkpoints: rank 1 on {host} sees ")
-    assert errs.count("\n") == 1
+    assert codes == [0, 0], f"{log[-3000:]}\n{errs[-3000:]}"
+    files = sorted(p for p in (nodes[2] / "ckpt" / "global_step2").iterdir())  # no rank 1 RNG
+    size = sum(p.stat().st_size for p in files)
+    warnings = [ln for ln in errs.splitlines() if "the ranks see different checkpoints" in ln]
+    assert warnings == [
+        f"warning: the ranks see different checkpoints: rank 1 on {host} sees no 'latest' in "
+        f"ckpt ({nodes[3]}/ckpt); but rank 0 on {host} sees ckpt ({nodes[2]}/ckpt): latest = "
+        f"global_step2, {len(files)} files, {size:,} bytes. checkpoint.save must be a "
+        "directory every rank sees alike: on several nodes, a shared filesystem (not a "
+        "node-local or relative path); a resume from it will be refused"
+    ], errs[-4000:]
     assert not _wait_gone(reaper, 10.0)
 
 
