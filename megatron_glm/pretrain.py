@@ -36,12 +36,14 @@ from typing import TYPE_CHECKING
 from megatron_glm.config import RunConfig, load_config
 from megatron_glm.config_docs import fields_help
 from megatron_glm.logs import all_ranks_requested, setup_logging
-from megatron_glm.training.checkpoint import CheckpointDirectoryError, NonFiniteError
-from megatron_glm.training.distributed import DistEnv, read_dist_env
-from megatron_glm.training.preflight import validate_for_launch
 
 if TYPE_CHECKING:
+    from megatron_glm.training.distributed import DistEnv
     from megatron_glm.training.loop import TrainResult
+
+# Nothing above imports torch: what imports it (everything under ``training``) is imported in
+# the functions, inside :func:`exit_quietly_on_ctrl_c`, so a Ctrl-C during those seconds of
+# start-up is one line, not a traceback per rank.
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
@@ -108,6 +110,9 @@ def dry_run(args: argparse.Namespace, check: Callable[[RunConfig], None] | None 
     that world size; the data, tokenizer and checkpoint are reported on, not required
     (:mod:`megatron_glm.training.dry_run`). ``check``: the entry point's own config checks.
     """
+    from megatron_glm.training.distributed import read_dist_env
+    from megatron_glm.training.preflight import validate_for_launch
+
     try:
         cfg = load_config(args.config, args.overrides)
         world_size = args.world_size or read_dist_env().world_size
@@ -161,6 +166,9 @@ def run_pretraining(cfg: RunConfig, env: DistEnv | None = None) -> TrainResult:
     :class:`NonFiniteError`. Console output goes through :mod:`logging`: call
     :func:`megatron_glm.setup_logging` first to see it (a library does not configure logging).
     """
+    from megatron_glm.training.distributed import read_dist_env
+    from megatron_glm.training.preflight import validate_for_launch
+
     env = read_dist_env() if env is None else env
     validate_for_launch(cfg, env.world_size)
     from megatron_glm.training import session  # imports deepspeed: keep it late
@@ -184,17 +192,21 @@ def exit_quietly_on_ctrl_c(
     build, checkpoint load: nothing new to save), after it, or as a second Ctrl-C
     (:class:`~megatron_glm.training.signals.AbortRequested`). Ctrl-C reaches every rank of
     the terminal, so only rank 0 (``RANK`` unset or 0) says so: once per job, not a traceback
-    per rank.
+    per rank. The status is 130; where the interrupt landed in code that C++ ran through
+    ``PyRun_String`` (pybind11's ``exec``: torch, DeepSpeed), CPython marks it unhandled and
+    ends the process by SIGINT after finalising instead, which a shell also shows as 130.
     """
-    from megatron_glm.training.signals import AbortRequested
-
     try:
         return body(args)
     except KeyboardInterrupt as exc:
+        # Only the stop handler raises AbortRequested: if its module was never imported, this
+        # is not one (importing it here would import torch while the user waits).
+        signals = sys.modules.get("megatron_glm.training.signals")
+        aborted = signals is not None and isinstance(exc, signals.AbortRequested)
         if os.environ.get("RANK", "0").strip() in ("", "0"):
             what = (
                 "second Ctrl-C: aborted without saving the current step"
-                if isinstance(exc, AbortRequested)
+                if aborted
                 else "interrupted (Ctrl-C) outside the training steps: nothing new to save"
             )
             print(f"{what}; a rerun resumes from the last saved checkpoint", file=sys.stderr)
@@ -207,6 +219,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.world_size is not None:
         report_launch_error(ValueError(WORLD_SIZE_WITHOUT_DRY_RUN))
         return EXIT_CONFIG_ERROR
+    from megatron_glm.training.distributed import read_dist_env
+    from megatron_glm.training.preflight import validate_for_launch
+
     try:
         cfg = load_config(args.config, args.overrides)
         env = read_dist_env()
@@ -225,6 +240,8 @@ def run_and_report(
 ) -> int:
     """Run a checked config (pretraining or finetuning) with the entry points' logging set-up;
     the exit status: 0, or :data:`EXIT_NONFINITE` when the run stopped on non-finite steps."""
+    from megatron_glm.training.checkpoint import CheckpointDirectoryError, NonFiniteError
+
     with setup_logging(env.rank, all_ranks=all_ranks):
         try:
             run(cfg, env)

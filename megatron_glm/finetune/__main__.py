@@ -24,7 +24,6 @@ from megatron_glm.pretrain import (
     report_launch_error,
     run_and_report,
 )
-from megatron_glm.training.distributed import read_dist_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +40,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.world_size is not None:
         report_launch_error(ValueError(WORLD_SIZE_WITHOUT_DRY_RUN))
         return EXIT_CONFIG_ERROR
+    from megatron_glm.training.distributed import read_dist_env
+
     try:
         cfg = load_config(args.config, args.overrides)
         env = read_dist_env()
