@@ -29,25 +29,24 @@ From Python, :func:`run_pretraining` does what this command does after parsing i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import yaml
-
-from megatron_glm.config import RunConfig, load_config, to_dict
+from megatron_glm.config import RunConfig, load_config
 from megatron_glm.config_docs import fields_help
 from megatron_glm.logs import all_ranks_requested, setup_logging
-from megatron_glm.training.checkpoint import NonFiniteError
-from megatron_glm.training.distributed import DistEnv, read_dist_env
-from megatron_glm.training.preflight import validate_for_launch
-from megatron_glm.training.rank_discovery import launcher_local_rank
+from megatron_glm.training.rank_discovery import find_task, launcher_local_rank
 
 if TYPE_CHECKING:
+    from megatron_glm.training.distributed import DistEnv
     from megatron_glm.training.loop import TrainResult
+
+# Nothing above imports torch: what imports it (everything under ``training``) is imported in
+# the functions, inside :func:`exit_quietly_on_ctrl_c`, so a Ctrl-C during those seconds of
+# start-up is one line, not a traceback per rank.
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
@@ -56,6 +55,11 @@ EXIT_REQUEUE = 75
 "try again later"); any status the run does not use for an error would do."""
 _ERROR_STATUSES = range(1, 5)
 """1 (an exception), 2 (launch error), 3 (non-finite), 4 (watchdog: ``EXIT_NO_PROGRESS``)."""
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, what a shell reports for a program ended by Ctrl-C."""
+WORLD_SIZE_WITHOUT_DRY_RUN = (
+    "--world-size is for --dry-run only; a launch takes its world size from the launcher"
+)
 QUIET_RANK_GRACE_S = 10.0
 """How long a rank other than local rank 0 waits before printing a pre-launch error itself
 (:func:`report_launch_error`)."""
@@ -86,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the config and files, print the resolved run and DeepSpeed config, exit",
+        help="print the plan (config, layout, parameters, data, checkpoint, DeepSpeed config) "
+        "and exit; needs no process group, data or tokenizer",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --dry-run: plan for N processes (default: the launcher's WORLD_SIZE, else 1)",
     )
     parser.add_argument(
         "--stopped-exit-status",
@@ -115,23 +126,46 @@ def _stopped_status(text: str) -> int:
 
 
 def describe_run(cfg: RunConfig, world_size: int) -> str:
-    """The resolved config, the derived layout and the DeepSpeed config, as YAML + JSON text."""
-    from megatron_glm.model import flops_per_token, num_parameters
-    from megatron_glm.training.engine import deepspeed_config
-    from megatron_glm.training.preflight import data_parallel_size, load_tokenizer
+    """The plan of ``cfg`` on ``world_size`` processes (:mod:`megatron_glm.training.dry_run`)."""
+    from megatron_glm.training.dry_run import describe_run as describe
 
-    vocab = load_tokenizer(cfg).padded_vocab_size if cfg.data.tokenizer_model else None
-    dp = data_parallel_size(cfg, world_size)
-    lines = [
-        yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
-        f"# world size {world_size}, data parallel {dp}, tensor parallel {cfg.parallel.tp}, "
-        f"pipeline parallel {cfg.parallel.pp}",
-        f"# parameters {num_parameters(cfg.model, vocab):,}, FLOPs/token "
-        f"{flops_per_token(cfg.model, vocab, cfg.data.seq_length):,}",
-        "# DeepSpeed config:",
-        json.dumps(deepspeed_config(cfg, dp), indent=2),
-    ]
-    return "\n".join(lines)
+    return describe(cfg, world_size)
+
+
+def dry_run(args: argparse.Namespace, check: Callable[[RunConfig], None] | None = None) -> int:
+    """``--dry-run``: print the plan for ``--world-size`` (else the launcher's, else 1).
+
+    No process group starts and no launcher variable is needed. The config is checked for
+    that world size; the data, tokenizer and checkpoint are reported on, not required
+    (:mod:`megatron_glm.training.dry_run`). ``check``: the entry point's own config checks.
+    """
+    from megatron_glm.training.distributed import read_dist_env
+    from megatron_glm.training.preflight import validate_for_launch
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world_size = args.world_size or read_dist_env().world_size
+        validate_for_launch(cfg, world_size, check_data=False, check_resume=False)
+        if check is not None:
+            check(cfg)
+        text = describe_run(cfg, world_size)
+    except (ValueError, OSError) as exc:
+        report_launch_error(exc)
+        return EXIT_CONFIG_ERROR
+    print(text)
+    return 0
+
+
+def _is_rank_zero(environ: Mapping[str, str]) -> bool:
+    """RANK (else the scheduler's rank: plain srun/mpirun set no RANK) is 0, absent or
+    unreadable: the one process that reports a Ctrl-C for the whole job."""
+    if "RANK" in environ:
+        return environ["RANK"].strip() in ("", "0")
+    try:
+        task = find_task(environ)
+    except ValueError:
+        return True
+    return task is None or task.rank == 0
 
 
 def _is_local_rank_zero(environ: Mapping[str, str]) -> bool:
@@ -174,6 +208,9 @@ def run_pretraining(cfg: RunConfig, env: DistEnv | None = None) -> TrainResult:
     :class:`NonFiniteError`. Console output goes through :mod:`logging`: call
     :func:`megatron_glm.setup_logging` first to see it (a library does not configure logging).
     """
+    from megatron_glm.training.distributed import read_dist_env
+    from megatron_glm.training.preflight import validate_for_launch
+
     env = read_dist_env() if env is None else env
     validate_for_launch(cfg, env.world_size)
     from megatron_glm.training import session  # imports deepspeed: keep it late
@@ -183,7 +220,50 @@ def run_pretraining(cfg: RunConfig, env: DistEnv | None = None) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, train. Returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
+    return exit_quietly_on_ctrl_c(_main, args)
+
+
+def exit_quietly_on_ctrl_c(
+    body: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    """``body(args)``, with a KeyboardInterrupt turned into one line and status 130.
+
+    Inside the training loop Ctrl-C is a stop request (save after the step,
+    ``training.signals``); it raises only before the loop (imports, process group, model
+    build, checkpoint load: nothing new to save), after it, or as a second Ctrl-C
+    (:class:`~megatron_glm.training.signals.AbortRequested`). Ctrl-C reaches every rank of
+    the terminal, so only rank 0 (``RANK`` unset or 0) says so: once per job, not a traceback
+    per rank. The status is 130; where the interrupt landed in code that C++ ran through
+    ``PyRun_String`` (pybind11's ``exec``: torch, DeepSpeed), CPython marks it unhandled and
+    ends the process by SIGINT after finalising instead, which a shell also shows as 130.
+    """
+    try:
+        return body(args)
+    except KeyboardInterrupt as exc:
+        # Only the stop handler raises AbortRequested: if its module was never imported, this
+        # is not one (importing it here would import torch while the user waits).
+        signals = sys.modules.get("megatron_glm.training.signals")
+        aborted = signals is not None and isinstance(exc, signals.AbortRequested)
+        if _is_rank_zero(os.environ):
+            what = (
+                "second Ctrl-C: aborted without saving the current step"
+                if aborted
+                else "interrupted (Ctrl-C) outside the training steps: nothing new to save"
+            )
+            print(f"{what}; a rerun resumes from the last saved checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return dry_run(args)
+    if args.world_size is not None:
+        report_launch_error(ValueError(WORLD_SIZE_WITHOUT_DRY_RUN))
+        return EXIT_CONFIG_ERROR
+    from megatron_glm.training.distributed import read_dist_env
+    from megatron_glm.training.preflight import validate_for_launch
+
     try:
         cfg = load_config(args.config, args.overrides)
         env = read_dist_env()
@@ -192,9 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         report_launch_error(exc)
         return EXIT_CONFIG_ERROR
-    if args.dry_run:
-        print(describe_run(cfg, env.world_size))
-        return 0
     from megatron_glm.training.session import run_pretraining  # imports deepspeed: keep it late
 
     return run_and_report(
@@ -211,12 +288,15 @@ def run_and_report(
     stopped_status: int = 0,
 ) -> int:
     """Run a checked config (pretraining or finetuning) with the entry points' logging set-up;
-    the exit status: 0, :data:`EXIT_NONFINITE` when the run stopped on non-finite steps, or
+    the exit status: 0, :data:`EXIT_NONFINITE` when the run stopped on non-finite steps,
+    :data:`EXIT_CONFIG_ERROR` when ranks see different checkpoint directories, or
     ``stopped_status`` when it saved and stopped before ``train.train_iters``.
 
     Every rank returns the same status: the stop is agreed by all ranks
     (``training.signals``), so every rank ends at the same iteration.
     """
+    from megatron_glm.training.checkpoint import CheckpointDirectoryError, NonFiniteError
+
     with setup_logging(env.rank, all_ranks=all_ranks):
         try:
             result = run(cfg, env)
@@ -224,6 +304,10 @@ def run_and_report(
             if env.rank == 0:
                 print(f"error: {exc}", file=sys.stderr)
             return EXIT_NONFINITE
+        except CheckpointDirectoryError as exc:  # all-gathered: the same on every rank
+            if env.rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     return stopped_status if result.iteration < cfg.train.train_iters else 0
 
 

@@ -1,7 +1,11 @@
 """Fill blanks in held-out sentences with a trained GLM, and score single-token blanks.
 
 Usage:
-    python tools/fill_blank.py --config configs/demo.yaml [--load DIR] [--text "A [MASK] b."]
+    python tools/fill_blank.py --config configs/demo.yaml [--load DIR] [--tag TAG]
+        [--text "A [MASK] b."]
+
+``--load`` defaults to the config's ``checkpoint.save`` and ``--tag`` to the one its ``latest``
+names (e.g. ``--tag global_step200`` picks an earlier checkpoint, as in ``tools/generate.py``).
 
 Without ``--text`` (the end of ``make pretrain``) it takes held-out sentences: sentences of at
 least 8 tokens from the run's *test* split, then its validation split (documents the model never
@@ -180,9 +184,12 @@ def demo_fills(loaded: LoadedModel, sentences: list[np.ndarray], config: Generat
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="the run config the checkpoint came from")
     parser.add_argument("--load", help="checkpoint directory (default: checkpoint.save)")
+    parser.add_argument("--tag", help="checkpoint tag, e.g. global_step200 (default: 'latest')")
     parser.add_argument("--text", help="text with blanks; default: held-out sentences")
     parser.add_argument("--max-new-tokens", type=int, default=DEMO.max_new_tokens)
     parser.add_argument(
@@ -192,11 +199,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(cfg: RunConfig, load_dir: str | None) -> LoadedModel:
+def _load(cfg: RunConfig, load_dir: str | None, tag: str | None = None) -> LoadedModel:
     load_dir = load_dir or cfg.checkpoint.save
     if load_dir is None:
         raise ValueError("no checkpoint: pass --load or set checkpoint.save")
-    return load_for_inference(load=load_dir, tokenizer=cfg.data.tokenizer_model, model=cfg.model)
+    return load_for_inference(
+        load=load_dir, tag=tag, tokenizer=cfg.data.tokenizer_model, model=cfg.model
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         config = replace(DEMO, max_new_tokens=args.max_new_tokens)
-        loaded = _load(cfg, args.load)
+        loaded = _load(cfg, args.load, args.tag)
         tok = loaded.tokenizer
         if args.text is not None:
             [result] = fill_texts(loaded.model, tok, [args.text], config, labels=["--text"])

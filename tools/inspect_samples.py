@@ -1,7 +1,7 @@
-"""Print blank-infilling training rows of a preprocessed corpus: what the model is trained on.
+r"""Print blank-infilling training rows of a preprocessed corpus: what the model is trained on.
 
-    python tools/inspect_samples.py --data-prefix data/demo_text_sentence \
-        --tokenizer-model data/tok.model --seq-length 512 --num-samples 4 --objective span
+    python tools/inspect_samples.py --data-prefix data/demo/demo_text_sentence \
+        --tokenizer-model data/demo/tok.model --seq-length 512 --num-samples 4 --objective span
 
 Human output shows each row's fields, part A with its mask tokens and every part-B span with the
 part-A position of its mask; ``--json`` prints one JSON object per line with the batch-contract

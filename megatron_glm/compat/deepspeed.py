@@ -133,6 +133,36 @@ def find_layer_type(names: Sequence[str], pattern: str) -> list[int]:
     return list(PipelineModule._find_layer_type(holder, pattern))
 
 
+def pipeline_stage_bounds(
+    layer_params: Sequence[int], names: Sequence[str], method: str, stages: int
+) -> list[int]:
+    """Where DeepSpeed's ``PipelineModule`` cuts the layers into ``stages``: ``stages + 1``
+    boundaries (stage ``s`` holds layers ``bounds[s]:bounds[s + 1]``).
+
+    Why: a dry run reports each stage's parameters without building the pipeline (that needs
+    the process group). ``PipelineModule._partition_layers`` (private) picks the partitioner by
+    ``partition_method``: ``uniform`` splits the layer count, ``parameters`` balances each
+    layer's trainable parameters (``layer_params``, counted as each rank builds them, TP shard
+    included), ``type:REGEX`` balances the layers whose class name matches. The same
+    ``deepspeed.runtime.utils`` partitioners run here, so the answer cannot differ.
+
+    Upstream change that removes it: a public function from method and layers to the parts.
+    """
+    from deepspeed.runtime import utils as ds_utils
+
+    method = method.lower()
+    if method == "uniform":
+        return list(ds_utils.partition_uniform(num_items=len(names), num_parts=stages))
+    if method == "parameters":
+        weights = list(layer_params)
+    elif method.startswith("type:"):
+        chosen = set(find_layer_type(names, method.split(":")[1]))
+        weights = [int(i in chosen) for i in range(len(names))]
+    else:
+        raise ValueError(f"partition method {method!r} is not one DeepSpeed implements")
+    return list(ds_utils.partition_balanced(weights=weights, num_parts=stages))
+
+
 def reduce_zero_grad_norm_once(engine: Any) -> None:
     """Make ZeRO-1/2's gradient norm issue the same collectives on every pipeline stage.
 

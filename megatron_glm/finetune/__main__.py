@@ -10,18 +10,20 @@ naming the field or ``file:line``; otherwise as ``glm-pretrain``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from megatron_glm.config import load_config
 from megatron_glm.logs import all_ranks_requested
 from megatron_glm.pretrain import (
     EXIT_CONFIG_ERROR,
+    WORLD_SIZE_WITHOUT_DRY_RUN,
     build_parser,
-    describe_run,
+    dry_run,
+    exit_quietly_on_ctrl_c,
     report_launch_error,
     run_and_report,
 )
-from megatron_glm.training.distributed import read_dist_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     parser.prog = "glm-finetune"
     parser.description = "Finetune a GLM on a cloze or seq2seq task (see README)."
-    args = parser.parse_args(argv)
+    return exit_quietly_on_ctrl_c(_main, parser.parse_intermixed_args(argv))
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return dry_run(args)
+    if args.world_size is not None:
+        report_launch_error(ValueError(WORLD_SIZE_WITHOUT_DRY_RUN))
+        return EXIT_CONFIG_ERROR
+    from megatron_glm.training.distributed import read_dist_env
+
     try:
         cfg = load_config(args.config, args.overrides)
         env = read_dist_env()
@@ -41,9 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         report_launch_error(exc)
         return EXIT_CONFIG_ERROR
-    if args.dry_run:
-        print(describe_run(cfg, env.world_size))
-        return 0
     from megatron_glm.finetune.run import run_finetuning
 
     return run_and_report(

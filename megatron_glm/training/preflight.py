@@ -49,10 +49,14 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     return world_size // model_parallel
 
 
-def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = True) -> None:
+def validate_for_launch(
+    cfg: RunConfig, world_size: int, *, check_data: bool = True, check_resume: bool = True
+) -> None:
     """Raise ValueError naming the field for every launch-time misconfiguration.
 
-    ``check_data=False`` skips the data/tokenizer files (runs fed by another batch source).
+    ``check_data=False`` skips the data/tokenizer files (runs fed by another batch source);
+    ``check_resume=False`` the checkpoint to resume from (the dry run reports on it instead:
+    :func:`resume_problem`).
     """
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
@@ -72,14 +76,8 @@ def validate_for_launch(cfg: RunConfig, world_size: int, *, check_data: bool = T
     if t.precision == "fp16":
         _check_fp16()
     load_dir = resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)  # checkpoint.load
-    if load_dir is not None:
-        check_layout(
-            load_dir, dp_size=dp, zero_stage=t.zero_stage, tp=cfg.parallel.tp, pp=cfg.parallel.pp
-        )
-        check_checkpoint(
-            load_dir, world_size=world_size, allow_missing_rng=cfg.checkpoint.allow_missing_rng
-        )
-        check_architecture(load_dir, cfg.model)
+    if load_dir is not None and check_resume:
+        _check_resume(cfg, load_dir, world_size)
     if check_data:
         _check_data(cfg)
 
@@ -104,6 +102,31 @@ def _check_fp16() -> None:
             "fp16 with dynamic loss scaling runs on GPUs; on CPU use bf16 (bf16 forward and "
             "backward, fp32 master weights and optimizer) or fp32",
         )
+
+
+def _check_resume(cfg: RunConfig, load_dir: str, world_size: int) -> None:
+    """The checkpoint to resume from fits this layout, opens safely and holds this model."""
+    dp, p = data_parallel_size(cfg, world_size), cfg.parallel
+    check_layout(load_dir, dp_size=dp, zero_stage=cfg.train.zero_stage, tp=p.tp, pp=p.pp)
+    check_checkpoint(
+        load_dir, world_size=world_size, allow_missing_rng=cfg.checkpoint.allow_missing_rng
+    )
+    check_architecture(load_dir, cfg.model)
+
+
+def resume_problem(cfg: RunConfig, load_dir: str, world_size: int) -> str | None:
+    """Why the launch would refuse to resume from ``load_dir`` (what to do included), or None.
+
+    The dry run reports it instead of refusing: planning a run at another layout than the
+    checkpoint's is what one does before resharding it.
+    """
+    try:
+        _check_resume(cfg, load_dir, world_size)
+    except ConfigError as exc:
+        return exc.message
+    except ValueError as exc:  # CheckpointFileError: a file named
+        return str(exc)
+    return None
 
 
 def load_tokenizer(cfg: RunConfig) -> Tokenizer:

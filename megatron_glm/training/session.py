@@ -130,6 +130,8 @@ def train_in_group(
     torch.manual_seed(cfg.train.seed + 1 + dp_rank)  # model init draws no global RNG
     task = task or RunTask()
     load_dir = ckpt.resolve_load_dir(cfg.checkpoint.load, cfg.checkpoint.save)
+    field = "checkpoint.load" if cfg.checkpoint.load is not None else "checkpoint.save"
+    ckpt.agree_on_checkpoint(load_dir or cfg.checkpoint.save, field, device)  # one filesystem
     init = task.init_weights if load_dir is None else None  # a resume brings its own weights
     runner = build_runner(
         cfg, vocab_size=vocab, dims=dims, device=device, loss=task.loss, init_weights=init

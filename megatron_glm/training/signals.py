@@ -10,8 +10,10 @@ auto-resumes from ``latest``).
 SIGINT counts as a stop request like SIGTERM: Ctrl-C reaches every process of the terminal's
 process group (each rank, and under ``deepspeed`` both of its launchers, which then SIGTERM the
 ranks), and a KeyboardInterrupt in the middle of a step would lose everything since the last
-checkpoint. A *second* SIGINT raises KeyboardInterrupt at once (abort without saving), the usual
-meaning of pressing Ctrl-C twice.
+checkpoint. A *second* SIGINT raises :class:`AbortRequested` (a KeyboardInterrupt) at once
+(abort without saving), the usual meaning of pressing Ctrl-C twice. The entry points turn it,
+and a Ctrl-C before the loop started or after it ended, into one line from rank 0 and exit
+status 130 (``pretrain.exit_quietly_on_ctrl_c``), not a traceback per rank.
 
 The ``deepspeed`` command does not forward signals on one node: it is DeepSpeed's *runner*
 (``deepspeed/launcher/runner.py``), which starts an *inner launcher*
@@ -54,6 +56,10 @@ _CODES = {"exit_duration_mins": 1, LAUNCHER_GONE: 2}
 """All-reduced stop codes; any signal is 3. The largest wins, and a rank that did not see the
 reason itself reports the agreed one (:data:`_REMOTE_REASONS`)."""
 _REMOTE_REASONS = {1: "exit_duration_mins", 2: LAUNCHER_GONE, 3: "signal on another rank"}
+
+
+class AbortRequested(KeyboardInterrupt):
+    """A second SIGINT while a stop was already under way: abort without saving."""
 
 
 def _runs_module(cmdline: Sequence[str], module: str) -> bool:
@@ -149,7 +155,7 @@ class StopConditions:
         if signum == signal.SIGINT:
             self._interrupts += 1
             if self._interrupts > 1:
-                raise KeyboardInterrupt
+                raise AbortRequested
         if self.announce and self.received is None:
             again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
             # os.write, not print: a handler may run in the middle of another write to stderr.

@@ -17,11 +17,13 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +40,7 @@ from megatron_glm import pretrain
 from megatron_glm.config import load_config
 from megatron_glm.training.distributed import free_port
 from megatron_glm.training.signals import (
+    AbortRequested,
     LauncherWatch,
     StopConditions,
     _is_deepspeed_runner,
@@ -157,10 +160,173 @@ def test_sigint_stops_like_sigterm_and_a_second_one_aborts() -> None:
         assert stop.should_stop(torch.device("cpu")) is None
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.should_stop(torch.device("cpu")) == "SIGINT"
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(AbortRequested):  # a KeyboardInterrupt
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1.0)  # the handler runs between bytecodes; never reached
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+@pytest.mark.parametrize(
+    ("error", "rank", "line"),
+    [
+        (AbortRequested, "0", "second Ctrl-C: aborted without saving the current step"),
+        (KeyboardInterrupt, None, "interrupted (Ctrl-C) outside the training steps"),
+        (KeyboardInterrupt, "1", None),  # the other ranks stay quiet: one line per job
+    ],
+)
+def test_ctrl_c_outside_the_loop_is_one_line_and_status_130(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: type[KeyboardInterrupt],
+    rank: str | None,
+    line: str | None,
+) -> None:
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+
+    def body(args: object) -> int:
+        raise error
+
+    assert pretrain.exit_quietly_on_ctrl_c(body, argparse.Namespace()) == 130
+    err = capsys.readouterr().err
+    if line is None:
+        assert err == ""
+    else:
+        assert err.startswith(line) and err.count("\n") == 1, err
+        assert err.endswith("; a rerun resumes from the last saved checkpoint\n")
+
+
+def _start_two_ranks(
+    cmd: list[str], tmp: Path, name: str, cwds: tuple[Path, Path] | None = None
+) -> list[subprocess.Popen[str]]:
+    """Two ranks of ``cmd`` as launchers start them (RANK, WORLD_SIZE, MASTER_*), in one new
+    process group as a terminal's foreground job; stdout and stderr apart per rank; each in
+    its own working directory if ``cwds`` (two nodes' view of a relative path)."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        cwd = None if cwds is None else cwds[rank]
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        group = {"process_group": 0} if rank == 0 else {"process_group": procs[0].pid}
+        out = subprocess.PIPE if rank == 0 else (tmp / f"{name}.rank1.out").open("w")
+        err = (tmp / f"{name}.rank{rank}.err").open("w")
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, cwd=cwd, **group)
+        )
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen[str]], tmp: Path, name: str) -> tuple[list[int], str, str]:
+    """(exit statuses, rank 0's stdout, both ranks' stderr)."""
+    out, _ = procs[0].communicate(timeout=180)
+    codes = [procs[0].returncode, procs[1].wait(timeout=60)]
+    errs = "".join((tmp / f"{name}.rank{r}.err").read_text() for r in range(2))
+    return codes, out, errs
+
+
+def _two_rank_run(
+    cmd: list[str], tmp: Path, name: str, cwds: tuple[Path, Path] | None = None
+) -> tuple[list[int], str, str]:
+    return _finish(_start_two_ranks(cmd, tmp, name, cwds), tmp, name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xdist_group("faults")
+def test_a_checkpoint_directory_the_ranks_see_differently_is_named(
+    tmp_path: Path, tiny_corpus: tuple[str, str], reaper: str
+) -> None:
+    """``checkpoint.save=ckpt``, a relative path, resolved in each rank's working directory
+    as on two nodes without a shared filesystem. A checkpoint that only rank 0 sees is refused
+    by every rank before anything is loaded (after one look again 3 s later), rank 0 naming
+    both views once, exit 2; a first save into such a directory is named at once (a warning:
+    a network filesystem may be late to show another node's files)."""
+    run = _run_yaml(tmp_path, *tiny_corpus, train_iters=2)
+    cmd = [sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run)]
+    cmd += ["checkpoint.save=ckpt", "data.num_workers=0"]
+    nodes = [tmp_path / f"node{i}" for i in range(4)]
+    for node in nodes:
+        node.mkdir()
+    codes, log, errs = _two_rank_run(cmd, tmp_path, "shared", (nodes[0], nodes[0]))
+    assert codes == [0, 0] and (nodes[0] / "ckpt" / "latest").read_text() == "global_step2", errs
+    host = socket.gethostname()
+    files = sorted(p for p in (nodes[0] / "ckpt" / "global_step2").iterdir())
+    size = sum(p.stat().st_size for p in files)
+    codes, log, errs = _two_rank_run(cmd, tmp_path, "split", (nodes[0], nodes[1]))
+    assert codes == [2, 2], f"{log[-3000:]}\n{errs[-3000:]}"
+    assert "Traceback" not in errs and "resumed from" not in log, errs[-4000:]
+    assert errs == (
+        f"error: the ranks see different checkpoints: rank 1 on {host} sees no 'latest' in "
+        f"ckpt ({nodes[1]}/ckpt); but rank 0 on {host} sees ckpt ({nodes[0]}/ckpt): latest = "
+        f"global_step2, {len(files)} files, {size:,} bytes. checkpoint.save must be a "
+        "directory every rank sees alike: on several nodes, a shared filesystem (not a "
+        "node-local or relative path)\n"
+    )
+    codes, log, errs = _two_rank_run(cmd, tmp_path, "fresh", (nodes[2], nodes[3]))
+    assert codes == [0, 0], f"{log[-3000:]}\n{errs[-3000:]}"
+    files = sorted(p for p in (nodes[2] / "ckpt" / "global_step2").iterdir())  # no rank 1 RNG
+    size = sum(p.stat().st_size for p in files)
+    warnings = [ln for ln in errs.splitlines() if "the ranks see different checkpoints" in ln]
+    assert warnings == [
+        f"warning: the ranks see different checkpoints: rank 1 on {host} sees no 'latest' in "
+        f"ckpt ({nodes[3]}/ckpt); but rank 0 on {host} sees ckpt ({nodes[2]}/ckpt): latest = "
+        f"global_step2, {len(files)} files, {size:,} bytes. checkpoint.save must be a "
+        "directory every rank sees alike: on several nodes, a shared filesystem (not a "
+        "node-local or relative path); a resume from it will be refused"
+    ], errs[-4000:]
+    assert not _wait_gone(reaper, 10.0)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xdist_group("faults")
+def test_ctrl_c_saves_once_without_tracebacks_and_resumes_exactly(
+    tmp_path: Path, tiny_corpus: tuple[str, str], reaper: str
+) -> None:
+    """Ctrl-C (SIGINT to the job's process group: both ranks) after step 2 of a 2-rank CLI
+    run: one announcement, both ranks save after the same step and exit 0, no traceback on
+    either rank's stderr; the rerun resumes and ends with the weights of an uninterrupted run,
+    bitwise."""
+    from megatron_glm.training.checkpoint import load_model_state
+
+    run = _run_yaml(tmp_path, *tiny_corpus, train_iters=24)
+    cmd = [sys.executable, "-m", "megatron_glm.pretrain", "--config", str(run)]
+    cmd += ["data.num_workers=1"]
+    save = tmp_path / "ckpt"
+    procs = _start_two_ranks([*cmd, f"checkpoint.save={save}"], tmp_path, "stopped")
+    assert procs[0].stdout is not None
+    seen = []
+    for line in procs[0].stdout:
+        seen.append(line)
+        if line.startswith("step 2/"):
+            break
+    os.killpg(procs[0].pid, signal.SIGINT)
+    codes, rest, errs = _finish(procs, tmp_path, "stopped")
+    log = "".join(seen) + rest
+    assert codes == [0, 0], f"{log[-3000:]}\n{errs[-3000:]}"
+    assert "Traceback" not in errs, errs[-4000:]
+    assert errs.count("SIGINT: stopping after the current step, then saving") == 1, errs
+    [stopped] = [ln for ln in log.splitlines() if ln.startswith("stopping after step ")]
+    step_text, reason = stopped.removeprefix("stopping after step ").split(": ", 1)
+    step = int(step_text)
+    # rank 0's handler may run only after it entered the stop poll's all-reduce: rank 1's
+    # flag stops it then, after the same step
+    assert reason in ("SIGINT", "signal on another rank") and 2 <= step < 24, stopped
+    assert (save / "latest").read_text() == f"global_step{step}"
+    codes, log, errs = _two_rank_run([*cmd, f"checkpoint.save={save}"], tmp_path, "resumed")
+    assert codes == [0, 0] and "Traceback" not in errs, errs[-4000:]
+    assert f"resumed from {save} at step {step} ({4 * step} samples consumed)" in log
+    assert _step_lines(log) == list(range(step + 1, 25))
+    codes, _, errs = _two_rank_run(
+        [*cmd, f"checkpoint.save={tmp_path / 'straight'}"], tmp_path, "s"
+    )
+    assert codes == [0, 0], errs[-4000:]
+    resumed, straight = load_model_state(save), load_model_state(tmp_path / "straight")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight), "resume is not exact"
+    assert not _wait_gone(reaper, 10.0)
 
 
 def test_only_deepspeeds_own_launchers_are_watched() -> None:

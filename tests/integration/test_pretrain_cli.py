@@ -3,6 +3,7 @@ shipped recipe, and a real ``deepspeed`` launcher run (2 CPU ranks, ZeRO-1) on a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -143,26 +144,128 @@ def test_every_shipped_recipe_loads_and_dry_runs(
     raw = yaml.safe_load(recipe.read_text())
     micro = raw["train"]["micro_batch_size"]
     dp = raw["train"]["global_batch_size"] // micro  # the largest DP size the recipe allows
-    monkeypatch.setenv("WORLD_SIZE", str(dp))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "1")
     prefix, tok = tiny_corpus
     _no_run(monkeypatch)
     args = [
         "--config",
         str(recipe),
         "--dry-run",
+        "--world-size",
+        str(dp),
         f"data.data_path={prefix}",
         f"data.tokenizer_model={tok}",
         "model.vocab_size=0",
     ]
     assert pretrain.main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert f"# world size {dp}, data parallel {dp}" in out
+    assert f"\nworld size {dp}, data parallel {dp}," in out
     assert '"gradient_accumulation_steps": 1' in out
     assert f'"train_micro_batch_size_per_gpu": {micro}' in out
     assert not dist.is_initialized()
+
+
+def _dry_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> dict[str, str]:
+    """``--dry-run`` of glm-tiny with absent data and tokenizer, no launcher variables, in this
+    process; its sections by title."""
+    _single_process_env(monkeypatch)
+    _no_run(monkeypatch)
+    missing = ["data.data_path=[/nonexistent/corpus]", "data.tokenizer_model=/nonexistent/t.model"]
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--dry-run", *missing, *args]
+    code = pretrain.main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert not dist.is_initialized()
+    sections = {}
+    for part in out.split("\n\n# "):
+        title, _, body = part.removeprefix("# ").partition("\n")
+        sections[title] = body
+    return sections
+
+
+def test_dry_run_plans_a_layout_without_data_tokenizer_or_process_group(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """8 ranks at tp 2 x pp 2 x dp 2, vocabulary from model.vocab_size; per-rank parameters
+    against the model's formula (h = 64, f = 4h, vocab 1536, 512 positions, 2 layers)."""
+    args = ["--world-size", "8", "model.vocab_size=1536", "parallel.tp=2", "parallel.pp=2"]
+    args += ["parallel.partition_method=type:GLMBlock", "train.zero_stage=1"]
+    sections = _dry_run(monkeypatch, capsys, *args)
+    assert list(sections) == [
+        "config", "layout", "parameters", "data", "checkpoint", "DeepSpeed config"
+    ]  # fmt: skip
+    assert sections["layout"].splitlines() == [
+        "world size 8, data parallel 2, tensor parallel 2, pipeline parallel 2",
+        "batch: micro batch 8 x gradient accumulation 1 x data parallel 2 = global batch 16 "
+        "sequences of 256 tokens",
+        "ZeRO-1, fp32, 600 steps",
+    ]
+    h, v, pos = 64, 1536, 512
+    embedding = v * h // 2 + 2 * pos * h  # word embedding split over tp, positions replicated
+    block = (3 * h * h + 3 * h + h * h + 4 * h * h + 4 * h + 4 * h * h) // 2 + 2 * h + 4 * h
+    total = v * h + 2 * pos * h + 2 * (12 * h * h + 13 * h) + 2 * h
+    lines = sections["parameters"].splitlines()
+    assert (
+        lines[0].startswith(f"total {total:,} ")
+        and "vocabulary 1536 (model.vocab_size)" in lines[0]
+    )
+    # type:GLMBlock: one block per stage; the last stage has the final LayerNorm and the head
+    assert lines[1] == f"per rank (pipeline stage 0, tp shard 1/2): {embedding + block:,} " + (
+        f"({(embedding + block) / 1e6:.2f}M)"
+    )
+    last = block + 2 * h + v * h // 2
+    assert lines[2].startswith(f"per rank (pipeline stage 1, tp shard 1/2): {last:,} ")
+    assert sections["data"].splitlines() == [
+        "/nonexistent/corpus.bin/.idx: NOT FOUND (the launch needs it)",
+        "tokenizer /nonexistent/t.model: NOT FOUND (the launch needs it)",
+    ]
+    assert sections["checkpoint"].startswith("none: a fresh start (checkpoints/demo has no")
+    assert json.loads(sections["DeepSpeed config"])["gradient_accumulation_steps"] == 1
+
+
+def test_dry_run_reports_a_checkpoint_of_another_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint written at tp 2 (its layout.json) planned at tp 1 x pp 2, and one written
+    at ZeRO-1 x dp 4 planned at dp 2: reported with the convert command, not refused; the
+    vocabulary unknown without tokenizer or model.vocab_size."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "global_step10").mkdir(parents=True)
+    (ckpt / "latest").write_text("global_step10")
+    layout = {"iteration": 10, "tp": 2, "pp": 1, "dp_size": 2, "zero_stage": 1}
+    (ckpt / "global_step10" / "layout.json").write_text(json.dumps(layout))
+    args = ["--world-size", "4", f"checkpoint.load={ckpt}", "parallel.pp=2", "train.zero_stage=1"]
+    lines = _dry_run(monkeypatch, capsys, *args)["checkpoint"].splitlines()
+    assert lines[:2] == [
+        f"{ckpt}: global_step10 (step 10), written at tp 2, pp 1, data parallel 2, ZeRO-1",
+        "this run: tp 1, pp 2, data parallel 2, ZeRO-1",
+    ]
+    assert lines[2] == (
+        f"will not resume as is: checkpoint {ckpt}/global_step10 was written with tp 2, pp 1, "
+        f"this run is tp 1, pp 2; convert it first with python tools/reshard_checkpoint.py "
+        f"--load {ckpt} --tp 1 --pp 2 --save NEW_DIR (the optimizer state is carried over)"
+    )
+    layout.update(tp=1, dp_size=4)
+    (ckpt / "global_step10" / "layout.json").write_text(json.dumps(layout))
+    sections = _dry_run(monkeypatch, capsys, "--world-size", "2", f"checkpoint.load={ckpt}")
+    verdict = sections["checkpoint"].splitlines()[2]
+    assert (
+        verdict.startswith("will not resume as is: checkpoint ")
+        and "ZeRO-1 at data-parallel size 4" in verdict
+    )
+    assert "reshard_checkpoint.py" in verdict
+    assert sections["parameters"].startswith("vocabulary unknown: model.vocab_size is 0 and the ")
+
+
+def test_world_size_is_for_dry_runs_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _single_process_env(monkeypatch)
+    _no_run(monkeypatch)
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--world-size", "2"]
+    assert pretrain.main(argv) == pretrain.EXIT_CONFIG_ERROR
+    assert capsys.readouterr().err == f"error: {pretrain.WORLD_SIZE_WITHOUT_DRY_RUN}\n"
 
 
 @pytest.mark.slow

@@ -231,6 +231,13 @@ def test_inspect_samples_tool(
     assert tool.main([*common, "--num-samples", "2", "--objective", "span"]) == 0
     out = capsys.readouterr().out
     assert out.count("objective=span sep=") == 2 and "[MASK]" in out and "part B" in out
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    help_lines = capsys.readouterr().out.splitlines()  # the example keeps its two lines
+    first = help_lines.index(
+        "    python tools/inspect_samples.py --data-prefix data/demo/demo_text_sentence \\"
+    )
+    assert help_lines[first + 1].startswith("        --tokenizer-model data/demo/tok.model ")
     bad = ["--data-prefix", str(tmp_path / "missing"), *common[2:], "--num-samples", "1"]
     assert tool.main(bad) == 2
     assert "inspect_samples: error:" in capsys.readouterr().err

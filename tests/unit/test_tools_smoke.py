@@ -118,6 +118,31 @@ def test_fill_blank_tool_names_bad_input(
     assert "no 'latest' file" in capsys.readouterr().err
 
 
+def test_fill_blank_tool_loads_the_tag_asked_for(
+    run_files: list[str],
+    tiny_tokenizer: GLMTokenizer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--tag`` picks an older checkpoint than ``latest``, as ``tools/generate.py``'s does."""
+    cfg = load_config(run_files[1], run_files[2:])
+    newer = build_model(cfg.model, vocab_size=tiny_tokenizer.padded_vocab_size, seed=2)
+    (tmp_path / "ckpt" / "global_step2").mkdir()
+    torch.save(
+        {"module": newer.state_dict()},
+        tmp_path / "ckpt" / "global_step2" / "mp_rank_00_model_states.pt",
+    )
+    (tmp_path / "ckpt" / "latest").write_text("global_step2")
+    older = torch.load(tmp_path / "ckpt" / "global_step1" / "mp_rank_00_model_states.pt")
+    picked = {tag: fill_blank._load(cfg, None, tag) for tag in ("global_step1", None)}
+    for tag, want in (("global_step1", older["module"]), (None, newer.state_dict())):
+        got = picked[tag].model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), tag
+    assert picked["global_step1"].where.endswith("global_step1")
+    assert fill_blank.main([*run_files, "--tag", "global_step9", "--text", "A [MASK] b."]) == 2
+    assert "no checkpoint tag 'global_step9'" in capsys.readouterr().err
+
+
 def test_bench_collator_smoke() -> None:
     cmd = [sys.executable, "tools/bench/bench_collator.py", "--rows", "8", "--ref-rows", "4"]
     cmd += ["--repeats", "1", "--batch-sizes", "4"]

@@ -41,6 +41,7 @@ from megatron_glm.training.checkpoint.load import (
     check_architecture,
     check_checkpoint,
     check_layout,
+    describe_saved_layout,
     load,
     load_model_state,
     resolve_load_dir,
@@ -64,6 +65,7 @@ from megatron_glm.training.checkpoint.reshard import (
     write_checkpoint,
 )
 from megatron_glm.training.checkpoint.save import optimizer_param_names, save
+from megatron_glm.training.checkpoint.shared import CheckpointDirectoryError, agree_on_checkpoint
 from megatron_glm.training.checkpoint.state import (
     CLIENT_STATE_VERSION,
     LAYOUT,
@@ -83,17 +85,20 @@ __all__ = [
     "MODEL_PARALLEL_RNG",
     "RESHARD_KEY",
     "STORE",
+    "CheckpointDirectoryError",
     "CheckpointFileError",
     "ClientState",
     "FullOptimizerState",
     "NonFiniteError",
     "NonFiniteWeightsError",
     "ReshardResult",
+    "agree_on_checkpoint",
     "check_architecture",
     "check_checkpoint",
     "check_layout",
     "checkpoint_files",
     "checkpoint_layout",
+    "describe_saved_layout",
     "is_zero3",
     "load",
     "load_model_state",

@@ -108,6 +108,21 @@ def check_layout(load_dir: str, *, dp_size: int, zero_stage: int, tp: int = 1, p
         )
 
 
+def describe_saved_layout(load_dir: str) -> str:
+    """``latest``'s tag, step and the layout that wrote it, in words (for a dry run)."""
+    tag = read_latest(load_dir)
+    if tag is None:
+        return f"no '{LATEST}' file"
+    saved = _saved_layout_record(load_dir, tag)
+    if saved is None:  # resharded or written by DeepSpeed directly: the file names tell tp, pp
+        tp, pp = checkpoint_layout(Path(load_dir) / tag)
+        return f"{tag}, written at tp {tp}, pp {pp} (no {LAYOUT}: data parallel size unknown)"
+    return (
+        f"{tag} (step {saved['iteration']}), written at tp {saved['tp']}, pp {saved['pp']}, "
+        f"data parallel {saved['dp_size']}, ZeRO-{saved['zero_stage']}"
+    )
+
+
 ARCHITECTURE_FIELDS = (
     "num_layers",
     "hidden_size",
@@ -184,7 +199,9 @@ def check_checkpoint(load_dir: str, *, world_size: int, allow_missing_rng: bool 
                 f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): resuming "
                 "would reseed their dropout streams silently, so the run would not "
                 "continue exactly. Resume with the world size that wrote it, or set "
-                "checkpoint.allow_missing_rng=true to accept the drift"
+                "checkpoint.allow_missing_rng=true to accept the drift (on several nodes: "
+                "the other nodes' ranks may have written theirs to their own disks; the "
+                "checkpoint directory must be on a shared filesystem)"
             )
     return tag
 

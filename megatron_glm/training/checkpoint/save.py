@@ -11,7 +11,10 @@ Publication protocol (a crash at any point leaves the previous checkpoint usable
    ``latest`` itself, before we know every rank's files are complete);
 2. barrier; rank 0 renames ``global_stepN.tmp`` to ``global_stepN`` (atomic on POSIX);
 3. rank 0 writes ``latest`` (:func:`.latest.write_latest`) -- last;
-4. barrier, so no rank proceeds (or exits) before the checkpoint is published.
+4. barrier, so no rank proceeds (or exits) before the checkpoint is published;
+5. every rank compares what it sees of the published checkpoint with rank 0's view, which
+   warns if they differ (:func:`.shared.warn_unless_shared`): a ``checkpoint.save`` on
+   node-local disks is named at the first save, not only at the resume that refuses it.
 
 Each model-parallel rank's client state also records the ``GLMModel`` names of its torch
 optimizer's parameters, group by group (:data:`OPTIMIZER_NAMES`), when the optimizer holds the
@@ -35,6 +38,7 @@ from megatron_glm.training.checkpoint.deepspeed_files import glm_name
 from megatron_glm.training.checkpoint.group import barrier, rank, ranks_where
 from megatron_glm.training.checkpoint.latest import read_latest, write_latest
 from megatron_glm.training.checkpoint.optimizer_state import OPTIMIZER_NAMES
+from megatron_glm.training.checkpoint.shared import warn_unless_shared
 from megatron_glm.training.checkpoint.state import (
     LAYOUT,
     MODEL_PARALLEL_RNG,
@@ -76,6 +80,7 @@ def save(engine: Engine, save_dir: str | os.PathLike[str], state: ClientState) -
         (root / tmp_tag / LAYOUT).write_text(json.dumps(_layout_record(engine, state.iteration)))
         _publish(root, tag, tmp_tag)
     barrier()
+    warn_unless_shared(str(save_dir), "checkpoint.save", engine.device)  # not a node's disk
     return tag
 
 
