@@ -47,8 +47,8 @@ DS_ALLREDUCE_BUCKET_ELEMENTS = 500_000_000
 all-reduce flattens gradients into buckets of at most this many elements."""
 DS_STAGE3_PERSISTENCE_THRESHOLD = 100_000
 """ZeRO-3 ``param_persistence_threshold`` default: smaller parameters stay whole on every rank."""
-DS_STAGE3_PREFETCH_ELEMENTS = 50_000_000
-"""ZeRO-3 ``prefetch_bucket_size`` default (elements gathered ahead of use)."""
+DS_STAGE3_MAX_LIVE_ELEMENTS = 1_000_000_000
+"""ZeRO-3 ``max_live_parameters`` default: gathered parameter elements kept alive at most."""
 LOSS_CHUNK_BYTES = 128 * 2**20
 """``megatron_glm.kernels.cross_entropy.CHUNK_BYTES``: one chunk of loss logits at most."""
 INPUT_BYTES_PER_TOKEN = 8 + 8 + 4 + 16
@@ -210,6 +210,53 @@ def stage_boundaries(cfg: RunConfig, layers: list[int]) -> list[int]:
     return partition_balanced([1 if pattern.search(n) else 0 for n in names], pp)
 
 
+# ----------------------------------------------------------------------------- one stage
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """The layers one pipeline stage holds (the whole model without a pipeline)."""
+
+    index: int
+    first: int
+    last: int
+    """Layers ``[first, last)`` of ``layer_parameters``."""
+    params: int
+    blocks: int
+    embedding: bool
+    """Holds the word embedding (the first stage)."""
+    loss: bool
+    """Computes the loss (the last stage; it also holds the tied head copy under a pipeline)."""
+    largest: int
+    """Elements of the largest parameter tensor."""
+    vocab: int
+    """The padded vocabulary size (the loss's and the tied weights' rows, over tp)."""
+
+
+def _stage(cfg: RunConfig, layers: list[int], parts: list[int], index: int, vocab: int) -> _Stage:
+    m, tp = cfg.model, cfg.parallel.tp
+    h, f = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size
+    first, last = parts[index], parts[index + 1]
+    blocks = sum(1 for i in range(first, last) if 1 <= i <= m.num_layers)
+    embedding, loss = first == 0, last > m.num_layers
+    tensors = [2 * h]
+    if blocks:
+        tensors += [3 * h * h // tp, h * f // tp]
+    if embedding or (loss and cfg.parallel.pp > 1):
+        tensors += [vocab // tp * h, m.max_position_embeddings * h]
+    return _Stage(
+        index=index,
+        first=first,
+        last=last,
+        params=sum(layers[first:last]),
+        blocks=blocks,
+        embedding=embedding,
+        loss=loss,
+        largest=max(tensors),
+        vocab=vocab,
+    )
+
+
 # ----------------------------------------------------------------------------- model states
 
 
@@ -220,77 +267,75 @@ class _States:
     optimizer: int
     master: int
     comm: int
+    grads_persistent: bool
+    """Gradient storage alive between steps (ZeRO-3's partition buffer); else it exists from
+    the step's first backward (``param.grad`` is set to None after each update)."""
+    comm_timing: str
+    """``init`` (allocated at start-up), ``backward`` (from the first backward on) or ``reduce``
+    (only while gradients are reduced, after the last backward)."""
+    optimizer_step_elements: int
+    """Elements of the largest tensor the torch AdamW steps (its temporaries are that big)."""
     notes: tuple[tuple[str, str], ...]
 
 
-def _model_states(cfg: RunConfig, stage_params: list[int], dp: int, pipelined: bool) -> _States:
-    """Weights, gradients, AdamW moments and master weights of one rank, by ZeRO stage.
+def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
+    """Weights, gradients, AdamW moments, master weights and buckets of one rank, by ZeRO stage.
 
-    ``stage_params`` are this stage's per-layer parameter counts on one TP rank. Sources:
-    ZeRO-0 fp32 is DeepSpeed's plain engine around our torch AdamW (weights, ``param.grad``,
-    ``exp_avg`` + ``exp_avg_sq``); ZeRO-1/2 is ``DeepSpeedZeroOptimizer`` (a flat buffer of the
-    16-bit or fp32 weights, an fp32 partition of ``1/dp`` as the optimizer's parameter, its
-    moments, full ``param.grad`` at ZeRO-1 or a ``1/dp`` gradient partition at ZeRO-2, one
-    reduction bucket of :data:`DS_REDUCE_BUCKET_ELEMENTS`); ZeRO-3 is
-    ``DeepSpeedZeroOptimizer_Stage3`` (weights partitioned ``1/dp``, parameters under
-    :data:`DS_STAGE3_PERSISTENCE_THRESHOLD` kept whole, the rest gathered for compute);
-    16-bit ZeRO-0 is DeepSpeed's ``BF16_Optimizer`` / fp16 optimizer (fp32 master and moments,
-    fp32 gradient accumulation).
+    Measured on CPU (``tools/bench/bench_memory.py``) and read from DeepSpeed 0.19:
+
+    * ZeRO-0 fp32: DeepSpeed's plain engine around our torch AdamW: weights, ``param.grad``
+      (set to None after each update), ``exp_avg`` + ``exp_avg_sq``. With ``dp > 1`` the
+      gradients are all-reduced through a flat copy of at most
+      :data:`DS_ALLREDUCE_BUCKET_ELEMENTS` (``buffered_allreduce_fallback``).
+    * ZeRO-0 bf16/fp16: DeepSpeed's 16-bit optimizer wrappers: 16-bit weights and gradients,
+      fp32 master weights and fp32 gradients for the update (not measured on CPU).
+    * ZeRO-1/2 (``DeepSpeedZeroOptimizer``): the weights in one flat buffer (padded to a multiple
+      of ``dp``), an fp32 partition of ``1/dp`` that is the optimizer's parameter (even in fp32),
+      its moments, full ``param.grad`` (ZeRO-1) or a ``1/dp`` gradient partition (ZeRO-2), one
+      reduction bucket of :data:`DS_REDUCE_BUCKET_ELEMENTS` allocated at the first backward
+      (``setup_buckets``).
+    * ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): a ``1/dp`` weight partition, the gathered
+      weights (with the default ``max_live_parameters`` of 1e9 every gathered parameter of a
+      model this size stays gathered through the step), the fp32 partition and its moments, a
+      persistent fp32 ``1/dp`` gradient buffer and the reduction bucket, both allocated at
+      start-up.
     """
     t = cfg.train
-    psi = sum(stage_params)
-    w = _ELEMENT_BYTES[t.precision]
-    zero = t.zero_stage
+    psi, w, zero = stage.params, _ELEMENT_BYTES[t.precision], t.zero_stage
     part = -(-psi // dp)  # ceil: DeepSpeed pads the flat buffer to a multiple of dp
-    moments = 8 * (psi if zero == 0 else part)
     notes: list[tuple[str, str]] = []
     if zero == 0:
-        params, master = w * psi, 0 if t.precision == "fp32" else 4 * psi
-        grads = w * psi if t.precision == "fp32" else (w + 4) * psi
-        comm = 4 * min(psi, DS_ALLREDUCE_BUCKET_ELEMENTS) if dp > 1 else 0
-        notes.append(("grads", f"param.grad, {psi:,} x {w} B"))
-    elif zero in (1, 2):
-        params, master = w * psi, 4 * part
+        mixed = t.precision != "fp32"
+        states = _States(
+            params=w * psi,
+            grads=w * psi + (4 * psi if mixed else 0),
+            optimizer=8 * psi,
+            master=4 * psi if mixed else 0,
+            comm=4 * min(psi, DS_ALLREDUCE_BUCKET_ELEMENTS) if dp > 1 else 0,
+            grads_persistent=False,
+            comm_timing="reduce",
+            optimizer_step_elements=stage.largest,
+            notes=(("grads", f"param.grad, {psi:,} x {w} B"),),
+        )
+        return states
+    moments, master = 8 * part, 4 * part
+    bucket = DS_REDUCE_BUCKET_ELEMENTS * w
+    if zero in (1, 2):
         grads = w * psi if zero == 1 else w * part
         if t.precision != "fp32":
             grads += 4 * part  # the fp32 gradient partition handed to the optimizer
-        comm = _reduce_bucket_bytes(t.precision)
         notes.append(("grads", "full param.grad" if zero == 1 else f"1/{dp} partition"))
+        params, persistent, timing = w * psi, False, "backward"
     else:
-        persistent = sum(n for n in _stage3_param_sizes(cfg, stage_params) if n <= 100_000)
-        params = w * (part + persistent + _stage3_gathered(cfg, stage_params))
-        grads, master = w * part + (4 * part if t.precision != "fp32" else 0), 4 * part
-        comm = _reduce_bucket_bytes(t.precision)
-        notes.append(("params", f"1/{dp} partition + gathered + {persistent:,} persistent"))
-    if pipelined:
-        comm += 0  # pipeline send/recv buffers are counted with the activations
-    notes.append(
-        ("optimizer", f"AdamW exp_avg + exp_avg_sq, fp32{'' if zero == 0 else f' 1/{dp}'}")
-    )
-    notes.append(("comm_buffers", f"DeepSpeed ZeRO-{zero} bucket"))
-    return _States(params, grads, moments, master, comm, tuple(notes))
-
-
-def _reduce_bucket_bytes(precision: str) -> int:
-    """One ``reduce_bucket_size`` bucket in the gradient-reduction dtype (``setup_buckets``)."""
-    return DS_REDUCE_BUCKET_ELEMENTS * _ELEMENT_BYTES[precision]
-
-
-def _stage3_param_sizes(cfg: RunConfig, stage_params: list[int]) -> list[int]:
-    """Sizes of the individual parameter tensors of one stage (ZeRO-3 decides per tensor)."""
-    del stage_params
-    m, tp = cfg.model, cfg.parallel.tp
-    h, p = m.hidden_size, m.max_position_embeddings
-    assert m.ffn_hidden_size is not None
-    f = m.ffn_hidden_size
-    block = [h, h, 3 * h * h // tp, 3 * h // tp, h * h // tp, h, h, h]
-    block += [h * f // tp, f // tp, f * h // tp, h]
-    return [p * h, p * h, *block * m.num_layers, h, h]
-
-
-def _stage3_gathered(cfg: RunConfig, stage_params: list[int]) -> int:
-    """Elements ZeRO-3 holds gathered at the peak: the largest layer being computed."""
-    return max(stage_params)
+        gathered = min(psi, DS_STAGE3_MAX_LIVE_ELEMENTS)
+        params, grads = w * (part + gathered), 4 * part
+        notes.append(("params", f"1/{dp} partition + {gathered:,} gathered"))
+        notes.append(("grads", f"fp32 1/{dp} partition buffer"))
+        persistent, timing = True, "init"
+    notes.append(("optimizer", f"AdamW exp_avg + exp_avg_sq, fp32 1/{dp}"))
+    notes.append(("master", f"fp32 1/{dp} partition"))
+    notes.append(("comm_buffers", f"ZeRO reduce bucket, {DS_REDUCE_BUCKET_ELEMENTS:,} elements"))
+    return _States(params, grads, moments, master, bucket, persistent, timing, part, tuple(notes))
 
 
 # ----------------------------------------------------------------------------- activations
@@ -314,6 +359,12 @@ def attention_kind(cfg: RunConfig, device: str) -> str:
     return "math" if dropout else "flash_cpu"
 
 
+def _tokens(cfg: RunConfig) -> tuple[int, int]:
+    """``(T, r)``: tokens of a micro-batch, and of its sequence-parallel slice (T without SP)."""
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_length
+    return tokens, tokens // cfg.parallel.tp if cfg.parallel.sequence_parallel else tokens
+
+
 def block_activation_bytes(cfg: RunConfig, device: str) -> int:
     """Bytes one ``GLMBlock`` saves for backward, for one micro-batch (no checkpointing).
 
@@ -328,10 +379,8 @@ def block_activation_bytes(cfg: RunConfig, device: str) -> int:
     """
     m, tp = cfg.model, cfg.parallel.tp
     b, s, h = cfg.train.micro_batch_size, cfg.data.seq_length, m.hidden_size
-    assert m.ffn_hidden_size is not None
-    f, e = m.ffn_hidden_size, _ELEMENT_BYTES[cfg.train.precision]
-    tokens = b * s
-    r = tokens // tp if cfg.parallel.sequence_parallel else tokens
+    f, e = m.ffn_hidden_size or 4 * h, _ELEMENT_BYTES[cfg.train.precision]
+    tokens, r = _tokens(cfg)
     heads = m.num_attention_heads // tp
     total = 2 * r * h * e + 4 * r * 4  # LayerNorm inputs + mean/rstd
     total += 2 * tokens * h * e  # LayerNorm outputs (matmul inputs)
@@ -352,67 +401,123 @@ def block_activation_bytes(cfg: RunConfig, device: str) -> int:
 
 def _checkpointed_block_bytes(cfg: RunConfig) -> int:
     """With ``model.activation_checkpointing`` a block keeps only its input ``[b, r, h]``."""
-    m, tp = cfg.model, cfg.parallel.tp
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_length
-    r = tokens // tp if cfg.parallel.sequence_parallel else tokens
-    return r * m.hidden_size * _ELEMENT_BYTES[cfg.train.precision]
+    return _tokens(cfg)[1] * cfg.model.hidden_size * _ELEMENT_BYTES[cfg.train.precision]
 
 
 def embedding_activation_bytes(cfg: RunConfig) -> int:
     """``EmbeddingLayer``: ``nn.Dropout``'s bool mask ``[b, r, h]`` (1 byte) when it drops."""
-    if cfg.model.hidden_dropout == 0:
-        return 0
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_length
-    r = tokens // cfg.parallel.tp if cfg.parallel.sequence_parallel else tokens
-    return r * cfg.model.hidden_size
+    return _tokens(cfg)[1] * cfg.model.hidden_size if cfg.model.hidden_dropout > 0 else 0
 
 
-def head_activation_bytes(cfg: RunConfig, vocab_size: int) -> int:
-    """Final LayerNorm and the loss on the last stage, every position a loss position (bound).
+def final_layernorm_bytes(cfg: RunConfig) -> int:
+    """``FinalLayerNorm``: its saved input and statistics, and its output ``[b, s, h]`` (the
+    model's hidden states, gathered to the full sequence under SP), alive through the loss."""
+    tokens, r = _tokens(cfg)
+    e, h = _ELEMENT_BYTES[cfg.train.precision], cfg.model.hidden_size
+    return r * h * e + 2 * r * 4 + tokens * h * e
 
-    ``FinalLayerNorm`` saves its input (``[b, r, h]``); ``kernels.cross_entropy`` computes the
-    gradients in forward and saves ``grad_hidden [n, h]`` and ``grad_weight [vocab/tp, h]``, with
-    the selected rows ``[n, h]`` and a chunk of logits (at most :data:`LOSS_CHUNK_BYTES`, plus
-    its softmax) alive meanwhile.
+
+@dataclass(frozen=True)
+class _Loss:
+    """The loss's memory (``kernels.cross_entropy``), every position a loss position (a bound).
+
+    The fused cross entropy computes both gradients in forward and saves ``grad_hidden [n, h]``
+    and ``grad_weight [vocab/tp, h]`` (``saved``). At its peak (``working``) the selected rows
+    ``[n, h]``, ``grad_hidden`` and one chunk of logits ``[c, vocab/tp]`` in the input dtype with
+    two fp32 temporaries of its size (``x - lse`` and its ``exp``) are alive, and
+    ``grad_weight`` too once a second chunk starts (``c`` keeps a chunk's logits under
+    :data:`LOSS_CHUNK_BYTES`).
     """
-    m, tp = cfg.model, cfg.parallel.tp
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_length
-    r = tokens // tp if cfg.parallel.sequence_parallel else tokens
-    e, h = _ELEMENT_BYTES[cfg.train.precision], m.hidden_size
-    v = vocab_size // tp
-    chunk = min(tokens * v * e, max(LOSS_CHUNK_BYTES // (v * e), 16) * v * e)
-    return r * h * e + 2 * r * 4 + 2 * tokens * h * e + v * h * e + 2 * chunk
+
+    working: int
+    saved: int
 
 
-def activation_bytes(
-    cfg: RunConfig, *, stage: int, parts: list[int], vocab_size: int, dp: int, device: str
-) -> int:
-    """Activations of one stage at its peak: saved tensors of the micro-batches in flight.
+def _loss(cfg: RunConfig, vocab_size: int) -> _Loss:
+    tokens, _ = _tokens(cfg)
+    e, h = _ELEMENT_BYTES[cfg.train.precision], cfg.model.hidden_size
+    v = vocab_size // cfg.parallel.tp
+    rows = min(tokens, max(16, LOSS_CHUNK_BYTES // (v * e)))
+    weight = v * h * e
+    working = 2 * tokens * h * e + rows * v * (e + 8) + (weight if tokens > rows else 0)
+    return _Loss(working=working, saved=tokens * h * e + weight)
 
-    Without a pipeline one micro-batch is in flight (``DataParallelRunner`` runs forward and
-    backward per micro-batch). DeepSpeed's 1F1B ``TrainSchedule`` keeps
-    ``min(pp - stage, micro-batches)`` micro-batches in flight on ``stage`` (its
-    ``num_pipe_buffers``), so the first stage holds the most. With activation checkpointing
-    each block keeps its input and one block at a time is recomputed in backward. The step's
-    input batches (all micro-batches, :data:`INPUT_BYTES_PER_TOKEN`) are held throughout.
+
+def in_flight(cfg: RunConfig, stage: int, accum: int) -> int:
+    """Micro-batches whose activations a stage holds at once.
+
+    One without a pipeline (``DataParallelRunner``: forward and backward per micro-batch);
+    DeepSpeed's 1F1B ``TrainSchedule`` runs ``min(pp - stage, micro-batches)`` forwards ahead
+    of their backwards on ``stage`` (its ``num_pipe_buffers`` before the floor of 2 buffers).
     """
-    pp, m = cfg.parallel.pp, cfg.model
-    b, s = cfg.train.micro_batch_size, cfg.data.seq_length
-    accum = cfg.train.global_batch_size // (b * dp)
-    in_flight = min(pp - stage, accum) if pp > 1 else 1
-    first, last = parts[stage], parts[stage + 1]
-    blocks = sum(1 for i in range(first, last) if 1 <= i <= m.num_layers)
+    return min(cfg.parallel.pp - stage, accum) if cfg.parallel.pp > 1 else 1
+
+
+def saved_activation_bytes(cfg: RunConfig, stage: _Stage, device: str) -> int:
+    """What one micro-batch's forward leaves saved on ``stage`` (blocks, embedding, final LN),
+    plus, on a stage that sends, its output ``[b, r, h]`` that the pipeline buffer keeps."""
     per_block = block_activation_bytes(cfg, device)
-    if m.activation_checkpointing:
-        per_micro = blocks * _checkpointed_block_bytes(cfg)
-        working = per_block if blocks else 0
+    if cfg.model.activation_checkpointing:
+        per_block = _checkpointed_block_bytes(cfg)
+    total = stage.blocks * per_block
+    if stage.embedding:
+        total += embedding_activation_bytes(cfg)
+    if stage.loss:
+        total += final_layernorm_bytes(cfg)
     else:
-        per_micro, working = blocks * per_block, 0
-    if first == 0:
-        per_micro += embedding_activation_bytes(cfg)
-    head = head_activation_bytes(cfg, vocab_size) if last > m.num_layers else 0
-    inputs = accum * b * s * INPUT_BYTES_PER_TOKEN
-    return in_flight * per_micro + working + head + inputs
+        total += _checkpointed_block_bytes(cfg)
+    return total
+
+
+# ----------------------------------------------------------------------------- peak phases
+
+
+@dataclass(frozen=True)
+class _Phases:
+    """Bytes above the persistent states at each phase of a step, and what they include."""
+
+    forward: int
+    """Saved activations of the micro-batches in flight, plus the loss's working set."""
+    backward: int
+    """The largest backward working set (recomputation, the tied-gradient sum)."""
+    after: int
+    """After the last backward: gradient norm, DP reduction, optimizer-step temporaries."""
+
+
+def _phases(cfg: RunConfig, stage: _Stage, states: _States, accum: int, device: str) -> _Phases:
+    """The three candidate peaks of ``stage``, each on top of the states alive then.
+
+    Gradients and the ZeRO-1/2 bucket exist from the step's first backward on, so they are
+    alive in the forward of every micro-batch but the first (``accum > 1``). Sources: the
+    torch kernels' saved tensors (:func:`block_activation_bytes`), the fused loss (:class:`_Loss`),
+    autograd summing the tied head's and the lookup's gradients out of place
+    (``2 x [vocab/tp, h]`` when one rank holds both, no pipeline), the manual gradient norm of
+    ZeRO-0 fp32 (``parallel.layers.grad_norm``: a float64 copy of a gradient and its square,
+    ``16`` bytes per element of the largest), torch AdamW's single-tensor step on CPU or under
+    offload (``sqrt`` and the divided ``denom``: two fp32 temporaries of the largest stepped
+    tensor; CUDA's fused AdamW has none), ZeRO-0's flat all-reduce copy.
+    """
+    m, t = cfg.model, cfg.train
+    w = _ELEMENT_BYTES[t.precision]
+    vocab_rows = stage.vocab // cfg.parallel.tp
+    flight = in_flight(cfg, stage.index, accum)
+    forward = flight * saved_activation_bytes(cfg, stage, device)
+    backward = 0
+    if m.activation_checkpointing and stage.blocks:
+        backward = forward + block_activation_bytes(cfg, device)
+    if stage.loss:
+        loss = _loss(cfg, stage.vocab)
+        forward += loss.working
+        start = forward - loss.working + loss.saved + vocab_rows * m.hidden_size * w
+        backward = max(backward, start)
+    if stage.embedding and cfg.parallel.pp == 1:
+        backward = max(backward, 2 * vocab_rows * m.hidden_size * w)
+    after = states.comm if states.comm_timing == "reduce" else 0
+    if t.zero_stage == 0 and t.precision == "fp32":
+        after = max(after, 16 * stage.largest)
+    if device == "cpu" or t.cpu_offload:
+        after = max(after, 8 * states.optimizer_step_elements)
+    return _Phases(forward=forward, backward=backward, after=after)
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -429,6 +534,42 @@ def _layout(cfg: RunConfig, world_size: int) -> int:
     return world_size // model_parallel
 
 
+def _stage_estimate(cfg: RunConfig, stage: _Stage, dp: int, device: str) -> MemoryEstimate:
+    """The peak of one stage: the largest of its forward, backward and after-backward phases."""
+    t = cfg.train
+    b, s = t.micro_batch_size, cfg.data.seq_length
+    accum = t.global_batch_size // (b * dp)
+    st = _model_states(cfg, stage, dp)
+    ph = _phases(cfg, stage, st, accum, device)
+    offload = t.cpu_offload
+    base = st.params + (0 if offload else st.optimizer + st.master)
+    base += accum * b * s * INPUT_BYTES_PER_TOKEN  # the step's batches, held throughout
+    grads_fwd = st.grads if st.grads_persistent or accum > 1 else 0
+    comm_fwd = (
+        st.comm if st.comm_timing == "init" or (st.comm_timing == "backward" and accum > 1) else 0
+    )
+    comm_later = st.comm if st.comm_timing != "reduce" else 0
+    totals = {
+        "forward": base + grads_fwd + comm_fwd + ph.forward,
+        "backward": base + st.grads + comm_later + ph.backward,
+        "after backward": base + st.grads + comm_later + ph.after,
+    }
+    phase = max(totals, key=lambda k: totals[k])
+    states = base - accum * b * s * INPUT_BYTES_PER_TOKEN + st.grads + st.comm
+    notes = (*st.notes, ("activations", f"peak phase: {phase}"))
+    return MemoryEstimate(
+        params=st.params,
+        grads=st.grads,
+        optimizer=0 if offload else st.optimizer,
+        master=0 if offload else st.master,
+        activations=totals[phase] - states,
+        comm_buffers=st.comm,
+        host=st.optimizer + st.master if offload else 0,
+        stage=stage.index,
+        notes=notes,
+    )
+
+
 def estimate_memory(
     cfg: RunConfig, world_size: int, *, vocab_size: int | None = None, device: str = "cuda"
 ) -> MemoryEstimate:
@@ -436,35 +577,15 @@ def estimate_memory(
 
     ``vocab_size`` is the tokenizer's padded vocabulary when ``model.vocab_size`` is 0.
     ``device`` (``cuda`` or ``cpu``) picks the kernels whose saved tensors are counted
-    (:func:`attention_kind`); GPUs are what the estimate is for, CPU is where it is tested.
+    (:func:`attention_kind`) and the optimizer's temporaries; GPUs are what the estimate is
+    for, CPU is where it is tested.
     """
     if device not in ("cuda", "cpu"):
         raise ValueError(f"estimate_memory: device must be 'cuda' or 'cpu', got {device!r}")
     dp = _layout(cfg, world_size)
     vocab = resolve_vocab_size(cfg.model, vocab_size)
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    layers = layer_parameters(cfg.model, vocab, tp, pp)
+    layers = layer_parameters(cfg.model, vocab, cfg.parallel.tp, cfg.parallel.pp)
     parts = stage_boundaries(cfg, layers)
-    best: MemoryEstimate | None = None
-    for stage in range(pp):
-        states = _model_states(cfg, layers[parts[stage] : parts[stage + 1]], dp, pp > 1)
-        acts = activation_bytes(
-            cfg, stage=stage, parts=parts, vocab_size=vocab, dp=dp, device=device
-        )
-        offload = cfg.train.cpu_offload
-        host = states.optimizer + states.master if offload else 0
-        est = MemoryEstimate(
-            params=states.params,
-            grads=states.grads,
-            optimizer=0 if offload else states.optimizer,
-            master=0 if offload else states.master,
-            activations=acts,
-            comm_buffers=states.comm,
-            host=host,
-            stage=stage,
-            notes=states.notes,
-        )
-        if best is None or est.total > best.total:
-            best = est
-    assert best is not None
-    return best
+    stages = [_stage(cfg, layers, parts, i, vocab) for i in range(cfg.parallel.pp)]
+    estimates = [_stage_estimate(cfg, st, dp, device) for st in stages]
+    return max(estimates, key=lambda est: est.total)
