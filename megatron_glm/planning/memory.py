@@ -115,34 +115,57 @@ class MemoryEstimate:
 # ----------------------------------------------------------------------------- parameters
 
 
-def block_parameters(cfg: ModelConfig, tp: int) -> int:
-    """One ``GLMBlock``'s parameters on one TP rank (``model.transformer``).
+def layer_tensors(
+    cfg: ModelConfig, vocab_size: int, tp: int, pp: int
+) -> list[list[tuple[int, int]]]:
+    """``(elements, ndim)`` of every parameter tensor on one TP rank, per layer, in
+    ``module.parameters()`` order (what DeepSpeed flattens and partitions).
 
-    Column-parallel QKV ``[3h/tp, h]`` + bias, row-parallel dense ``[h, h/tp]`` + full bias,
-    column ``h -> f/tp`` + bias, row ``f/tp -> h`` + full bias, two LayerNorms (replicated).
+    Layers as in ``GLMModel.layers``: ``EmbeddingLayer`` (word ``[vocab/tp, h]``, position and
+    block-position tables ``[P, h]``), each ``GLMBlock`` (``model.transformer``: LayerNorm,
+    column-parallel QKV ``[3h/tp, h]`` + bias, row-parallel dense ``[h, h/tp]`` + full bias,
+    LayerNorm, column ``[f/tp, h]`` + bias, row ``[h, f/tp]`` + full bias), ``FinalLayerNorm``,
+    and with a pipeline the ``TiedHead`` (``training.pipeline``: the last stage's own copy of
+    the word embedding shard).
     """
-    h = cfg.hidden_size
-    assert cfg.ffn_hidden_size is not None
-    f = cfg.ffn_hidden_size
-    attention = (3 * h * h + 3 * h) // tp + h * h // tp + h
-    mlp = (h * f + f) // tp + f * h // tp + h
-    return attention + mlp + 4 * h
+    h, p = cfg.hidden_size, cfg.max_position_embeddings
+    f = cfg.ffn_hidden_size or 4 * h
+    word = (vocab_size // tp * h, 2)
+    norm = [(h, 1), (h, 1)]
+    block = [*norm, (3 * h * h // tp, 2), (3 * h // tp, 1), (h * h // tp, 2), (h, 1)]
+    block += [*norm, (f * h // tp, 2), (f // tp, 1), (h * f // tp, 2), (h, 1)]
+    layers = [[word, (p * h, 2), (p * h, 2)], *[list(block) for _ in range(cfg.num_layers)]]
+    layers.append(list(norm))
+    if pp > 1:
+        layers.append([word])
+    return layers
 
 
 def layer_parameters(cfg: ModelConfig, vocab_size: int, tp: int, pp: int) -> list[int]:
-    """Per-layer parameter counts on one TP rank, in ``GLMModel.layers`` order.
+    """Per-layer parameter counts on one TP rank (sums of :func:`layer_tensors`)."""
+    return [sum(n for n, _ in layer) for layer in layer_tensors(cfg, vocab_size, tp, pp)]
 
-    ``[EmbeddingLayer, GLMBlock x L, FinalLayerNorm]``, and with a pipeline also the
-    ``TiedHead`` (``training.pipeline``: the last stage holds its own copy of the word
-    embedding shard ``[vocab/tp, h]``).
+
+def zero2_gradient_elements(tensors: list[tuple[int, int]], dp: int) -> int:
+    """Elements of ZeRO-2's ``grads_in_partition`` on the rank that holds the most.
+
+    ``DeepSpeedZeroOptimizer`` flattens each AdamW group (``training.engine.param_groups``:
+    matrices, then 1-D tensors) and cuts it into ``dp`` equal partitions, but the gradient
+    buffer it allocates is sized by the *whole* parameters that overlap the partition
+    (``params_in_partition``), so a rank whose partition touches a large tensor (the word
+    embedding) holds all of its gradient.
     """
-    h, p = cfg.hidden_size, cfg.max_position_embeddings
-    layers = [vocab_size // tp * h + 2 * p * h]
-    layers += [block_parameters(cfg, tp)] * cfg.num_layers
-    layers.append(2 * h)
-    if pp > 1:
-        layers.append(vocab_size // tp * h)
-    return layers
+    worst = [0] * dp
+    for group in ([n for n, d in tensors if d >= 2], [n for n, d in tensors if d < 2]):
+        part = -(-sum(group) // dp)
+        start = 0
+        for n in group:
+            for rank in range(dp):
+                lo, hi = rank * part, (rank + 1) * part
+                if start < hi and start + n > lo:
+                    worst[rank] += n
+            start += n
+    return max(worst)
 
 
 def partition_uniform(num_items: int, num_parts: int) -> list[int]:
@@ -227,32 +250,31 @@ class _Stage:
     """Holds the word embedding (the first stage)."""
     loss: bool
     """Computes the loss (the last stage; it also holds the tied head copy under a pipeline)."""
-    largest: int
-    """Elements of the largest parameter tensor."""
+    tensors: tuple[tuple[int, int], ...]
+    """``(elements, ndim)`` of the stage's parameter tensors (:func:`layer_tensors`)."""
     vocab: int
     """The padded vocabulary size (the loss's and the tied weights' rows, over tp)."""
 
+    @property
+    def largest(self) -> int:
+        """Elements of the largest parameter tensor."""
+        return max(n for n, _ in self.tensors)
 
-def _stage(cfg: RunConfig, layers: list[int], parts: list[int], index: int, vocab: int) -> _Stage:
-    m, tp = cfg.model, cfg.parallel.tp
-    h, f = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size
+
+def _stage(cfg: RunConfig, parts: list[int], index: int, vocab: int) -> _Stage:
+    m = cfg.model
+    layers = layer_tensors(m, vocab, cfg.parallel.tp, cfg.parallel.pp)
     first, last = parts[index], parts[index + 1]
-    blocks = sum(1 for i in range(first, last) if 1 <= i <= m.num_layers)
-    embedding, loss = first == 0, last > m.num_layers
-    tensors = [2 * h]
-    if blocks:
-        tensors += [3 * h * h // tp, h * f // tp]
-    if embedding or (loss and cfg.parallel.pp > 1):
-        tensors += [vocab // tp * h, m.max_position_embeddings * h]
+    tensors = tuple(t for layer in layers[first:last] for t in layer)
     return _Stage(
         index=index,
         first=first,
         last=last,
-        params=sum(layers[first:last]),
-        blocks=blocks,
-        embedding=embedding,
-        loss=loss,
-        largest=max(tensors),
+        params=sum(n for n, _ in tensors),
+        blocks=sum(1 for i in range(first, last) if 1 <= i <= m.num_layers),
+        embedding=first == 0,
+        loss=last > m.num_layers,
+        tensors=tensors,
         vocab=vocab,
     )
 
@@ -270,9 +292,12 @@ class _States:
     grads_persistent: bool
     """Gradient storage alive between steps (ZeRO-3's partition buffer); else it exists from
     the step's first backward (``param.grad`` is set to None after each update)."""
-    comm_timing: str
-    """``init`` (allocated at start-up), ``backward`` (from the first backward on) or ``reduce``
-    (only while gradients are reduced, after the last backward)."""
+    comm_phases: tuple[int, int, int, int]
+    """Bucket bytes alive in (forward, backward, the gradient reduction after the last
+    backward, the optimizer step). The forward's figure holds from the step's second
+    micro-batch on, unless ``comm_static``."""
+    comm_static: bool
+    """Buckets allocated at start-up (ZeRO-3), alive in every forward."""
     optimizer_step_elements: int
     """Elements of the largest tensor the torch AdamW steps (its temporaries are that big)."""
     notes: tuple[tuple[str, str], ...]
@@ -291,9 +316,11 @@ def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
       fp32 master weights and fp32 gradients for the update (not measured on CPU).
     * ZeRO-1/2 (``DeepSpeedZeroOptimizer``): the weights in one flat buffer (padded to a multiple
       of ``dp``), an fp32 partition of ``1/dp`` that is the optimizer's parameter (even in fp32),
-      its moments, full ``param.grad`` (ZeRO-1) or a ``1/dp`` gradient partition (ZeRO-2), one
-      reduction bucket of :data:`DS_REDUCE_BUCKET_ELEMENTS` allocated at the first backward
-      (``setup_buckets``).
+      its moments, full ``param.grad`` (ZeRO-1) or the gradient partition
+      (:func:`zero2_gradient_elements`, ZeRO-2), one reduction bucket of
+      :data:`DS_REDUCE_BUCKET_ELEMENTS` allocated at the first backward (``setup_buckets``;
+      ZeRO-2 releases it at the end of every backward, and under a pipeline ZeRO-1's
+      ``reduce_gradients`` appends a second one for the reduction).
     * ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): a ``1/dp`` weight partition, the gathered
       weights (with the default ``max_live_parameters`` of 1e9 every gathered parameter of a
       model this size stays gathered through the step), the fp32 partition and its moments, a
@@ -306,14 +333,16 @@ def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
     notes: list[tuple[str, str]] = []
     if zero == 0:
         mixed = t.precision != "fp32"
+        flat = 4 * min(psi, DS_ALLREDUCE_BUCKET_ELEMENTS) if dp > 1 else 0
         states = _States(
             params=w * psi,
             grads=w * psi + (4 * psi if mixed else 0),
             optimizer=8 * psi,
             master=4 * psi if mixed else 0,
-            comm=4 * min(psi, DS_ALLREDUCE_BUCKET_ELEMENTS) if dp > 1 else 0,
+            comm=flat,
             grads_persistent=False,
-            comm_timing="reduce",
+            comm_phases=(0, 0, flat, 0),
+            comm_static=False,
             optimizer_step_elements=stage.largest,
             notes=(("grads", f"param.grad, {psi:,} x {w} B"),),
         )
@@ -321,21 +350,40 @@ def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
     moments, master = 8 * part, 4 * part
     bucket = DS_REDUCE_BUCKET_ELEMENTS * w
     if zero in (1, 2):
-        grads = w * psi if zero == 1 else w * part
+        overlap = zero2_gradient_elements(list(stage.tensors), dp)
+        grads = w * psi if zero == 1 else w * overlap
         if t.precision != "fp32":
             grads += 4 * part  # the fp32 gradient partition handed to the optimizer
-        notes.append(("grads", "full param.grad" if zero == 1 else f"1/{dp} partition"))
-        params, persistent, timing = w * psi, False, "backward"
+        notes.append(
+            ("grads", "full param.grad" if zero == 1 else f"params overlapping the 1/{dp} part")
+        )
+        params, persistent = w * psi, False
+        phases: tuple[int, int, int, int] = (bucket, bucket, bucket, bucket)
+        if zero == 2:  # released after every backward (_release_ipg_buffers in its epilogue)
+            phases = (0, bucket, 0, 0)
+        elif cfg.parallel.pp > 1:  # reduce_gradients(pipeline_parallel=True) adds a second one
+            phases = (bucket, bucket, 2 * bucket, bucket)
     else:
         gathered = min(psi, DS_STAGE3_MAX_LIVE_ELEMENTS)
         params, grads = w * (part + gathered), 4 * part
         notes.append(("params", f"1/{dp} partition + {gathered:,} gathered"))
         notes.append(("grads", f"fp32 1/{dp} partition buffer"))
-        persistent, timing = True, "init"
+        persistent, phases = True, (bucket, bucket, bucket, bucket)
     notes.append(("optimizer", f"AdamW exp_avg + exp_avg_sq, fp32 1/{dp}"))
     notes.append(("master", f"fp32 1/{dp} partition"))
     notes.append(("comm_buffers", f"ZeRO reduce bucket, {DS_REDUCE_BUCKET_ELEMENTS:,} elements"))
-    return _States(params, grads, moments, master, bucket, persistent, timing, part, tuple(notes))
+    return _States(
+        params=params,
+        grads=grads,
+        optimizer=moments,
+        master=master,
+        comm=max(phases),
+        grads_persistent=persistent,
+        comm_phases=phases,
+        comm_static=persistent,
+        optimizer_step_elements=part,
+        notes=tuple(notes),
+    )
 
 
 # ----------------------------------------------------------------------------- activations
@@ -480,22 +528,25 @@ class _Phases:
     """Saved activations of the micro-batches in flight, plus the loss's working set."""
     backward: int
     """The largest backward working set (recomputation, the tied-gradient sum)."""
-    after: int
-    """After the last backward: gradient norm, DP reduction, optimizer-step temporaries."""
+    step: int
+    """After the last backward and its reduction: the gradient norm, the optimizer step's
+    temporaries."""
 
 
 def _phases(cfg: RunConfig, stage: _Stage, states: _States, accum: int, device: str) -> _Phases:
-    """The three candidate peaks of ``stage``, each on top of the states alive then.
+    """The candidate peaks of ``stage``, each on top of the states alive then.
 
     Gradients and the ZeRO-1/2 bucket exist from the step's first backward on, so they are
     alive in the forward of every micro-batch but the first (``accum > 1``). Sources: the
     torch kernels' saved tensors (:func:`block_activation_bytes`), the fused loss (:class:`_Loss`),
     autograd summing the tied head's and the lookup's gradients out of place
-    (``2 x [vocab/tp, h]`` when one rank holds both, no pipeline), the manual gradient norm of
-    ZeRO-0 fp32 (``parallel.layers.grad_norm``: a float64 copy of a gradient and its square,
-    ``16`` bytes per element of the largest), torch AdamW's single-tensor step on CPU or under
-    offload (``sqrt`` and the divided ``denom``: two fp32 temporaries of the largest stepped
-    tensor; CUDA's fused AdamW has none), ZeRO-0's flat all-reduce copy.
+    (``2 x [vocab/tp, h]`` next to ``param.grad`` when one rank holds both, no pipeline; under
+    ZeRO-2 the head's gradient is a third copy, outside the gradient partition), the manual
+    gradient norm of ZeRO-0 fp32 (``parallel.layers.grad_norm``: a float64 copy of a gradient
+    and its square, ``16`` bytes per element of the largest), torch AdamW's single-tensor step
+    on CPU or under offload (``sqrt`` and the divided ``denom``: two fp32 temporaries of the
+    largest stepped tensor; CUDA's fused AdamW has none). ZeRO-0's flat all-reduce copy and
+    ZeRO's buckets are :attr:`_States.comm_phases`.
     """
     m, t = cfg.model, cfg.train
     w = _ELEMENT_BYTES[t.precision]
@@ -511,13 +562,14 @@ def _phases(cfg: RunConfig, stage: _Stage, states: _States, accum: int, device: 
         start = forward - loss.working + loss.saved + vocab_rows * m.hidden_size * w
         backward = max(backward, start)
     if stage.embedding and cfg.parallel.pp == 1:
-        backward = max(backward, 2 * vocab_rows * m.hidden_size * w)
-    after = states.comm if states.comm_timing == "reduce" else 0
+        copies = 3 if t.zero_stage == 2 else 2
+        backward = max(backward, copies * vocab_rows * m.hidden_size * w)
+    step = 0
     if t.zero_stage == 0 and t.precision == "fp32":
-        after = max(after, 16 * stage.largest)
+        step = max(step, 16 * stage.largest)
     if device == "cpu" or t.cpu_offload:
-        after = max(after, 8 * states.optimizer_step_elements)
-    return _Phases(forward=forward, backward=backward, after=after)
+        step = max(step, 8 * states.optimizer_step_elements)
+    return _Phases(forward=forward, backward=backward, step=step)
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -535,7 +587,7 @@ def _layout(cfg: RunConfig, world_size: int) -> int:
 
 
 def _stage_estimate(cfg: RunConfig, stage: _Stage, dp: int, device: str) -> MemoryEstimate:
-    """The peak of one stage: the largest of its forward, backward and after-backward phases."""
+    """The peak of one stage: the largest of its phases (:class:`_Phases`, the reduction)."""
     t = cfg.train
     b, s = t.micro_batch_size, cfg.data.seq_length
     accum = t.global_batch_size // (b * dp)
@@ -545,14 +597,14 @@ def _stage_estimate(cfg: RunConfig, stage: _Stage, dp: int, device: str) -> Memo
     base = st.params + (0 if offload else st.optimizer + st.master)
     base += accum * b * s * INPUT_BYTES_PER_TOKEN  # the step's batches, held throughout
     grads_fwd = st.grads if st.grads_persistent or accum > 1 else 0
-    comm_fwd = (
-        st.comm if st.comm_timing == "init" or (st.comm_timing == "backward" and accum > 1) else 0
-    )
-    comm_later = st.comm if st.comm_timing != "reduce" else 0
+    comm_fwd, comm_bwd, comm_reduce, comm_step = st.comm_phases
+    if not (st.comm_static or accum > 1):
+        comm_fwd = 0
     totals = {
         "forward": base + grads_fwd + comm_fwd + ph.forward,
-        "backward": base + st.grads + comm_later + ph.backward,
-        "after backward": base + st.grads + comm_later + ph.after,
+        "backward": base + st.grads + comm_bwd + ph.backward,
+        "gradient reduction": base + st.grads + comm_reduce,
+        "gradient norm and optimizer step": base + st.grads + comm_step + ph.step,
     }
     phase = max(totals, key=lambda k: totals[k])
     states = base - accum * b * s * INPUT_BYTES_PER_TOKEN + st.grads + st.comm
@@ -586,6 +638,6 @@ def estimate_memory(
     vocab = resolve_vocab_size(cfg.model, vocab_size)
     layers = layer_parameters(cfg.model, vocab, cfg.parallel.tp, cfg.parallel.pp)
     parts = stage_boundaries(cfg, layers)
-    stages = [_stage(cfg, layers, parts, i, vocab) for i in range(cfg.parallel.pp)]
+    stages = [_stage(cfg, parts, i, vocab) for i in range(cfg.parallel.pp)]
     estimates = [_stage_estimate(cfg, st, dp, device) for st in stages]
     return max(estimates, key=lambda est: est.total)

@@ -46,10 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from megatron_glm.config import RunConfig, load_config  # noqa: E402
-from megatron_glm.planning.memory import (  # noqa: E402
-    DS_REDUCE_BUCKET_ELEMENTS,
-    estimate_memory,
-)
+from megatron_glm.planning.memory import estimate_memory  # noqa: E402
 
 TOLERANCE = 0.10
 DEBUG = bool(os.environ.get("BENCH_MEMORY_DEBUG"))
@@ -163,6 +160,7 @@ class LiveBytes(TorchDispatchMode):
                     if "megatron_glm" in f.filename or "deepspeed" in f.filename
                 ]
                 self.op = str(func)
+                self.top = sorted(self.sizes.values(), reverse=True)[:12]
                 self.where = " <- ".join(
                     f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in frames[::-1][:6]
                 )
@@ -223,8 +221,18 @@ def measure_case(cfg: RunConfig, device: torch.device) -> dict[str, int]:
         for step in range(1, STEPS):
             runner.train_step(batches[step * accum : (step + 1) * accum])
         peak = torch.cuda.max_memory_allocated() if cuda else live.peak
-    if DEBUG and dims.rank == 0:
-        print("PEAK", peak, "static", static, getattr(live, "where", ""), flush=True)
+    if DEBUG:
+        print(
+            "PEAK",
+            dims.rank,
+            peak,
+            "static",
+            static,
+            getattr(live, "op", ""),
+            getattr(live, "where", ""),
+            [round(x / 1e6, 1) for x in getattr(live, "top", [])],
+            flush=True,
+        )
     del runner
     out = torch.tensor([peak, static], dtype=torch.float64)
     gathered = [torch.zeros_like(out) for _ in range(dist.get_world_size())]
@@ -298,7 +306,7 @@ def launch(world: int, cases: list[Case], tmp: Path, *, cuda: bool = False) -> d
         )
     logs = [p.communicate(timeout=900)[0] for p in procs]
     if DEBUG:
-        print("\n".join(line for line in logs[0].splitlines() if line.startswith("PEAK")))
+        print("\n".join(ln for log in logs for ln in log.splitlines() if ln.startswith("PEAK")))
     if any(p.returncode for p in procs) or not out.is_file():
         raise RuntimeError(f"memory workers failed (world {world}):\n{logs[0][-4000:]}")
     return dict(json.loads(out.read_text()))
@@ -325,18 +333,13 @@ class Row:
         return (self.estimated_rest - self.measured_rest) / self.measured_rest
 
 
-def _bucket(cfg: RunConfig) -> int:
-    """DeepSpeed's fixed reduction bucket (ZeRO >= 1), as the estimate counts it."""
-    if cfg.train.zero_stage == 0:
-        return 0
-    return DS_REDUCE_BUCKET_ELEMENTS * (4 if cfg.train.precision == "fp32" else 2)
-
-
 def make_row(case: Case, measured: dict[str, int], device: str) -> Row:
+    """The case's estimate and measurement; ``rest`` leaves out ZeRO's fixed-size buckets
+    (whole multiples of ``reduce_bucket_size`` elements, present at every ZeRO >= 1 peak)."""
     cfg = case.config()
     est = estimate_memory(cfg, case.world, device=device)
     total = est.total + est.host
-    bucket = _bucket(cfg)
+    bucket = est.comm_buffers if cfg.train.zero_stage else 0
     return Row(case, total, measured["peak"], total - bucket, measured["peak"] - bucket,
                measured["static"])  # fmt: skip
 
