@@ -23,8 +23,10 @@ from megatron_glm.planning.memory import (
     estimate_memory,
     final_layernorm_bytes,
     layer_parameters,
+    layer_tensors,
     partition_balanced,
     partition_uniform,
+    zero2_gradient_elements,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,12 +82,22 @@ def test_layer_parameters_sum_to_the_model() -> None:
     model = build_model(cfg.model, vocab_size=vocab, device=torch.device("meta"), seed=0)
     sizes = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
     assert layer_parameters(cfg.model, vocab, 1, 1) == sizes
+    shapes = [[(p.numel(), p.ndim) for p in layer.parameters()] for layer in model.layers]
+    assert layer_tensors(cfg.model, vocab, 1, 1) == shapes  # DeepSpeed's flattening order
     # tp 2: every split tensor halves, the replicated ones (biases of row layers, LayerNorms,
     # position tables) do not; with a pipeline the last stage adds the tied head copy.
     tp2 = layer_parameters(cfg.model, vocab, 2, 2)
     h = cfg.model.hidden_size
     assert tp2[-1] == vocab // 2 * h and len(tp2) == len(sizes) + 1
     assert tp2[1] == (sizes[1] - 4 * h - 2 * h) // 2 + 4 * h + 2 * h
+
+
+def test_zero2_gradient_buffer_counts_whole_overlapping_parameters() -> None:
+    """Rank 1's half of ``[10, 2, 2] + [1, 1]`` starts inside the 10: it holds all of it."""
+    tensors = [(10, 2), (2, 2), (2, 2), (1, 1), (1, 1)]
+    assert zero2_gradient_elements(tensors, 2) == 10 + 2 + 2 + 1
+    assert zero2_gradient_elements(tensors, 1) == 16
+    assert zero2_gradient_elements([(4, 2), (4, 2)], 2) == 4  # boundaries on tensor edges
 
 
 def _saved_bytes(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
