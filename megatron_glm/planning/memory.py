@@ -447,6 +447,20 @@ def block_activation_bytes(cfg: RunConfig, device: str) -> int:
     return total
 
 
+def block_backward_bytes(cfg: RunConfig) -> int:
+    """A block's backward working set at its start, on top of its saved activations.
+
+    Measured: the peak of a block's backward is its first matmul backward (the MLP's
+    ``dense_4h_to_h``), which allocates the gradient of its input ``[T, f/tp]`` (activation
+    dtype) and its weight gradient ``[h, f/tp]`` (model dtype) while everything the block saved
+    is still alive.
+    """
+    m = cfg.model
+    f, e = m.ffn_hidden_size or 4 * m.hidden_size, _ELEMENT_BYTES[cfg.train.precision]
+    tokens = _tokens(cfg)[0]
+    return tokens * f // cfg.parallel.tp * e + m.hidden_size * f // cfg.parallel.tp * e
+
+
 def _checkpointed_block_bytes(cfg: RunConfig) -> int:
     """With ``model.activation_checkpointing`` a block keeps only its input ``[b, r, h]``."""
     return _tokens(cfg)[1] * cfg.model.hidden_size * _ELEMENT_BYTES[cfg.train.precision]
@@ -552,15 +566,15 @@ def _phases(cfg: RunConfig, stage: _Stage, states: _States, accum: int, device: 
     w = _ELEMENT_BYTES[t.precision]
     vocab_rows = stage.vocab // cfg.parallel.tp
     flight = in_flight(cfg, stage.index, accum)
-    forward = flight * saved_activation_bytes(cfg, stage, device)
-    backward = 0
-    if m.activation_checkpointing and stage.blocks:
-        backward = forward + block_activation_bytes(cfg, device)
+    saved = flight * saved_activation_bytes(cfg, stage, device)
+    forward = backward = saved
+    if stage.blocks:  # the last block's backward starts (after recomputing it, if checkpointed)
+        recompute = block_activation_bytes(cfg, device) if m.activation_checkpointing else 0
+        backward = saved + recompute + block_backward_bytes(cfg)
     if stage.loss:
         loss = _loss(cfg, stage.vocab)
         forward += loss.working
-        start = forward - loss.working + loss.saved + vocab_rows * m.hidden_size * w
-        backward = max(backward, start)
+        backward = max(backward, saved + loss.saved + vocab_rows * m.hidden_size * w)
     if stage.embedding and cfg.parallel.pp == 1:
         copies = 3 if t.zero_stage == 2 else 2
         backward = max(backward, copies * vocab_rows * m.hidden_size * w)
