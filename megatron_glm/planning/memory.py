@@ -301,6 +301,8 @@ class _States:
     optimizer_step_elements: int
     """Elements of the largest tensor the torch AdamW steps (its temporaries are that big)."""
     notes: tuple[tuple[str, str], ...]
+    host_extra: int = 0
+    """Host bytes ZeRO-Offload adds besides the optimizer states and master weights."""
 
 
 def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
@@ -369,6 +371,14 @@ def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
         notes.append(("params", f"1/{dp} partition + {gathered:,} gathered"))
         notes.append(("grads", f"fp32 1/{dp} partition buffer"))
         persistent, phases = True, (bucket, bucket, bucket, bucket)
+    host_extra = 0
+    if t.cpu_offload and zero in (1, 2):
+        # stage_1_and_2 with offload: the fp32 gradient partition and a per-parameter
+        # accumulation buffer in host memory, a largest-parameter staging buffer on each side
+        host_extra = 4 * part + w * zero2_gradient_elements(list(stage.tensors), dp)
+        host_extra += w * stage.largest
+        phases = tuple(c + w * stage.largest for c in phases)  # type: ignore[assignment]
+        notes.append(("comm_buffers", "+ the offload staging buffer (largest parameter)"))
     notes.append(("optimizer", f"AdamW exp_avg + exp_avg_sq, fp32 1/{dp}"))
     notes.append(("master", f"fp32 1/{dp} partition"))
     notes.append(("comm_buffers", f"ZeRO reduce bucket, {DS_REDUCE_BUCKET_ELEMENTS:,} elements"))
@@ -383,6 +393,7 @@ def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
         comm_static=persistent,
         optimizer_step_elements=part,
         notes=tuple(notes),
+        host_extra=host_extra,
     )
 
 
@@ -397,7 +408,8 @@ def attention_kind(cfg: RunConfig, device: str) -> str:
     mask (memory-efficient backend: also the float mask bias ``[b, 1, s, s]``). ``flash_cpu``:
     SDPA on CPU without dropout (saves like ``sdpa``). ``math``: SDPA on CPU with dropout, the
     unfused math path (saves the scaled q and k, v, softmax probabilities, the dropout mask and
-    the dropped probabilities: three ``[b, heads/tp, s, s]`` tensors).
+    the dropped probabilities: three ``[b, heads/tp, s, s]`` tensors, all fp32 even for bf16
+    inputs: measured).
     """
     dropout = cfg.model.attention_dropout > 0
     if device == "cuda":
@@ -436,8 +448,8 @@ def block_activation_bytes(cfg: RunConfig, device: str) -> int:
     total += 2 * tokens * f // tp * e  # h->f output, GeLU output
     kind = attention_kind(cfg, device)
     qkv = 3 * tokens * h // tp * e
-    if kind == "math":
-        total += qkv + 3 * b * heads * s * s * e
+    if kind == "math":  # computed in fp32 whatever the input dtype
+        total += 3 * tokens * h // tp * 4 + 3 * b * heads * s * s * 4
     else:
         total += qkv + tokens * h // tp * e + b * heads * s * 4  # q, k, v, output, lse
         if kind != "triton":
@@ -486,7 +498,8 @@ class _Loss:
     The fused cross entropy computes both gradients in forward and saves ``grad_hidden [n, h]``
     and ``grad_weight [vocab/tp, h]`` (``saved``). At its peak (``working``) the selected rows
     ``[n, h]``, ``grad_hidden`` and one chunk of logits ``[c, vocab/tp]`` in the input dtype with
-    two fp32 temporaries of its size (``x - lse`` and its ``exp``) are alive, and
+    two fp32 temporaries of its size (``x - max`` and its ``exp``; a third, the fp32 copy, for
+    16-bit logits) are alive, and
     ``grad_weight`` too once a second chunk starts (``c`` keeps a chunk's logits under
     :data:`LOSS_CHUNK_BYTES`).
     """
@@ -501,7 +514,8 @@ def _loss(cfg: RunConfig, vocab_size: int) -> _Loss:
     v = vocab_size // cfg.parallel.tp
     rows = min(tokens, max(16, LOSS_CHUNK_BYTES // (v * e)))
     weight = v * h * e
-    working = 2 * tokens * h * e + rows * v * (e + 8) + (weight if tokens > rows else 0)
+    temporaries = 8 if e == 4 else 12  # fp32 ``x - max`` and its exp (+ the ``.float()`` copy)
+    working = 2 * tokens * h * e + rows * v * (e + temporaries) + (weight if tokens > rows else 0)
     return _Loss(working=working, saved=tokens * h * e + weight)
 
 
@@ -630,7 +644,7 @@ def _stage_estimate(cfg: RunConfig, stage: _Stage, dp: int, device: str) -> Memo
         master=0 if offload else st.master,
         activations=totals[phase] - states,
         comm_buffers=st.comm,
-        host=st.optimizer + st.master if offload else 0,
+        host=st.optimizer + st.master + st.host_extra if offload else 0,
         stage=stage.index,
         notes=notes,
     )

@@ -11,18 +11,19 @@ tensor, autograd's saved ones included, uses it) and keeps the running sum and i
 RSS: the allocator's caching and untouched pages do not count, as
 ``torch.cuda.max_memory_allocated`` does not count them on a GPU. The peak is taken over the
 steps after the first (the optimizer's state exists from the first update on), on the rank with
-the largest peak, and compared with
-``estimate_memory(..., device="cpu").total`` (offloaded states added: on CPU they are the same
-memory). ``static`` is what is alive right before a steady step's first forward (weights,
-gradients, optimizer, buckets), ``rest`` the peak without DeepSpeed's fixed-size reduction bucket
-(exactly ``reduce_bucket_size`` elements, which would otherwise dominate a small model's figure).
+the largest peak, and compared with ``estimate_memory(..., device="cpu").total`` (offloaded
+states added: on CPU they are the same memory). ``static`` is what is alive right before a
+steady step's first forward (weights, optimizer, persistent buffers), ``rest`` the peak without
+DeepSpeed's fixed-size reduction buckets (whole ``reduce_bucket_size`` elements, which would
+otherwise dominate a small model's figure).
 
     python tools/bench/bench_memory.py [--cases tiny-1,base-tp2] [--check] [--cuda]
 
-``--check`` exits 1 unless every total and every ``rest`` is within 10%. Cases of one world size
-run in one launch (one process per rank, gloo, free port). ``--cuda``: measure on one GPU with
-``torch.cuda.max_memory_allocated`` instead (world-1 cases only; the estimate then counts the
-GPU kernels).
+``--check`` exits 1 unless every total and every ``rest`` is within 10%. Cases of one world
+size run in one launch (one process per rank, gloo, free port). ``BENCH_MEMORY_DEBUG=1``
+prints, per rank, where each peak happened (op, frames, the largest live storages).
+``--cuda``: measure on one GPU with ``torch.cuda.max_memory_allocated`` instead (world-1 cases
+only; the estimate then counts the GPU kernels; not yet run: no GPU was lent).
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from megatron_glm.config import RunConfig, load_config  # noqa: E402
-from megatron_glm.planning.memory import estimate_memory  # noqa: E402
+from megatron_glm.planning.memory import (  # noqa: E402
+    DS_REDUCE_BUCKET_ELEMENTS,
+    estimate_memory,
+)
 
 TOLERANCE = 0.10
 DEBUG = bool(os.environ.get("BENCH_MEMORY_DEBUG"))
@@ -97,6 +101,8 @@ CASES = [
     _case("tiny-1", TINY, 1),
     _case("tiny-1-ckpt", TINY, 1, "model.activation_checkpointing=true"),
     _case("tiny-1-z1", TINY, 1, "train.zero_stage=1"),
+    _case("tiny-1-z1-bf16", TINY, 1, "train.zero_stage=1", "train.precision=bf16"),
+    _case("tiny-1-z2-offload", TINY, 1, "train.zero_stage=2", "train.cpu_offload=true"),
     _case("tiny-dp2-z2", TINY, 2, "train.zero_stage=2"),
     _case("tiny-dp2-z3", TINY, 2, "train.zero_stage=3"),
     _case("tiny-tp2", TINY, 2, "parallel.tp=2"),
@@ -132,6 +138,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
+        self.op, self.where, self.top = "", "", list[int]()
         self.sizes: dict[int, int] = {}
         self.current = 0
         self.peak = 0
@@ -152,18 +159,23 @@ class LiveBytes(TorchDispatchMode):
         if self.current > self.peak:
             self.peak = self.current
             if DEBUG:
-                import traceback
+                self._record_site(func)
 
-                frames = [
-                    f
-                    for f in traceback.extract_stack()[:-3]
-                    if "megatron_glm" in f.filename or "deepspeed" in f.filename
-                ]
-                self.op = str(func)
-                self.top = sorted(self.sizes.values(), reverse=True)[:12]
-                self.where = " <- ".join(
-                    f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in frames[::-1][:6]
-                )
+    def _record_site(self, func: Any) -> None:
+        """``BENCH_MEMORY_DEBUG=1``: the op, the Python frames and the 12 largest storages of
+        the latest peak (printed per rank; how each term of the estimate was located)."""
+        import traceback
+
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-4]
+            if "megatron_glm" in f.filename or "deepspeed" in f.filename
+        ]
+        self.op = str(func)
+        self.top = sorted(self.sizes.values(), reverse=True)[:12]
+        self.where = " <- ".join(
+            f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in frames[::-1][:6]
+        )
 
     def _free(self, key: int) -> None:
         self.current -= self.sizes.pop(key, 0)
@@ -333,13 +345,23 @@ class Row:
         return (self.estimated_rest - self.measured_rest) / self.measured_rest
 
 
+def _buckets(cfg: RunConfig) -> int:
+    """Bytes of ZeRO's ``reduce_bucket_size`` buckets at the peak (two at a pipeline's ZeRO-1
+    reduction, see ``planning.memory._model_states``)."""
+    zero = cfg.train.zero_stage
+    if zero == 0:
+        return 0
+    count = 2 if zero == 1 and cfg.parallel.pp > 1 else 1
+    return count * DS_REDUCE_BUCKET_ELEMENTS * (4 if cfg.train.precision == "fp32" else 2)
+
+
 def make_row(case: Case, measured: dict[str, int], device: str) -> Row:
     """The case's estimate and measurement; ``rest`` leaves out ZeRO's fixed-size buckets
     (whole multiples of ``reduce_bucket_size`` elements, present at every ZeRO >= 1 peak)."""
     cfg = case.config()
     est = estimate_memory(cfg, case.world, device=device)
     total = est.total + est.host
-    bucket = est.comm_buffers if cfg.train.zero_stage else 0
+    bucket = _buckets(cfg)
     return Row(case, total, measured["peak"], total - bucket, measured["peak"] - bucket,
                measured["static"])  # fmt: skip
 
