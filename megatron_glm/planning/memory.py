@@ -19,10 +19,17 @@ Components (:class:`MemoryEstimate`):
 * ``optimizer`` -- AdamW's ``exp_avg`` and ``exp_avg_sq`` (fp32, partitioned by ZeRO >= 1).
 * ``master`` -- fp32 master weights (16-bit precision; ZeRO >= 1 keeps an fp32 partition even
   in fp32 training, it is the optimizer's parameter).
-* ``activations`` -- what the forward saves for backward, for the micro-batches in flight
-  (1 without a pipeline; under 1F1B the first stage holds ``min(pp, micro-batches)``), plus the
-  step's input batches, the loss and the backward's working set.
-* ``comm_buffers`` -- DeepSpeed's gradient reduction / gather buckets and pipeline buffers.
+* ``activations`` -- the rest of the peak: what the forward saves for backward for the
+  micro-batches in flight (1 without a pipeline; under 1F1B the first stage holds
+  ``min(pp, micro-batches)``), the loss's and the backward's working sets, the step's input
+  batches, or at the optimizer step its temporaries (the note says which phase peaked).
+* ``comm_buffers`` -- DeepSpeed's gradient reduction buckets (ZeRO) or flat all-reduce copy.
+
+The peak is the largest of a step's phases (forward with the loss, backward, gradient
+reduction, gradient norm and optimizer step), each counted with what is alive then: gradients
+and ZeRO-1's bucket only from the step's first backward on, ZeRO-2's bucket only inside a
+backward, and so on (:func:`_model_states`, :class:`_Phases`); :attr:`MemoryEstimate.total` is
+that peak.
 
 With ``train.cpu_offload`` the optimizer states and master weights live in host memory: they are
 reported in :attr:`MemoryEstimate.host` and left out of :attr:`MemoryEstimate.total` (device).
@@ -45,8 +52,6 @@ config leaves it at the default."""
 DS_ALLREDUCE_BUCKET_ELEMENTS = 500_000_000
 """``MEMORY_OPT_ALLREDUCE_SIZE`` of ``deepspeed.runtime.engine``: ZeRO-0's data-parallel
 all-reduce flattens gradients into buckets of at most this many elements."""
-DS_STAGE3_PERSISTENCE_THRESHOLD = 100_000
-"""ZeRO-3 ``param_persistence_threshold`` default: smaller parameters stay whole on every rank."""
 DS_STAGE3_MAX_LIVE_ELEMENTS = 1_000_000_000
 """ZeRO-3 ``max_live_parameters`` default: gathered parameter elements kept alive at most."""
 LOSS_CHUNK_BYTES = 128 * 2**20
@@ -330,63 +335,40 @@ def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
       start-up.
     """
     t = cfg.train
-    psi, w, zero = stage.params, _ELEMENT_BYTES[t.precision], t.zero_stage
+    if t.zero_stage == 0:
+        return _zero0_states(cfg, stage, dp)
+    psi, w = stage.params, _ELEMENT_BYTES[t.precision]
     part = -(-psi // dp)  # ceil: DeepSpeed pads the flat buffer to a multiple of dp
-    notes: list[tuple[str, str]] = []
-    if zero == 0:
-        mixed = t.precision != "fp32"
-        flat = 4 * min(psi, DS_ALLREDUCE_BUCKET_ELEMENTS) if dp > 1 else 0
-        states = _States(
-            params=w * psi,
-            grads=w * psi + (4 * psi if mixed else 0),
-            optimizer=8 * psi,
-            master=4 * psi if mixed else 0,
-            comm=flat,
-            grads_persistent=False,
-            comm_phases=(0, 0, flat, 0),
-            comm_static=False,
-            optimizer_step_elements=stage.largest,
-            notes=(("grads", f"param.grad, {psi:,} x {w} B"),),
-        )
-        return states
-    moments, master = 8 * part, 4 * part
     bucket = DS_REDUCE_BUCKET_ELEMENTS * w
-    if zero in (1, 2):
-        overlap = zero2_gradient_elements(list(stage.tensors), dp)
-        grads = w * psi if zero == 1 else w * overlap
-        if t.precision != "fp32":
-            grads += 4 * part  # the fp32 gradient partition handed to the optimizer
-        notes.append(
-            ("grads", "full param.grad" if zero == 1 else f"params overlapping the 1/{dp} part")
-        )
-        params, persistent = w * psi, False
-        phases: tuple[int, int, int, int] = (bucket, bucket, bucket, bucket)
-        if zero == 2:  # released after every backward (_release_ipg_buffers in its epilogue)
-            phases = (0, bucket, 0, 0)
-        elif cfg.parallel.pp > 1:  # reduce_gradients(pipeline_parallel=True) adds a second one
-            phases = (bucket, bucket, 2 * bucket, bucket)
-    else:
+    if t.zero_stage == 3:
         gathered = min(psi, DS_STAGE3_MAX_LIVE_ELEMENTS)
-        params, grads = w * (part + gathered), 4 * part
-        notes.append(("params", f"1/{dp} partition + {gathered:,} gathered"))
-        notes.append(("grads", f"fp32 1/{dp} partition buffer"))
-        persistent, phases = True, (bucket, bucket, bucket, bucket)
+        params, grads, persistent = w * (part + gathered), 4 * part, True
+        phases = (bucket, bucket, bucket, bucket)
+        notes = [
+            ("params", f"1/{dp} partition + {gathered:,} gathered"),
+            ("grads", f"fp32 1/{dp} partition buffer"),
+        ]
+    else:
+        params, grads, phases, notes = _zero12_parts(cfg, stage, dp, bucket)
+        persistent = False
+    notes += [
+        ("optimizer", f"AdamW exp_avg + exp_avg_sq, fp32 1/{dp}"),
+        ("master", f"fp32 1/{dp} partition"),
+        ("comm_buffers", f"ZeRO reduce bucket, {DS_REDUCE_BUCKET_ELEMENTS:,} elements"),
+    ]
     host_extra = 0
-    if t.cpu_offload and zero in (1, 2):
+    if t.cpu_offload and t.zero_stage in (1, 2):
         # stage_1_and_2 with offload: the fp32 gradient partition and a per-parameter
         # accumulation buffer in host memory, a largest-parameter staging buffer on each side
         host_extra = 4 * part + w * zero2_gradient_elements(list(stage.tensors), dp)
         host_extra += w * stage.largest
-        phases = tuple(c + w * stage.largest for c in phases)  # type: ignore[assignment]
-        notes.append(("comm_buffers", "+ the offload staging buffer (largest parameter)"))
-    notes.append(("optimizer", f"AdamW exp_avg + exp_avg_sq, fp32 1/{dp}"))
-    notes.append(("master", f"fp32 1/{dp} partition"))
-    notes.append(("comm_buffers", f"ZeRO reduce bucket, {DS_REDUCE_BUCKET_ELEMENTS:,} elements"))
+        phases = (*(c + w * stage.largest for c in phases),)  # type: ignore[assignment]
+        notes[-1] = ("comm_buffers", notes[-1][1] + " + the offload staging buffer")
     return _States(
         params=params,
         grads=grads,
-        optimizer=moments,
-        master=master,
+        optimizer=8 * part,
+        master=4 * part,
         comm=max(phases),
         grads_persistent=persistent,
         comm_phases=phases,
@@ -395,6 +377,48 @@ def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
         notes=tuple(notes),
         host_extra=host_extra,
     )
+
+
+def _zero0_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
+    """ZeRO-0: see :func:`_model_states`."""
+    t = cfg.train
+    psi, w = stage.params, _ELEMENT_BYTES[t.precision]
+    mixed = t.precision != "fp32"
+    flat = 4 * min(psi, DS_ALLREDUCE_BUCKET_ELEMENTS) if dp > 1 else 0
+    return _States(
+        params=w * psi,
+        grads=w * psi + (4 * psi if mixed else 0),
+        optimizer=8 * psi,
+        master=4 * psi if mixed else 0,
+        comm=flat,
+        grads_persistent=False,
+        comm_phases=(0, 0, flat, 0),
+        comm_static=False,
+        optimizer_step_elements=stage.largest,
+        notes=(
+            ("grads", f"param.grad, {psi:,} x {w} B"),
+            ("comm_buffers", "flat all-reduce copy" if flat else ""),
+        ),
+    )
+
+
+def _zero12_parts(
+    cfg: RunConfig, stage: _Stage, dp: int, bucket: int
+) -> tuple[int, int, tuple[int, int, int, int], list[tuple[str, str]]]:
+    """ZeRO-1/2 weights, gradients and bucket phases: see :func:`_model_states`."""
+    t = cfg.train
+    psi, w, zero = stage.params, _ELEMENT_BYTES[t.precision], t.zero_stage
+    overlap = zero2_gradient_elements(list(stage.tensors), dp)
+    grads = w * psi if zero == 1 else w * overlap
+    if t.precision != "fp32":
+        grads += 4 * -(-psi // dp)  # the fp32 gradient partition handed to the optimizer
+    phases = (bucket, bucket, bucket, bucket)
+    if zero == 2:  # released after every backward (_release_ipg_buffers in its epilogue)
+        phases = (0, bucket, 0, 0)
+    elif cfg.parallel.pp > 1:  # reduce_gradients(pipeline_parallel=True) adds a second one
+        phases = (bucket, bucket, 2 * bucket, bucket)
+    note = "full param.grad" if zero == 1 else f"whole params overlapping the 1/{dp} part"
+    return w * psi, grads, phases, [("grads", note)]
 
 
 # ----------------------------------------------------------------------------- activations

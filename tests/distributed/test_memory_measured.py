@@ -5,8 +5,9 @@
 estimate (``megatron_glm.planning.memory``, CPU kernels) must be within 10% of the worst
 rank's peak, both in total and without ZeRO's fixed-size bucket (which would otherwise make
 any estimate of a small model look right). Two launches (one per world size) cover one
-process with and without activation checkpointing, ZeRO-2 over 2 ranks, tp 2 with sequence
-parallelism and a 2-stage pipeline; the bench prints the full table (glm-base shapes too).
+process with and without activation checkpointing, bf16 ZeRO-1, ZeRO-2 over 2 ranks, tp 2 with
+sequence parallelism and a 2-stage pipeline; the bench prints the full table (glm-base shapes
+too).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("memory")]
 
 REPO = Path(__file__).resolve().parents[2]
-CASES = ["tiny-1", "tiny-1-ckpt", "tiny-dp2-z2", "tiny-tp2-sp", "tiny-pp2"]
+CASES = ["tiny-1", "tiny-1-ckpt", "tiny-1-z1-bf16", "tiny-dp2-z2", "tiny-tp2-sp", "tiny-pp2"]
 
 
 def _bench() -> ModuleType:
