@@ -7,8 +7,13 @@ DeepSpeed's default bucket sizes; the model saves what its torch or Triton kerne
 backward); each helper's docstring names its source. All figures are bytes on one rank, for the
 rank that needs the most (with a pipeline: the stage with the largest total).
 
-The figures are checked against measured peaks of live tensor bytes in real training steps
-(``tools/bench/bench_memory.py``, ``tests/unit/test_memory_estimate.py``): within 10%.
+The figures are checked against measured peaks of live tensor bytes in real training steps on
+CPU (``tools/bench/bench_memory.py``, ``tests/distributed/test_memory_measured.py``): within 10%
+for glm-tiny and a 2-layer glm-base shape at tp 1/2 (with SP), pp 1/2, ZeRO 0-3, checkpointing
+on/off, fp32 and bf16 (ZeRO-1), ZeRO-2 offload. Not measured yet: the GPU kernels' terms
+(Triton attention and bias-dropout-add; no GPU was lent), 16-bit ZeRO-0 and ZeRO-2/3. Known
+gap: under tensor parallelism a block keeps one more ``[b, s, h]`` tensor than counted here
+(measured: +T h e per block on glm-tiny at tp 2, about 5% of its peak; the op is not yet found).
 
 Components (:class:`MemoryEstimate`):
 
@@ -19,10 +24,17 @@ Components (:class:`MemoryEstimate`):
 * ``optimizer`` -- AdamW's ``exp_avg`` and ``exp_avg_sq`` (fp32, partitioned by ZeRO >= 1).
 * ``master`` -- fp32 master weights (16-bit precision; ZeRO >= 1 keeps an fp32 partition even
   in fp32 training, it is the optimizer's parameter).
-* ``activations`` -- what the forward saves for backward, for the micro-batches in flight
-  (1 without a pipeline; under 1F1B the first stage holds ``min(pp, micro-batches)``), plus the
-  step's input batches, the loss and the backward's working set.
-* ``comm_buffers`` -- DeepSpeed's gradient reduction / gather buckets and pipeline buffers.
+* ``activations`` -- the rest of the peak: what the forward saves for backward for the
+  micro-batches in flight (1 without a pipeline; under 1F1B the first stage holds
+  ``min(pp, micro-batches)``), the loss's and the backward's working sets, the step's input
+  batches, or at the optimizer step its temporaries (the note says which phase peaked).
+* ``comm_buffers`` -- DeepSpeed's gradient reduction buckets (ZeRO) or flat all-reduce copy.
+
+The peak is the largest of a step's phases (forward with the loss, backward, gradient
+reduction, gradient norm and optimizer step), each counted with what is alive then: gradients
+and ZeRO-1's bucket only from the step's first backward on, ZeRO-2's bucket only inside a
+backward, and so on (:func:`_model_states`, :class:`_Phases`); :attr:`MemoryEstimate.total` is
+that peak.
 
 With ``train.cpu_offload`` the optimizer states and master weights live in host memory: they are
 reported in :attr:`MemoryEstimate.host` and left out of :attr:`MemoryEstimate.total` (device).
@@ -45,10 +57,8 @@ config leaves it at the default."""
 DS_ALLREDUCE_BUCKET_ELEMENTS = 500_000_000
 """``MEMORY_OPT_ALLREDUCE_SIZE`` of ``deepspeed.runtime.engine``: ZeRO-0's data-parallel
 all-reduce flattens gradients into buckets of at most this many elements."""
-DS_STAGE3_PERSISTENCE_THRESHOLD = 100_000
-"""ZeRO-3 ``param_persistence_threshold`` default: smaller parameters stay whole on every rank."""
-DS_STAGE3_PREFETCH_ELEMENTS = 50_000_000
-"""ZeRO-3 ``prefetch_bucket_size`` default (elements gathered ahead of use)."""
+DS_STAGE3_MAX_LIVE_ELEMENTS = 1_000_000_000
+"""ZeRO-3 ``max_live_parameters`` default: gathered parameter elements kept alive at most."""
 LOSS_CHUNK_BYTES = 128 * 2**20
 """``megatron_glm.kernels.cross_entropy.CHUNK_BYTES``: one chunk of loss logits at most."""
 INPUT_BYTES_PER_TOKEN = 8 + 8 + 4 + 16
@@ -115,34 +125,57 @@ class MemoryEstimate:
 # ----------------------------------------------------------------------------- parameters
 
 
-def block_parameters(cfg: ModelConfig, tp: int) -> int:
-    """One ``GLMBlock``'s parameters on one TP rank (``model.transformer``).
+def layer_tensors(
+    cfg: ModelConfig, vocab_size: int, tp: int, pp: int
+) -> list[list[tuple[int, int]]]:
+    """``(elements, ndim)`` of every parameter tensor on one TP rank, per layer, in
+    ``module.parameters()`` order (what DeepSpeed flattens and partitions).
 
-    Column-parallel QKV ``[3h/tp, h]`` + bias, row-parallel dense ``[h, h/tp]`` + full bias,
-    column ``h -> f/tp`` + bias, row ``f/tp -> h`` + full bias, two LayerNorms (replicated).
+    Layers as in ``GLMModel.layers``: ``EmbeddingLayer`` (word ``[vocab/tp, h]``, position and
+    block-position tables ``[P, h]``), each ``GLMBlock`` (``model.transformer``: LayerNorm,
+    column-parallel QKV ``[3h/tp, h]`` + bias, row-parallel dense ``[h, h/tp]`` + full bias,
+    LayerNorm, column ``[f/tp, h]`` + bias, row ``[h, f/tp]`` + full bias), ``FinalLayerNorm``,
+    and with a pipeline the ``TiedHead`` (``training.pipeline``: the last stage's own copy of
+    the word embedding shard).
     """
-    h = cfg.hidden_size
-    assert cfg.ffn_hidden_size is not None
-    f = cfg.ffn_hidden_size
-    attention = (3 * h * h + 3 * h) // tp + h * h // tp + h
-    mlp = (h * f + f) // tp + f * h // tp + h
-    return attention + mlp + 4 * h
+    h, p = cfg.hidden_size, cfg.max_position_embeddings
+    f = cfg.ffn_hidden_size or 4 * h
+    word = (vocab_size // tp * h, 2)
+    norm = [(h, 1), (h, 1)]
+    block = [*norm, (3 * h * h // tp, 2), (3 * h // tp, 1), (h * h // tp, 2), (h, 1)]
+    block += [*norm, (f * h // tp, 2), (f // tp, 1), (h * f // tp, 2), (h, 1)]
+    layers = [[word, (p * h, 2), (p * h, 2)], *[list(block) for _ in range(cfg.num_layers)]]
+    layers.append(list(norm))
+    if pp > 1:
+        layers.append([word])
+    return layers
 
 
 def layer_parameters(cfg: ModelConfig, vocab_size: int, tp: int, pp: int) -> list[int]:
-    """Per-layer parameter counts on one TP rank, in ``GLMModel.layers`` order.
+    """Per-layer parameter counts on one TP rank (sums of :func:`layer_tensors`)."""
+    return [sum(n for n, _ in layer) for layer in layer_tensors(cfg, vocab_size, tp, pp)]
 
-    ``[EmbeddingLayer, GLMBlock x L, FinalLayerNorm]``, and with a pipeline also the
-    ``TiedHead`` (``training.pipeline``: the last stage holds its own copy of the word
-    embedding shard ``[vocab/tp, h]``).
+
+def zero2_gradient_elements(tensors: list[tuple[int, int]], dp: int) -> int:
+    """Elements of ZeRO-2's ``grads_in_partition`` on the rank that holds the most.
+
+    ``DeepSpeedZeroOptimizer`` flattens each AdamW group (``training.engine.param_groups``:
+    matrices, then 1-D tensors) and cuts it into ``dp`` equal partitions, but the gradient
+    buffer it allocates is sized by the *whole* parameters that overlap the partition
+    (``params_in_partition``), so a rank whose partition touches a large tensor (the word
+    embedding) holds all of its gradient.
     """
-    h, p = cfg.hidden_size, cfg.max_position_embeddings
-    layers = [vocab_size // tp * h + 2 * p * h]
-    layers += [block_parameters(cfg, tp)] * cfg.num_layers
-    layers.append(2 * h)
-    if pp > 1:
-        layers.append(vocab_size // tp * h)
-    return layers
+    worst = [0] * dp
+    for group in ([n for n, d in tensors if d >= 2], [n for n, d in tensors if d < 2]):
+        part = -(-sum(group) // dp)
+        start = 0
+        for n in group:
+            for rank in range(dp):
+                lo, hi = rank * part, (rank + 1) * part
+                if start < hi and start + n > lo:
+                    worst[rank] += n
+            start += n
+    return max(worst)
 
 
 def partition_uniform(num_items: int, num_parts: int) -> list[int]:
@@ -210,6 +243,52 @@ def stage_boundaries(cfg: RunConfig, layers: list[int]) -> list[int]:
     return partition_balanced([1 if pattern.search(n) else 0 for n in names], pp)
 
 
+# ----------------------------------------------------------------------------- one stage
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """The layers one pipeline stage holds (the whole model without a pipeline)."""
+
+    index: int
+    first: int
+    last: int
+    """Layers ``[first, last)`` of ``layer_parameters``."""
+    params: int
+    blocks: int
+    embedding: bool
+    """Holds the word embedding (the first stage)."""
+    loss: bool
+    """Computes the loss (the last stage; it also holds the tied head copy under a pipeline)."""
+    tensors: tuple[tuple[int, int], ...]
+    """``(elements, ndim)`` of the stage's parameter tensors (:func:`layer_tensors`)."""
+    vocab: int
+    """The padded vocabulary size (the loss's and the tied weights' rows, over tp)."""
+
+    @property
+    def largest(self) -> int:
+        """Elements of the largest parameter tensor."""
+        return max(n for n, _ in self.tensors)
+
+
+def _stage(cfg: RunConfig, parts: list[int], index: int, vocab: int) -> _Stage:
+    m = cfg.model
+    layers = layer_tensors(m, vocab, cfg.parallel.tp, cfg.parallel.pp)
+    first, last = parts[index], parts[index + 1]
+    tensors = tuple(t for layer in layers[first:last] for t in layer)
+    return _Stage(
+        index=index,
+        first=first,
+        last=last,
+        params=sum(n for n, _ in tensors),
+        blocks=sum(1 for i in range(first, last) if 1 <= i <= m.num_layers),
+        embedding=first == 0,
+        loss=last > m.num_layers,
+        tensors=tensors,
+        vocab=vocab,
+    )
+
+
 # ----------------------------------------------------------------------------- model states
 
 
@@ -220,77 +299,131 @@ class _States:
     optimizer: int
     master: int
     comm: int
+    grads_persistent: bool
+    """Gradient storage alive between steps (ZeRO-3's partition buffer); else it exists from
+    the step's first backward (``param.grad`` is set to None after each update)."""
+    comm_phases: tuple[int, int, int, int]
+    """Bucket bytes alive in (forward, backward, the gradient reduction after the last
+    backward, the optimizer step). The forward's figure holds from the step's second
+    micro-batch on, unless ``comm_static``."""
+    comm_static: bool
+    """Buckets allocated at start-up (ZeRO-3), alive in every forward."""
+    optimizer_step_elements: int
+    """Elements of the largest tensor the torch AdamW steps (its temporaries are that big)."""
     notes: tuple[tuple[str, str], ...]
+    host_extra: int = 0
+    """Host bytes ZeRO-Offload adds besides the optimizer states and master weights."""
 
 
-def _model_states(cfg: RunConfig, stage_params: list[int], dp: int, pipelined: bool) -> _States:
-    """Weights, gradients, AdamW moments and master weights of one rank, by ZeRO stage.
+def _model_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
+    """Weights, gradients, AdamW moments, master weights and buckets of one rank, by ZeRO stage.
 
-    ``stage_params`` are this stage's per-layer parameter counts on one TP rank. Sources:
-    ZeRO-0 fp32 is DeepSpeed's plain engine around our torch AdamW (weights, ``param.grad``,
-    ``exp_avg`` + ``exp_avg_sq``); ZeRO-1/2 is ``DeepSpeedZeroOptimizer`` (a flat buffer of the
-    16-bit or fp32 weights, an fp32 partition of ``1/dp`` as the optimizer's parameter, its
-    moments, full ``param.grad`` at ZeRO-1 or a ``1/dp`` gradient partition at ZeRO-2, one
-    reduction bucket of :data:`DS_REDUCE_BUCKET_ELEMENTS`); ZeRO-3 is
-    ``DeepSpeedZeroOptimizer_Stage3`` (weights partitioned ``1/dp``, parameters under
-    :data:`DS_STAGE3_PERSISTENCE_THRESHOLD` kept whole, the rest gathered for compute);
-    16-bit ZeRO-0 is DeepSpeed's ``BF16_Optimizer`` / fp16 optimizer (fp32 master and moments,
-    fp32 gradient accumulation).
+    Measured on CPU (``tools/bench/bench_memory.py``) and read from DeepSpeed 0.19:
+
+    * ZeRO-0 fp32: DeepSpeed's plain engine around our torch AdamW: weights, ``param.grad``
+      (set to None after each update), ``exp_avg`` + ``exp_avg_sq``. With ``dp > 1`` the
+      gradients are all-reduced through a flat copy of at most
+      :data:`DS_ALLREDUCE_BUCKET_ELEMENTS` (``buffered_allreduce_fallback``).
+    * ZeRO-0 bf16/fp16: DeepSpeed's 16-bit optimizer wrappers: 16-bit weights and gradients,
+      fp32 master weights and fp32 gradients for the update (not measured on CPU).
+    * ZeRO-1/2 (``DeepSpeedZeroOptimizer``): the weights in one flat buffer (padded to a multiple
+      of ``dp``), an fp32 partition of ``1/dp`` that is the optimizer's parameter (even in fp32),
+      its moments, full ``param.grad`` (ZeRO-1) or the gradient partition
+      (:func:`zero2_gradient_elements`, ZeRO-2), one reduction bucket of
+      :data:`DS_REDUCE_BUCKET_ELEMENTS` allocated at the first backward (``setup_buckets``;
+      ZeRO-2 releases it at the end of every backward, and under a pipeline ZeRO-1's
+      ``reduce_gradients`` appends a second one for the reduction).
+    * ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``): a ``1/dp`` weight partition, the gathered
+      weights (with the default ``max_live_parameters`` of 1e9 every gathered parameter of a
+      model this size stays gathered through the step), the fp32 partition and its moments, a
+      persistent fp32 ``1/dp`` gradient buffer and the reduction bucket, both allocated at
+      start-up.
     """
     t = cfg.train
-    psi = sum(stage_params)
-    w = _ELEMENT_BYTES[t.precision]
-    zero = t.zero_stage
+    if t.zero_stage == 0:
+        return _zero0_states(cfg, stage, dp)
+    psi, w = stage.params, _ELEMENT_BYTES[t.precision]
     part = -(-psi // dp)  # ceil: DeepSpeed pads the flat buffer to a multiple of dp
-    moments = 8 * (psi if zero == 0 else part)
-    notes: list[tuple[str, str]] = []
-    if zero == 0:
-        params, master = w * psi, 0 if t.precision == "fp32" else 4 * psi
-        grads = w * psi if t.precision == "fp32" else (w + 4) * psi
-        comm = 4 * min(psi, DS_ALLREDUCE_BUCKET_ELEMENTS) if dp > 1 else 0
-        notes.append(("grads", f"param.grad, {psi:,} x {w} B"))
-    elif zero in (1, 2):
-        params, master = w * psi, 4 * part
-        grads = w * psi if zero == 1 else w * part
-        if t.precision != "fp32":
-            grads += 4 * part  # the fp32 gradient partition handed to the optimizer
-        comm = _reduce_bucket_bytes(t.precision)
-        notes.append(("grads", "full param.grad" if zero == 1 else f"1/{dp} partition"))
+    bucket = DS_REDUCE_BUCKET_ELEMENTS * w
+    if t.zero_stage == 3:
+        gathered = min(psi, DS_STAGE3_MAX_LIVE_ELEMENTS)
+        params, grads, persistent = w * (part + gathered), 4 * part, True
+        phases = (bucket, bucket, bucket, bucket)
+        notes = [
+            ("params", f"1/{dp} partition + {gathered:,} gathered"),
+            ("grads", f"fp32 1/{dp} partition buffer"),
+        ]
     else:
-        persistent = sum(n for n in _stage3_param_sizes(cfg, stage_params) if n <= 100_000)
-        params = w * (part + persistent + _stage3_gathered(cfg, stage_params))
-        grads, master = w * part + (4 * part if t.precision != "fp32" else 0), 4 * part
-        comm = _reduce_bucket_bytes(t.precision)
-        notes.append(("params", f"1/{dp} partition + gathered + {persistent:,} persistent"))
-    if pipelined:
-        comm += 0  # pipeline send/recv buffers are counted with the activations
-    notes.append(
-        ("optimizer", f"AdamW exp_avg + exp_avg_sq, fp32{'' if zero == 0 else f' 1/{dp}'}")
+        params, grads, phases, notes = _zero12_parts(cfg, stage, dp, bucket)
+        persistent = False
+    notes += [
+        ("optimizer", f"AdamW exp_avg + exp_avg_sq, fp32 1/{dp}"),
+        ("master", f"fp32 1/{dp} partition"),
+        ("comm_buffers", f"ZeRO reduce bucket, {DS_REDUCE_BUCKET_ELEMENTS:,} elements"),
+    ]
+    host_extra = 0
+    if t.cpu_offload and t.zero_stage in (1, 2):
+        # stage_1_and_2 with offload: the fp32 gradient partition and a per-parameter
+        # accumulation buffer in host memory, a largest-parameter staging buffer on each side
+        host_extra = 4 * part + w * zero2_gradient_elements(list(stage.tensors), dp)
+        host_extra += w * stage.largest
+        phases = (*(c + w * stage.largest for c in phases),)  # type: ignore[assignment]
+        notes[-1] = ("comm_buffers", notes[-1][1] + " + the offload staging buffer")
+    return _States(
+        params=params,
+        grads=grads,
+        optimizer=8 * part,
+        master=4 * part,
+        comm=max(phases),
+        grads_persistent=persistent,
+        comm_phases=phases,
+        comm_static=persistent,
+        optimizer_step_elements=part,
+        notes=tuple(notes),
+        host_extra=host_extra,
     )
-    notes.append(("comm_buffers", f"DeepSpeed ZeRO-{zero} bucket"))
-    return _States(params, grads, moments, master, comm, tuple(notes))
 
 
-def _reduce_bucket_bytes(precision: str) -> int:
-    """One ``reduce_bucket_size`` bucket in the gradient-reduction dtype (``setup_buckets``)."""
-    return DS_REDUCE_BUCKET_ELEMENTS * _ELEMENT_BYTES[precision]
+def _zero0_states(cfg: RunConfig, stage: _Stage, dp: int) -> _States:
+    """ZeRO-0: see :func:`_model_states`."""
+    t = cfg.train
+    psi, w = stage.params, _ELEMENT_BYTES[t.precision]
+    mixed = t.precision != "fp32"
+    flat = 4 * min(psi, DS_ALLREDUCE_BUCKET_ELEMENTS) if dp > 1 else 0
+    return _States(
+        params=w * psi,
+        grads=w * psi + (4 * psi if mixed else 0),
+        optimizer=8 * psi,
+        master=4 * psi if mixed else 0,
+        comm=flat,
+        grads_persistent=False,
+        comm_phases=(0, 0, flat, 0),
+        comm_static=False,
+        optimizer_step_elements=stage.largest,
+        notes=(
+            ("grads", f"param.grad, {psi:,} x {w} B"),
+            ("comm_buffers", "flat all-reduce copy" if flat else ""),
+        ),
+    )
 
 
-def _stage3_param_sizes(cfg: RunConfig, stage_params: list[int]) -> list[int]:
-    """Sizes of the individual parameter tensors of one stage (ZeRO-3 decides per tensor)."""
-    del stage_params
-    m, tp = cfg.model, cfg.parallel.tp
-    h, p = m.hidden_size, m.max_position_embeddings
-    assert m.ffn_hidden_size is not None
-    f = m.ffn_hidden_size
-    block = [h, h, 3 * h * h // tp, 3 * h // tp, h * h // tp, h, h, h]
-    block += [h * f // tp, f // tp, f * h // tp, h]
-    return [p * h, p * h, *block * m.num_layers, h, h]
-
-
-def _stage3_gathered(cfg: RunConfig, stage_params: list[int]) -> int:
-    """Elements ZeRO-3 holds gathered at the peak: the largest layer being computed."""
-    return max(stage_params)
+def _zero12_parts(
+    cfg: RunConfig, stage: _Stage, dp: int, bucket: int
+) -> tuple[int, int, tuple[int, int, int, int], list[tuple[str, str]]]:
+    """ZeRO-1/2 weights, gradients and bucket phases: see :func:`_model_states`."""
+    t = cfg.train
+    psi, w, zero = stage.params, _ELEMENT_BYTES[t.precision], t.zero_stage
+    overlap = zero2_gradient_elements(list(stage.tensors), dp)
+    grads = w * psi if zero == 1 else w * overlap
+    if t.precision != "fp32":
+        grads += 4 * -(-psi // dp)  # the fp32 gradient partition handed to the optimizer
+    phases = (bucket, bucket, bucket, bucket)
+    if zero == 2:  # released after every backward (_release_ipg_buffers in its epilogue)
+        phases = (0, bucket, 0, 0)
+    elif cfg.parallel.pp > 1:  # reduce_gradients(pipeline_parallel=True) adds a second one
+        phases = (bucket, bucket, 2 * bucket, bucket)
+    note = "full param.grad" if zero == 1 else f"whole params overlapping the 1/{dp} part"
+    return w * psi, grads, phases, [("grads", note)]
 
 
 # ----------------------------------------------------------------------------- activations
@@ -304,7 +437,8 @@ def attention_kind(cfg: RunConfig, device: str) -> str:
     mask (memory-efficient backend: also the float mask bias ``[b, 1, s, s]``). ``flash_cpu``:
     SDPA on CPU without dropout (saves like ``sdpa``). ``math``: SDPA on CPU with dropout, the
     unfused math path (saves the scaled q and k, v, softmax probabilities, the dropout mask and
-    the dropped probabilities: three ``[b, heads/tp, s, s]`` tensors).
+    the dropped probabilities: three ``[b, heads/tp, s, s]`` tensors, all fp32 even for bf16
+    inputs: measured).
     """
     dropout = cfg.model.attention_dropout > 0
     if device == "cuda":
@@ -312,6 +446,12 @@ def attention_kind(cfg: RunConfig, device: str) -> str:
             return "triton"
         return "sdpa"
     return "math" if dropout else "flash_cpu"
+
+
+def _tokens(cfg: RunConfig) -> tuple[int, int]:
+    """``(T, r)``: tokens of a micro-batch, and of its sequence-parallel slice (T without SP)."""
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_length
+    return tokens, tokens // cfg.parallel.tp if cfg.parallel.sequence_parallel else tokens
 
 
 def block_activation_bytes(cfg: RunConfig, device: str) -> int:
@@ -328,10 +468,8 @@ def block_activation_bytes(cfg: RunConfig, device: str) -> int:
     """
     m, tp = cfg.model, cfg.parallel.tp
     b, s, h = cfg.train.micro_batch_size, cfg.data.seq_length, m.hidden_size
-    assert m.ffn_hidden_size is not None
-    f, e = m.ffn_hidden_size, _ELEMENT_BYTES[cfg.train.precision]
-    tokens = b * s
-    r = tokens // tp if cfg.parallel.sequence_parallel else tokens
+    f, e = m.ffn_hidden_size or 4 * h, _ELEMENT_BYTES[cfg.train.precision]
+    tokens, r = _tokens(cfg)
     heads = m.num_attention_heads // tp
     total = 2 * r * h * e + 4 * r * 4  # LayerNorm inputs + mean/rstd
     total += 2 * tokens * h * e  # LayerNorm outputs (matmul inputs)
@@ -339,8 +477,8 @@ def block_activation_bytes(cfg: RunConfig, device: str) -> int:
     total += 2 * tokens * f // tp * e  # h->f output, GeLU output
     kind = attention_kind(cfg, device)
     qkv = 3 * tokens * h // tp * e
-    if kind == "math":
-        total += qkv + 3 * b * heads * s * s * e
+    if kind == "math":  # computed in fp32 whatever the input dtype
+        total += 3 * tokens * h // tp * 4 + 3 * b * heads * s * s * 4
     else:
         total += qkv + tokens * h // tp * e + b * heads * s * 4  # q, k, v, output, lse
         if kind != "triton":
@@ -350,69 +488,145 @@ def block_activation_bytes(cfg: RunConfig, device: str) -> int:
     return total
 
 
+def block_backward_bytes(cfg: RunConfig) -> int:
+    """A block's backward working set at its start, on top of its saved activations.
+
+    Measured: the peak of a block's backward is its first matmul backward (the MLP's
+    ``dense_4h_to_h``), which allocates the gradient of its input ``[T, f/tp]`` (activation
+    dtype) and its weight gradient ``[h, f/tp]`` (model dtype) while everything the block saved
+    is still alive.
+    """
+    m = cfg.model
+    f, e = m.ffn_hidden_size or 4 * m.hidden_size, _ELEMENT_BYTES[cfg.train.precision]
+    tokens = _tokens(cfg)[0]
+    return tokens * f // cfg.parallel.tp * e + m.hidden_size * f // cfg.parallel.tp * e
+
+
 def _checkpointed_block_bytes(cfg: RunConfig) -> int:
     """With ``model.activation_checkpointing`` a block keeps only its input ``[b, r, h]``."""
-    m, tp = cfg.model, cfg.parallel.tp
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_length
-    r = tokens // tp if cfg.parallel.sequence_parallel else tokens
-    return r * m.hidden_size * _ELEMENT_BYTES[cfg.train.precision]
+    return _tokens(cfg)[1] * cfg.model.hidden_size * _ELEMENT_BYTES[cfg.train.precision]
 
 
 def embedding_activation_bytes(cfg: RunConfig) -> int:
     """``EmbeddingLayer``: ``nn.Dropout``'s bool mask ``[b, r, h]`` (1 byte) when it drops."""
-    if cfg.model.hidden_dropout == 0:
-        return 0
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_length
-    r = tokens // cfg.parallel.tp if cfg.parallel.sequence_parallel else tokens
-    return r * cfg.model.hidden_size
+    return _tokens(cfg)[1] * cfg.model.hidden_size if cfg.model.hidden_dropout > 0 else 0
 
 
-def head_activation_bytes(cfg: RunConfig, vocab_size: int) -> int:
-    """Final LayerNorm and the loss on the last stage, every position a loss position (bound).
+def final_layernorm_bytes(cfg: RunConfig) -> int:
+    """``FinalLayerNorm``: its saved input and statistics, and its output ``[b, s, h]`` (the
+    model's hidden states, gathered to the full sequence under SP), alive through the loss."""
+    tokens, r = _tokens(cfg)
+    e, h = _ELEMENT_BYTES[cfg.train.precision], cfg.model.hidden_size
+    return r * h * e + 2 * r * 4 + tokens * h * e
 
-    ``FinalLayerNorm`` saves its input (``[b, r, h]``); ``kernels.cross_entropy`` computes the
-    gradients in forward and saves ``grad_hidden [n, h]`` and ``grad_weight [vocab/tp, h]``, with
-    the selected rows ``[n, h]`` and a chunk of logits (at most :data:`LOSS_CHUNK_BYTES`, plus
-    its softmax) alive meanwhile.
+
+@dataclass(frozen=True)
+class _Loss:
+    """The loss's memory (``kernels.cross_entropy``), every position a loss position (a bound).
+
+    The fused cross entropy computes both gradients in forward and saves ``grad_hidden [n, h]``
+    and ``grad_weight [vocab/tp, h]`` (``saved``). At its peak (``working``) the selected rows
+    ``[n, h]``, ``grad_hidden`` and one chunk of logits ``[c, vocab/tp]`` in the input dtype with
+    two fp32 temporaries of its size (``x - max`` and its ``exp``; a third, the fp32 copy, for
+    16-bit logits) are alive, and
+    ``grad_weight`` too once a second chunk starts (``c`` keeps a chunk's logits under
+    :data:`LOSS_CHUNK_BYTES`).
     """
-    m, tp = cfg.model, cfg.parallel.tp
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_length
-    r = tokens // tp if cfg.parallel.sequence_parallel else tokens
-    e, h = _ELEMENT_BYTES[cfg.train.precision], m.hidden_size
-    v = vocab_size // tp
-    chunk = min(tokens * v * e, max(LOSS_CHUNK_BYTES // (v * e), 16) * v * e)
-    return r * h * e + 2 * r * 4 + 2 * tokens * h * e + v * h * e + 2 * chunk
+
+    working: int
+    saved: int
 
 
-def activation_bytes(
-    cfg: RunConfig, *, stage: int, parts: list[int], vocab_size: int, dp: int, device: str
-) -> int:
-    """Activations of one stage at its peak: saved tensors of the micro-batches in flight.
+def _loss(cfg: RunConfig, vocab_size: int) -> _Loss:
+    tokens, _ = _tokens(cfg)
+    e, h = _ELEMENT_BYTES[cfg.train.precision], cfg.model.hidden_size
+    v = vocab_size // cfg.parallel.tp
+    rows = min(tokens, max(16, LOSS_CHUNK_BYTES // (v * e)))
+    weight = v * h * e
+    temporaries = 8 if e == 4 else 12  # fp32 ``x - max`` and its exp (+ the ``.float()`` copy)
+    working = 2 * tokens * h * e + rows * v * (e + temporaries) + (weight if tokens > rows else 0)
+    return _Loss(working=working, saved=tokens * h * e + weight)
 
-    Without a pipeline one micro-batch is in flight (``DataParallelRunner`` runs forward and
-    backward per micro-batch). DeepSpeed's 1F1B ``TrainSchedule`` keeps
-    ``min(pp - stage, micro-batches)`` micro-batches in flight on ``stage`` (its
-    ``num_pipe_buffers``), so the first stage holds the most. With activation checkpointing
-    each block keeps its input and one block at a time is recomputed in backward. The step's
-    input batches (all micro-batches, :data:`INPUT_BYTES_PER_TOKEN`) are held throughout.
+
+def in_flight(cfg: RunConfig, stage: int, accum: int) -> int:
+    """Micro-batches whose activations a stage holds at once.
+
+    One without a pipeline (``DataParallelRunner``: forward and backward per micro-batch);
+    DeepSpeed's 1F1B ``TrainSchedule`` runs ``min(pp - stage, micro-batches)`` forwards ahead
+    of their backwards on ``stage`` (its ``num_pipe_buffers`` before the floor of 2 buffers).
     """
-    pp, m = cfg.parallel.pp, cfg.model
-    b, s = cfg.train.micro_batch_size, cfg.data.seq_length
-    accum = cfg.train.global_batch_size // (b * dp)
-    in_flight = min(pp - stage, accum) if pp > 1 else 1
-    first, last = parts[stage], parts[stage + 1]
-    blocks = sum(1 for i in range(first, last) if 1 <= i <= m.num_layers)
+    return min(cfg.parallel.pp - stage, accum) if cfg.parallel.pp > 1 else 1
+
+
+def saved_activation_bytes(cfg: RunConfig, stage: _Stage, device: str) -> int:
+    """What one micro-batch's forward leaves saved on ``stage`` (blocks, embedding, final LN),
+    plus, on a stage that sends, its output ``[b, r, h]`` that the pipeline buffer keeps."""
     per_block = block_activation_bytes(cfg, device)
-    if m.activation_checkpointing:
-        per_micro = blocks * _checkpointed_block_bytes(cfg)
-        working = per_block if blocks else 0
+    if cfg.model.activation_checkpointing:
+        per_block = _checkpointed_block_bytes(cfg)
+    total = stage.blocks * per_block
+    if stage.embedding:
+        total += embedding_activation_bytes(cfg)
+    if stage.loss:
+        total += final_layernorm_bytes(cfg)
     else:
-        per_micro, working = blocks * per_block, 0
-    if first == 0:
-        per_micro += embedding_activation_bytes(cfg)
-    head = head_activation_bytes(cfg, vocab_size) if last > m.num_layers else 0
-    inputs = accum * b * s * INPUT_BYTES_PER_TOKEN
-    return in_flight * per_micro + working + head + inputs
+        total += _checkpointed_block_bytes(cfg)
+    return total
+
+
+# ----------------------------------------------------------------------------- peak phases
+
+
+@dataclass(frozen=True)
+class _Phases:
+    """Bytes above the persistent states at each phase of a step, and what they include."""
+
+    forward: int
+    """Saved activations of the micro-batches in flight, plus the loss's working set."""
+    backward: int
+    """The largest backward working set (recomputation, the tied-gradient sum)."""
+    step: int
+    """After the last backward and its reduction: the gradient norm, the optimizer step's
+    temporaries."""
+
+
+def _phases(cfg: RunConfig, stage: _Stage, states: _States, accum: int, device: str) -> _Phases:
+    """The candidate peaks of ``stage``, each on top of the states alive then.
+
+    Gradients and the ZeRO-1/2 bucket exist from the step's first backward on, so they are
+    alive in the forward of every micro-batch but the first (``accum > 1``). Sources: the
+    torch kernels' saved tensors (:func:`block_activation_bytes`), the fused loss (:class:`_Loss`),
+    autograd summing the tied head's and the lookup's gradients out of place
+    (``2 x [vocab/tp, h]`` next to ``param.grad`` when one rank holds both, no pipeline; under
+    ZeRO-2 the head's gradient is a third copy, outside the gradient partition), the manual
+    gradient norm of ZeRO-0 fp32 (``parallel.layers.grad_norm``: a float64 copy of a gradient
+    and its square, ``16`` bytes per element of the largest), torch AdamW's single-tensor step
+    on CPU or under offload (``sqrt`` and the divided ``denom``: two fp32 temporaries of the
+    largest stepped tensor; CUDA's fused AdamW has none). ZeRO-0's flat all-reduce copy and
+    ZeRO's buckets are :attr:`_States.comm_phases`.
+    """
+    m, t = cfg.model, cfg.train
+    w = _ELEMENT_BYTES[t.precision]
+    vocab_rows = stage.vocab // cfg.parallel.tp
+    flight = in_flight(cfg, stage.index, accum)
+    saved = flight * saved_activation_bytes(cfg, stage, device)
+    forward = backward = saved
+    if stage.blocks:  # the last block's backward starts (after recomputing it, if checkpointed)
+        recompute = block_activation_bytes(cfg, device) if m.activation_checkpointing else 0
+        backward = saved + recompute + block_backward_bytes(cfg)
+    if stage.loss:
+        loss = _loss(cfg, stage.vocab)
+        forward += loss.working
+        backward = max(backward, saved + loss.saved + vocab_rows * m.hidden_size * w)
+    if stage.embedding and cfg.parallel.pp == 1:
+        copies = 3 if t.zero_stage == 2 else 2
+        backward = max(backward, copies * vocab_rows * m.hidden_size * w)
+    step = 0
+    if t.zero_stage == 0 and t.precision == "fp32":
+        step = max(step, 16 * stage.largest)
+    if device == "cpu" or t.cpu_offload:
+        step = max(step, 8 * states.optimizer_step_elements)
+    return _Phases(forward=forward, backward=backward, step=step)
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -429,6 +643,42 @@ def _layout(cfg: RunConfig, world_size: int) -> int:
     return world_size // model_parallel
 
 
+def _stage_estimate(cfg: RunConfig, stage: _Stage, dp: int, device: str) -> MemoryEstimate:
+    """The peak of one stage: the largest of its phases (:class:`_Phases`, the reduction)."""
+    t = cfg.train
+    b, s = t.micro_batch_size, cfg.data.seq_length
+    accum = t.global_batch_size // (b * dp)
+    st = _model_states(cfg, stage, dp)
+    ph = _phases(cfg, stage, st, accum, device)
+    offload = t.cpu_offload
+    base = st.params + (0 if offload else st.optimizer + st.master)
+    base += accum * b * s * INPUT_BYTES_PER_TOKEN  # the step's batches, held throughout
+    grads_fwd = st.grads if st.grads_persistent or accum > 1 else 0
+    comm_fwd, comm_bwd, comm_reduce, comm_step = st.comm_phases
+    if not (st.comm_static or accum > 1):
+        comm_fwd = 0
+    totals = {
+        "forward": base + grads_fwd + comm_fwd + ph.forward,
+        "backward": base + st.grads + comm_bwd + ph.backward,
+        "gradient reduction": base + st.grads + comm_reduce,
+        "gradient norm and optimizer step": base + st.grads + comm_step + ph.step,
+    }
+    phase = max(totals, key=lambda k: totals[k])
+    states = base - accum * b * s * INPUT_BYTES_PER_TOKEN + st.grads + st.comm
+    notes = (*st.notes, ("activations", f"peak phase: {phase}"))
+    return MemoryEstimate(
+        params=st.params,
+        grads=st.grads,
+        optimizer=0 if offload else st.optimizer,
+        master=0 if offload else st.master,
+        activations=totals[phase] - states,
+        comm_buffers=st.comm,
+        host=st.optimizer + st.master + st.host_extra if offload else 0,
+        stage=stage.index,
+        notes=notes,
+    )
+
+
 def estimate_memory(
     cfg: RunConfig, world_size: int, *, vocab_size: int | None = None, device: str = "cuda"
 ) -> MemoryEstimate:
@@ -436,35 +686,15 @@ def estimate_memory(
 
     ``vocab_size`` is the tokenizer's padded vocabulary when ``model.vocab_size`` is 0.
     ``device`` (``cuda`` or ``cpu``) picks the kernels whose saved tensors are counted
-    (:func:`attention_kind`); GPUs are what the estimate is for, CPU is where it is tested.
+    (:func:`attention_kind`) and the optimizer's temporaries; GPUs are what the estimate is
+    for, CPU is where it is tested.
     """
     if device not in ("cuda", "cpu"):
         raise ValueError(f"estimate_memory: device must be 'cuda' or 'cpu', got {device!r}")
     dp = _layout(cfg, world_size)
     vocab = resolve_vocab_size(cfg.model, vocab_size)
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    layers = layer_parameters(cfg.model, vocab, tp, pp)
+    layers = layer_parameters(cfg.model, vocab, cfg.parallel.tp, cfg.parallel.pp)
     parts = stage_boundaries(cfg, layers)
-    best: MemoryEstimate | None = None
-    for stage in range(pp):
-        states = _model_states(cfg, layers[parts[stage] : parts[stage + 1]], dp, pp > 1)
-        acts = activation_bytes(
-            cfg, stage=stage, parts=parts, vocab_size=vocab, dp=dp, device=device
-        )
-        offload = cfg.train.cpu_offload
-        host = states.optimizer + states.master if offload else 0
-        est = MemoryEstimate(
-            params=states.params,
-            grads=states.grads,
-            optimizer=0 if offload else states.optimizer,
-            master=0 if offload else states.master,
-            activations=acts,
-            comm_buffers=states.comm,
-            host=host,
-            stage=stage,
-            notes=states.notes,
-        )
-        if best is None or est.total > best.total:
-            best = est
-    assert best is not None
-    return best
+    stages = [_stage(cfg, parts, i, vocab) for i in range(cfg.parallel.pp)]
+    estimates = [_stage_estimate(cfg, st, dp, device) for st in stages]
+    return max(estimates, key=lambda est: est.total)
