@@ -8,13 +8,14 @@ checkpoint of another layout, is reported with what to do instead of refusing th
 
 The output is a list of named sections, each built by a small function of a :class:`RunPlan`
 (``(title, builder)`` pairs in :data:`SECTIONS`). A builder returns its text, or None when it
-has nothing to say; a new section (e.g. memory per rank) is one more pair.
+has nothing to say; a new section is one more pair.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import yaml
 from megatron_glm.config import RunConfig, to_dict
 from megatron_glm.model import GLMModel, flops_per_token, num_parameters
 from megatron_glm.parallel.layers import partition_dims
+from megatron_glm.planning.memory import estimate_memory
 
 
 @dataclass(frozen=True)
@@ -188,10 +190,27 @@ def deepspeed_section(plan: RunPlan) -> str:
     return json.dumps(deepspeed_config(plan.cfg, plan.dp), indent=2)
 
 
+def memory_section(plan: RunPlan) -> str:
+    """Peak bytes per rank (:func:`megatron_glm.planning.memory.estimate_memory`), counted for
+    the kernels the launch would use: GPU ones, CPU ones under ``DS_ACCELERATOR=cpu``."""
+    if plan.vocab is None:
+        return f"vocabulary {plan.vocab_source}"
+    device = "cpu" if os.environ.get("DS_ACCELERATOR") == "cpu" else "cuda"
+    est = estimate_memory(plan.cfg, plan.world_size, vocab_size=plan.vocab, device=device)
+    kernels = "CPU (DS_ACCELERATOR=cpu)" if device == "cpu" else "GPU"
+    return "\n".join(
+        [
+            *est.lines(),
+            f"  counted for {kernels} kernels; tools/plan_layout.py searches layouts that fit",
+        ]
+    )
+
+
 SECTIONS: tuple[tuple[str, SectionBuilder], ...] = (
     ("config", config_section),
     ("layout", layout_section),
     ("parameters", parameters_section),
+    ("memory", memory_section),
     ("data", data_section),
     ("checkpoint", checkpoint_section),
     ("DeepSpeed config", deepspeed_section),

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import yaml
 
 from megatron_glm import pretrain
+from megatron_glm.config import load_config
+from megatron_glm.planning.memory import estimate_memory
 from megatron_glm.training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,6 +146,8 @@ def test_every_shipped_recipe_loads_and_dry_runs(
     raw = yaml.safe_load(recipe.read_text())
     micro = raw["train"]["micro_batch_size"]
     dp = raw["train"]["global_batch_size"] // micro  # the largest DP size the recipe allows
+    par = raw.get("parallel", {})
+    world = dp * par.get("tp", 1) * par.get("pp", 1)
     prefix, tok = tiny_corpus
     _no_run(monkeypatch)
     args = [
@@ -151,14 +155,14 @@ def test_every_shipped_recipe_loads_and_dry_runs(
         str(recipe),
         "--dry-run",
         "--world-size",
-        str(dp),
+        str(world),
         f"data.data_path={prefix}",
         f"data.tokenizer_model={tok}",
         "model.vocab_size=0",
     ]
     assert pretrain.main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert f"\nworld size {dp}, data parallel {dp}," in out
+    assert f"\nworld size {world}, data parallel {dp}," in out
     assert '"gradient_accumulation_steps": 1' in out
     assert f'"train_micro_batch_size_per_gpu": {micro}' in out
     assert not dist.is_initialized()
@@ -193,7 +197,7 @@ def test_dry_run_plans_a_layout_without_data_tokenizer_or_process_group(
     args += ["parallel.partition_method=type:GLMBlock", "train.zero_stage=1"]
     sections = _dry_run(monkeypatch, capsys, *args)
     assert list(sections) == [
-        "config", "layout", "parameters", "data", "checkpoint", "DeepSpeed config"
+        "config", "layout", "parameters", "memory", "data", "checkpoint", "DeepSpeed config"
     ]  # fmt: skip
     assert sections["layout"].splitlines() == [
         "world size 8, data parallel 2, tensor parallel 2, pipeline parallel 2",
@@ -216,6 +220,13 @@ def test_dry_run_plans_a_layout_without_data_tokenizer_or_process_group(
     )
     last = block + 2 * h + v * h // 2
     assert lines[2].startswith(f"per rank (pipeline stage 1, tp shard 1/2): {last:,} ")
+    cfg = load_config(REPO / "configs" / "demo.yaml", args[2:])
+    est = estimate_memory(cfg, 8, device="cpu")  # the tests run with DS_ACCELERATOR=cpu
+    total_line = [ln for ln in sections["memory"].splitlines() if ln.startswith("  total ")]
+    assert total_line == [f"  total {est.total / 2**30:>17.3f} GiB {est.total:>16,d} B"]
+    assert sections["memory"].startswith(
+        f"memory per rank (worst rank: pipeline stage {est.stage})"
+    )
     assert sections["data"].splitlines() == [
         "/nonexistent/corpus.bin/.idx: NOT FOUND (the launch needs it)",
         "tokenizer /nonexistent/t.model: NOT FOUND (the launch needs it)",
