@@ -255,12 +255,20 @@ def exit_quietly_on_ctrl_c(
         return EXIT_INTERRUPTED
 
 
-def _main(args: argparse.Namespace) -> int:
+def without_launch(args: argparse.Namespace) -> int | None:
+    """The exit status of a command line that launches nothing (``--dry-run``'s plan, or
+    ``--world-size`` without it, refused), or None: launch. Shared by both entry points."""
     if args.dry_run:
         return dry_run(args)
     if args.world_size is not None:
         report_launch_error(ValueError(WORLD_SIZE_WITHOUT_DRY_RUN))
         return EXIT_CONFIG_ERROR
+    return None
+
+
+def _main(args: argparse.Namespace) -> int:
+    if (status := without_launch(args)) is not None:
+        return status
     from megatron_glm.training.distributed import read_dist_env
     from megatron_glm.training.preflight import validate_for_launch
 

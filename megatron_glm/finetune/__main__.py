@@ -17,12 +17,11 @@ from megatron_glm.config import load_config
 from megatron_glm.logs import all_ranks_requested
 from megatron_glm.pretrain import (
     EXIT_CONFIG_ERROR,
-    WORLD_SIZE_WITHOUT_DRY_RUN,
     build_parser,
-    dry_run,
     exit_quietly_on_ctrl_c,
     report_launch_error,
     run_and_report,
+    without_launch,
 )
 
 
@@ -35,11 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.dry_run:
-        return dry_run(args)
-    if args.world_size is not None:
-        report_launch_error(ValueError(WORLD_SIZE_WITHOUT_DRY_RUN))
-        return EXIT_CONFIG_ERROR
+    if (status := without_launch(args)) is not None:
+        return status
     from megatron_glm.training.distributed import read_dist_env
 
     try:
