@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from test_pretrain_cli import _no_run, _run_yaml, _single_process_env
 
 from megatron_glm import pretrain
+from megatron_glm.config import RunConfig
 from megatron_glm.data.indexed import IndexedDatasetBuilder
 from megatron_glm.serialization import CheckpointFileError, load_file
 
@@ -155,7 +157,7 @@ def test_missing_rng_can_be_allowed_explicitly(
     import megatron_glm.training.session as session
 
     _single_process_env(monkeypatch)
-    monkeypatch.setattr(session, "run_pretraining", lambda *a, **k: called.append(True))
+    monkeypatch.setattr(session, "run_pretraining", _recorder(called))
     args = ["--config", str(run), f"checkpoint.load={ckpt}", "checkpoint.allow_missing_rng=true"]
     assert pretrain.main(args) == 0
     assert called == [True]
@@ -197,6 +199,16 @@ def test_planted_pickle_is_refused_without_running(
     assert marker.exists()
 
 
+def _recorder(called: list[bool]) -> Callable[[RunConfig, object], SimpleNamespace]:
+    """A stand-in for the training session: notes the call, returns a finished run's result."""
+
+    def run(cfg: RunConfig, env: object) -> SimpleNamespace:
+        called.append(True)
+        return SimpleNamespace(iteration=cfg.train.train_iters)
+
+    return run
+
+
 @pytest.mark.slow
 def test_valid_checkpoint_passes_the_checks(
     real_checkpoint: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
@@ -207,7 +219,7 @@ def test_valid_checkpoint_passes_the_checks(
     import megatron_glm.training.session as session
 
     _single_process_env(monkeypatch)
-    monkeypatch.setattr(session, "run_pretraining", lambda *a, **k: called.append(True))
+    monkeypatch.setattr(session, "run_pretraining", _recorder(called))
     assert pretrain.main(["--config", str(run), f"checkpoint.load={ckpt}"]) == 0
     assert called == [True]
 
