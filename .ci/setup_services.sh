@@ -4,10 +4,10 @@
 #
 # Installs Debian's slurmctld, slurmd, slurm-client, munge, openmpi-bin, libopenmpi-dev, pdsh,
 # openssh-server and openssh-client when one is missing (root: CI's fresh container, or a
-# disposable dev container), writes a
-# slurm.conf for two nodes n1 and n2 that are both this host (two slurmd daemons, `slurmd -N`,
-# each on its own port; node address 127.0.0.1), starts munged, slurmctld and both slurmd, and
-# waits until `sinfo` shows both nodes idle. No systemd: the daemons are started directly.
+# disposable dev container), writes a slurm.conf for two nodes n1 and n2 that are both this host
+# (two slurmd daemons, `slurmd -N`, each on its own port; node address 127.0.0.1), starts munged,
+# slurmctld and both slurmd, and waits until `sinfo` shows both nodes idle. No systemd: the
+# daemons are started directly.
 #
 # Idempotent: a second run with the daemons up and the same config only checks `sinfo` (about a
 # second). It refuses to overwrite a slurm.conf it did not write, so it cannot clobber a real
@@ -17,11 +17,12 @@
 # containers rarely delegate), no accounting (scontrol shows the jobs), JobRequeue=1 and short
 # timers so that requeue and node checks take seconds, not minutes.
 #
-# pdsh: a second sshd (not the system's, not port 22) on 127.0.0.1:$SSH_PORT with its own host key,
-# taking root's login only with a key generated in $STATE/ssh. The nodes glm-pdsh-node1 and
-# glm-pdsh-node2 (/etc/hosts: 127.0.0.1) reach it through a Host block in
+# pdsh: an sshd of its own (not the system's, not port 22) on 127.0.0.1:$SSH_PORT with its own
+# host key, taking root's login only with a key generated in $STATE/ssh. The nodes glm-pdsh-node1
+# and glm-pdsh-node2 (/etc/hosts: 127.0.0.1) reach it through a Host block in
 # /etc/ssh/ssh_config.d/ (port, that key, the host key pinned in $STATE/ssh/known_hosts), so
-# `ssh glm-pdsh-node1` and `pdsh -R ssh -w glm-pdsh-node[1-2]` work like a cluster's nodes.
+# `ssh glm-pdsh-node1` and `pdsh -R ssh -w 'glm-pdsh-node[1-2]' hostname` work as on a cluster.
+# A changed sshd config restarts that sshd; a second run only checks `ssh glm-pdsh-node1 true`.
 set -euo pipefail
 
 CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
@@ -197,7 +198,8 @@ wait_idle() {
 ssh_keys() {
     local dir=$1 key
     for key in host_ed25519 id_ed25519; do
-        [ -f "$dir/$key" ] || ssh-keygen -q -t ed25519 -N '' -C "megatron_glm test $key" -f "$dir/$key"
+        [ -f "$dir/$key" ] ||
+            ssh-keygen -q -t ed25519 -N '' -C "megatron_glm test $key" -f "$dir/$key"
     done
 }
 
