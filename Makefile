@@ -28,9 +28,9 @@ lint: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q -m "not cluster" tests
 
-# Launch paths against real services (SLURM, Open MPI): .ci/setup_services.sh installs and starts
-# them from Debian packages (root); MEGATRON_GLM_REQUIRE_CLUSTER=1 turns a missing service into a
-# failure instead of a skip. One test at a time: they share one scheduler.
+# Launch paths against real services (SLURM, Open MPI, pdsh over ssh): .ci/setup_services.sh
+# installs and starts them from Debian packages (root); MEGATRON_GLM_REQUIRE_CLUSTER=1 turns a
+# missing service into a failure instead of a skip. One test at a time: they share one scheduler.
 test-cluster: $(STAMP)
 	.ci/setup_services.sh
 	MEGATRON_GLM_REQUIRE_CLUSTER=1 $(BIN)/python -m pytest -q -s -m cluster --durations=0 tests

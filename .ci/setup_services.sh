@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Launch services for `make test-cluster`: Open MPI and a throwaway SLURM cluster on loopback.
+# Launch services for `make test-cluster`: Open MPI, a throwaway SLURM cluster on loopback, and
+# passwordless ssh to two loopback "nodes" for DeepSpeed's default launcher, pdsh.
 #
-# Installs Debian's slurmctld, slurmd, slurm-client, munge, openmpi-bin and libopenmpi-dev when
-# one is missing (root: CI's fresh container, or a disposable dev container), writes a
-# slurm.conf for two nodes n1 and n2 that are both this host (two slurmd daemons, `slurmd -N`,
-# each on its own port; node address 127.0.0.1), starts munged, slurmctld and both slurmd, and
-# waits until `sinfo` shows both nodes idle. No systemd: the daemons are started directly.
+# Installs Debian's slurmctld, slurmd, slurm-client, munge, openmpi-bin, libopenmpi-dev, pdsh,
+# openssh-server and openssh-client when one is missing (root: CI's fresh container, or a
+# disposable dev container), writes a slurm.conf for two nodes n1 and n2 that are both this host
+# (two slurmd daemons, `slurmd -N`, each on its own port; node address 127.0.0.1), starts munged,
+# slurmctld and both slurmd, and waits until `sinfo` shows both nodes idle. No systemd: the
+# daemons are started directly.
 #
 # Idempotent: a second run with the daemons up and the same config only checks `sinfo` (about a
 # second). It refuses to overwrite a slurm.conf it did not write, so it cannot clobber a real
@@ -14,13 +16,24 @@
 # The cluster: ProctrackType=proctrack/linuxproc and TaskPlugin=task/none (no cgroups, which
 # containers rarely delegate), no accounting (scontrol shows the jobs), JobRequeue=1 and short
 # timers so that requeue and node checks take seconds, not minutes.
+#
+# pdsh: an sshd of its own (not the system's, not port 22) on 127.0.0.1:$SSH_PORT with its own
+# host key, taking root's login only with a key generated in $STATE/ssh. The nodes glm-pdsh-node1
+# and glm-pdsh-node2 (/etc/hosts: 127.0.0.1) reach it through a Host block in
+# /etc/ssh/ssh_config.d/ (port, that key, the host key pinned in $STATE/ssh/known_hosts), so
+# `ssh glm-pdsh-node1` and `pdsh -R ssh -w 'glm-pdsh-node[1-2]' hostname` work as on a cluster.
+# A changed sshd config restarts that sshd; a second run only checks `ssh glm-pdsh-node1 true`.
 set -euo pipefail
 
 CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
 STATE=${MEGATRON_GLM_SLURM_STATE:-/var/spool/megatron_glm_slurm}
 MARK="# megatron_glm throwaway test cluster, written by .ci/setup_services.sh"
-PACKAGES=(slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev)
+PACKAGES=(slurmctld slurmd slurm-client munge openmpi-bin libopenmpi-dev pdsh openssh-server
+    openssh-client)
 NODES=(n1 n2)
+SSH_NODES=(glm-pdsh-node1 glm-pdsh-node2)
+SSH_PORT=${MEGATRON_GLM_SSH_PORT:-17022}
+SSH_CLIENT_CONF=/etc/ssh/ssh_config.d/megatron_glm_pdsh.conf
 
 log() { echo "setup_services: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -112,10 +125,11 @@ EOF
 }
 
 # The node names resolve to the nodes' address, as on a real cluster: ranks that take the master
-# from SLURM_JOB_NODELIST (plain srun, deepspeed --launcher slurm) connect to "n1".
+# from SLURM_JOB_NODELIST (plain srun, deepspeed --launcher slurm) connect to "n1", and a pdsh
+# launch can name "glm-pdsh-node1" as its master.
 add_hosts() {
     local node
-    for node in "${NODES[@]}"; do
+    for node in "${NODES[@]}" "${SSH_NODES[@]}"; do
         getent hosts "$node" >/dev/null || echo "127.0.0.1 $node # megatron_glm test cluster" >>/etc/hosts
     done
 }
@@ -180,6 +194,85 @@ wait_idle() {
     log "SLURM cluster up: $(sinfo -h -o '%P %D %t %N' | tr '\n' ' ')"
 }
 
+# ssh_keys DIR: the sshd's host key and root's login key (kept across runs: known_hosts pins it).
+ssh_keys() {
+    local dir=$1 key
+    for key in host_ed25519 id_ed25519; do
+        [ -f "$dir/$key" ] ||
+            ssh-keygen -q -t ed25519 -N '' -C "megatron_glm test $key" -f "$dir/$key"
+    done
+}
+
+# write_sshd_conf DIR: the test sshd's config and authorized key; status 0 when one changed.
+write_sshd_conf() {
+    local dir=$1 tmp changed=1
+    tmp=$(mktemp)
+    { echo "$MARK"; cat "$dir/id_ed25519.pub"; } >"$tmp"
+    install_conf "$dir/authorized_keys" "$tmp" && changed=0
+    tmp=$(mktemp)
+    cat >"$tmp" <<EOF
+$MARK
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $dir/host_ed25519
+PidFile $STATE/sshd.pid
+AuthorizedKeysFile $dir/authorized_keys
+AllowUsers root
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PrintMotd no
+EOF
+    install_conf "$dir/sshd_config" "$tmp" && changed=0
+    return $changed
+}
+
+# write_ssh_client_conf DIR: the nodes' Host block for every ssh client (pdsh runs ssh), with
+# the test sshd's host key pinned.
+write_ssh_client_conf() {
+    local dir=$1 tmp
+    tmp=$(mktemp)
+    { echo "$MARK"; echo "glm-pdsh-node $(cut -d' ' -f1-2 "$dir/host_ed25519.pub")"; } >"$tmp"
+    install_conf "$dir/known_hosts" "$tmp" || true
+    tmp=$(mktemp)
+    cat >"$tmp" <<EOF
+$MARK
+# Root's key login to the loopback sshd of the cluster tests (pdsh's "nodes").
+Host ${SSH_NODES[*]}
+    HostName 127.0.0.1
+    Port $SSH_PORT
+    User root
+    IdentityFile $dir/id_ed25519
+    IdentitiesOnly yes
+    BatchMode yes
+    HostKeyAlias glm-pdsh-node
+    UserKnownHostsFile $dir/known_hosts
+    StrictHostKeyChecking yes
+EOF
+    install_conf "$SSH_CLIENT_CONF" "$tmp" || true
+}
+
+start_sshd() {
+    local dir=$STATE/ssh
+    mkdir -p "$dir"
+    chmod 700 "$dir"
+    ssh_keys "$dir"
+    if write_sshd_conf "$dir" && alive "$STATE/sshd.pid"; then
+        kill "$(cat "$STATE/sshd.pid")" # the sshd of an older config
+        while alive "$STATE/sshd.pid"; do sleep 0.2; done
+    fi
+    write_ssh_client_conf "$dir"
+    if ! alive "$STATE/sshd.pid"; then
+        log "starting sshd on 127.0.0.1:$SSH_PORT"
+        mkdir -p /run/sshd # its privilege separation directory
+        /usr/sbin/sshd -f "$dir/sshd_config" -E "$STATE/sshd.log"
+    fi
+    ssh "${SSH_NODES[0]}" true || die "ssh ${SSH_NODES[0]} failed; sshd log in $STATE/sshd.log"
+    log "sshd up: ssh ${SSH_NODES[*]} (127.0.0.1:$SSH_PORT) as root"
+}
+
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages and starts daemons)"
 install_packages
 mkdir -p "$STATE"
@@ -189,4 +282,5 @@ fi
 add_hosts
 start_munge
 start_slurm
+start_sshd
 wait_idle

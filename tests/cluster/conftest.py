@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -17,9 +18,22 @@ import pytest
 def require_tools(*names: str) -> None:
     """Skip (or fail under ``MEGATRON_GLM_REQUIRE_CLUSTER=1``) unless every program is on PATH."""
     missing = [n for n in names if shutil.which(n) is None]
-    if not missing:
-        return
-    message = f"not installed: {', '.join(missing)} (run .ci/setup_services.sh as root)"
+    if missing:
+        _unavailable(f"not installed: {', '.join(missing)}")
+
+
+def require_ssh(host: str) -> None:
+    """Skip (or fail, as :func:`require_tools`) unless ``ssh HOST`` logs in without a password:
+    pdsh needs it, and without it DeepSpeed's error says only that the host is unreachable."""
+    require_tools("ssh")
+    cmd = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, "true"]
+    probe = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    if probe.returncode != 0:
+        _unavailable(f"no passwordless `ssh {host}` ({probe.stderr.strip()})")
+
+
+def _unavailable(what: str) -> None:
+    message = f"{what} (run .ci/setup_services.sh as root)"
     if os.environ.get("MEGATRON_GLM_REQUIRE_CLUSTER") == "1":
         pytest.fail(message)
     pytest.skip(message)

@@ -1,7 +1,7 @@
 """Launches of the entry point on this host: plain ``mpirun`` (Open MPI), ``launch/mpirun.sh``,
 and DeepSpeed's multi-node launchers over a hostfile through ``launch/deepspeed_hostfile.sh``
-(``openmpi`` on loopback, ``slurm`` on the test cluster's two nodes): each one world of 2 with
-one process's losses.
+(``pdsh`` over ssh to two loopback "nodes", ``openmpi`` on loopback, ``slurm`` on the test
+cluster's two nodes): each one world of 2 with one process's losses.
 
 A tiny model without dropout trains 3 steps of 4 samples: 2 data-parallel ranks of 2 samples must
 log the losses of one process accumulating 2 micro-batches of 2 (TensorBoard ``train/loss``).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_tools
+from conftest import require_ssh, require_tools
 
 from megatron_glm.data.preprocess import preprocess_data
 from megatron_glm.training.distributed import free_port
@@ -129,6 +129,39 @@ def test_launch_mpirun_script(run_yaml: Path, one_process: dict[int, float]) -> 
     out = run([*cmd, f"logging.tensorboard_dir={tb}"], env, run_yaml.parent)
     assert f"[rank 1] {OMPI_LINE.format(r=1)}{env['MASTER_PORT']}" in out, out[-3000:]
     same_losses(tb, one_process, "launch/mpirun.sh")
+
+
+def test_deepspeed_pdsh_launcher_with_hostfile(
+    run_yaml: Path, one_process: dict[int, float]
+) -> None:
+    """``launch/deepspeed_hostfile.sh`` with DeepSpeed's default launcher, pdsh, on two loopback
+    nodes (``.ci/setup_services.sh``: ssh as root to ``glm-pdsh-node1``/``2``), as the README says.
+
+    Over ssh the ranks get only DeepSpeed's exports (``PYTHONPATH``) and ``.deepspeed_env``,
+    written with the README's command, plus ``GLM_LOG_ALL_RANKS=1``: rank 1's lines show, from
+    node 2 (pdsh's ``%n``), so the file and the node rank reached it.
+    """
+    require_tools("pdsh")
+    require_ssh("glm-pdsh-node1")
+    cwd = run_yaml.parent / "ds_pdsh"
+    cwd.mkdir()
+    (cwd / "hostfile").write_text("glm-pdsh-node1 slots=1\nglm-pdsh-node2 slots=1\n")
+    env = launch_env(
+        HOSTFILE="hostfile", MASTER_ADDR="glm-pdsh-node1", MASTER_PORT=str(free_port())
+    )
+    recipe = re.search(
+        r"^env \| grep .* > \.deepspeed_env$", (REPO / "README.md").read_text(), re.M
+    )
+    assert recipe is not None, "README: no `env | grep ... > .deepspeed_env` line"
+    run(["bash", "-c", f"{recipe[0]} && echo GLM_LOG_ALL_RANKS=1 >> .deepspeed_env"], env, cwd)
+    tb = cwd / "tb"
+    cmd = [str(REPO / "launch" / "deepspeed_hostfile.sh"), str(run_yaml)]
+    out = run([*cmd, f"logging.tensorboard_dir={tb}"], env, cwd)
+    assert "cmd = pdsh -S -f 1024 -w glm-pdsh-node1,glm-pdsh-node2" in out, out[-3000:]
+    line = "process group: rank 1 of 2 from launcher variables (RANK, WORLD_SIZE), rendezvous"
+    line = f"glm-pdsh-node2: [rank 1] {line} glm-pdsh-node1:{env['MASTER_PORT']}"
+    assert line in out, out[-3000:]
+    same_losses(tb, one_process, "deepspeed --launcher pdsh")
 
 
 def test_deepspeed_openmpi_launcher_with_hostfile(
