@@ -3,7 +3,7 @@
 - pipeline engine: the instruction map, ``PipelineModule``'s build internals, its layer-type
   matcher and the ZeRO optimizer's grad-norm internals the pipeline runner hooks;
 - checkpoint loading: the restricted loader (this docstring);
-- start-up and warnings: the op-compatibility cache and two torch warnings DeepSpeed causes;
+- start-up and warnings: the op-compatibility cache and three torch warnings DeepSpeed causes;
 - optimizer-state restore: relinking the fragment views of a resharded checkpoint's state;
 - ZeRO-3 partitions: a partitioned parameter's whole value (:func:`full_weight`).
 - CPU Adam step powers: re-creating the C++ CPU Adam before each step, for an exact resume.
@@ -318,6 +318,11 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
         r"torch\.distributed\.c10d_logger",
     ),
     (
+        r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+        FutureWarning,
+        r"torch\.distributed\.c10d_logger",
+    ),
+    (
         r"c10d::broadcast_: an autograd kernel was not registered",
         UserWarning,
         r"torch\.autograd\.graph",
@@ -329,12 +334,13 @@ ignores. The module is the one the warning is attributed to (torch's wrapper fra
 
 @contextlib.contextmanager
 def known_warnings_silenced() -> Iterator[None]:
-    """Within the block (or the decorated call), ignore two torch warnings DeepSpeed 0.19 causes.
+    """Within the block (or the decorated call), ignore three torch warnings DeepSpeed 0.19 causes.
 
     Why. Neither says anything about the run, and both repeat once per rank and run:
 
-    - ZeRO calls ``torch.distributed.all_gather_into_tensor`` (``deepspeed.comm.torch``), which
-      torch 2.13 deprecates with a ``FutureWarning`` (in favour of ``all_gather_single``);
+    - ZeRO calls ``torch.distributed.all_gather_into_tensor`` and (stage 3, reducing gradients)
+      ``reduce_scatter_tensor`` (``deepspeed.comm.torch``), which torch 2.13 deprecates with a
+      ``FutureWarning`` each (in favour of ``all_gather_single`` / ``reduce_scatter_single``);
     - the pipeline engine sends an activation by broadcasting it from the sending stage (an
       in-place collective on a tensor in the autograd graph), and torch warns when backward passes
       that node. A broadcast leaves its source unchanged, so the identity gradient torch uses is
@@ -344,11 +350,11 @@ def known_warnings_silenced() -> Iterator[None]:
     the block (``warnings.catch_warnings`` restores the process's filters on exit), so the same
     warnings from anything else, or after training, still show.
 
-    Upstream change that removes this: DeepSpeed calling ``all_gather_single`` on torch >= 2.13,
-    and sending pipeline activations with point-to-point ops (or a custom autograd function)
-    rather than an in-place broadcast. ``tests/unit/test_compat.py`` checks that the pinned
-    versions still emit both warnings (drop the entry when one is gone) and that the filters
-    match them.
+    Upstream change that removes this: DeepSpeed calling the ``*_single`` collectives on
+    torch >= 2.13, and sending pipeline activations with point-to-point ops (or a custom
+    autograd function) rather than an in-place broadcast. ``tests/unit/test_compat.py``
+    checks that the pinned versions still emit every one of them (drop the entry when one is
+    gone) and that the filters match them.
     """
     with warnings.catch_warnings():
         for message, category, module in KNOWN_WARNINGS:

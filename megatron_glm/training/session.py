@@ -113,7 +113,7 @@ def train_in_group(
     ``task`` is what differs for finetuning: the loss, the weights to start from, the metric
     that picks the best checkpoint, and a last evaluation after the loop.
 
-    ``watchdog`` (optional) is told of every micro-batch read, forward and optimizer step. Two
+    ``watchdog`` (optional) is told of every micro-batch read, forward and optimizer step. Three
     torch warnings DeepSpeed causes are ignored for the duration of the call only
     (:func:`megatron_glm.compat.deepspeed.known_warnings_silenced`).
     ``log`` receives the run's console lines (rank 0's); by default they are logged at INFO by

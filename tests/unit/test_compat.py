@@ -53,7 +53,7 @@ def test_shm_comm_op_is_skipped_through_compatible_ops(monkeypatch: pytest.Monke
 
 
 def _emit_known_warnings(init_file: str) -> list[tuple[str, str]]:
-    """Trigger both warnings the way DeepSpeed does; returns (category, message) recorded."""
+    """Trigger the warnings the way DeepSpeed does; returns (category, message) recorded."""
     import deepspeed.comm as ds_comm
     import torch.distributed as dist
 
@@ -71,6 +71,7 @@ def _emit_recorded(caught: list[warnings.WarningMessage]) -> list[tuple[str, str
 
     out, inp = torch.empty(4), torch.ones(4)
     ds_comm.all_gather_into_tensor(out, inp)  # what ZeRO calls
+    ds_comm.reduce_scatter_tensor(torch.empty(4), torch.ones(4))  # ZeRO-3's gradient reduction
     x = torch.ones(3, requires_grad=True)
     y = x * 2
     dist.broadcast(y, 0)  # what the pipeline's p2p send does to an activation
@@ -95,7 +96,7 @@ def _warnings_worker(tmp: str) -> None:
 
 
 def test_known_warnings_are_emitted_and_only_they_are_silenced(tmp_path: Path) -> None:
-    """The pinned DeepSpeed + torch still emit both warnings (else drop the filter), our
+    """The pinned DeepSpeed + torch still emit each warning (else drop its filter), our
     message+category+module filters match them, and only inside the block."""
     ctx = mp.get_context("fork")  # one child: a process group of its own, this one stays clean
     child = ctx.Process(target=_warnings_worker, args=(str(tmp_path),))
