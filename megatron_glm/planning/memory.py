@@ -42,6 +42,7 @@ reported in :attr:`MemoryEstimate.host` and left out of :attr:`MemoryEstimate.to
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from megatron_glm.config import ConfigError, ModelConfig, RunConfig
@@ -178,69 +179,32 @@ def zero2_gradient_elements(tensors: list[tuple[int, int]], dp: int) -> int:
     return max(worst)
 
 
-def partition_uniform(num_items: int, num_parts: int) -> list[int]:
-    """``deepspeed.runtime.utils.partition_uniform``: stage boundaries over ``num_items``."""
-    if num_items <= num_parts:
-        return [min(p, num_items) for p in range(num_parts + 1)]
-    chunk, residual = divmod(num_items, num_parts)
-    parts = [i * chunk for i in range(num_parts + 1)]
-    for i in range(residual):
-        for j in range(i + 1, num_parts + 1):
-            parts[j] += 1
-    return parts
-
-
-def partition_balanced(weights: list[int], num_parts: int) -> list[int]:
-    """``deepspeed.runtime.utils.partition_balanced``: the same dynamic programme (linear
-    partition minimising max - min stage weight, ties to the later split), so stage boundaries
-    here equal the ones ``PipelineModule(partition_method="parameters")`` picks."""
-    n, m = len(weights), num_parts
-    if n <= m:
-        return partition_uniform(n, m)
-    inf = float("inf")
-    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_cost = [[inf] * (m + 1) for _ in range(n + 1)]
-    position = [[0] * (m + 1) for _ in range(n + 1)]
-    prefix = [0.0] * (n + 1)
-    for i, w in enumerate(weights):
-        prefix[i + 1] = prefix[i] + w
-    dp_max[0][0] = 0.0
-    dp_cost[0][0] = 0.0
-    for i in range(1, n + 1):
-        for j in range(1, min(i, m) + 1):
-            for k in range(i):
-                span = prefix[i] - prefix[k]
-                max_sum, min_sum = max(dp_max[k][j - 1], span), min(dp_min[k][j - 1], span)
-                cost = max_sum - min_sum
-                if dp_cost[i][j] >= cost:
-                    dp_cost[i][j], dp_max[i][j], dp_min[i][j] = cost, max_sum, min_sum
-                    position[i][j] = k
-    parts = [n]
-    for j in reversed(range(1, m + 1)):
-        parts.append(position[parts[-1]][j])
-    return list(reversed(parts))
-
-
 def pipeline_layer_names(num_layers: int) -> list[str]:
     """Layer class names in pipeline order (``training.pipeline.pipeline_layer_names``)."""
     return ["EmbeddingLayer", *["GLMBlock"] * num_layers, "FinalLayerNorm", "TiedHead"]
 
 
 def stage_boundaries(cfg: RunConfig, layers: list[int]) -> list[int]:
-    """Stage s runs layers ``[parts[s], parts[s + 1])``, as ``parallel.partition_method`` says."""
-    import re
-
-    pp, method = cfg.parallel.pp, cfg.parallel.partition_method.lower()
+    """Stage s runs layers ``[parts[s], parts[s + 1])``, as ``parallel.partition_method`` says:
+    DeepSpeed's own partitioners (:func:`megatron_glm.compat.deepspeed.pipeline_stage_bounds`,
+    which the dry run uses too), so the estimate's stages are the pipeline's."""
+    pp = cfg.parallel.pp
     if pp == 1:
         return [0, len(layers)]
-    if method == "uniform":
-        return partition_uniform(len(layers), pp)
-    if method == "parameters":
-        return partition_balanced(layers, pp)
-    pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
-    names = pipeline_layer_names(cfg.model.num_layers)
-    return partition_balanced([1 if pattern.search(n) else 0 for n in names], pp)
+    p = cfg.parallel
+    return list(_stage_bounds(tuple(layers), cfg.model.num_layers, p.partition_method, pp))
+
+
+@functools.lru_cache(maxsize=512)
+def _stage_bounds(
+    layers: tuple[int, ...], num_layers: int, method: str, pp: int
+) -> tuple[int, ...]:
+    """Cached: the layout planner asks for the same split once per ZeRO stage, micro-batch and
+    checkpointing choice, and DeepSpeed's balanced partition is an O(n^2 pp) loop in Python."""
+    from megatron_glm.compat.deepspeed import pipeline_stage_bounds
+
+    names = pipeline_layer_names(num_layers)
+    return tuple(pipeline_stage_bounds(layers, names, method, pp))
 
 
 # ----------------------------------------------------------------------------- one stage

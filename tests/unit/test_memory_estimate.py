@@ -24,8 +24,7 @@ from megatron_glm.planning.memory import (
     final_layernorm_bytes,
     layer_parameters,
     layer_tensors,
-    partition_balanced,
-    partition_uniform,
+    pipeline_layer_names,
     zero2_gradient_elements,
 )
 
@@ -60,19 +59,12 @@ def _cfg(*overrides: str):  # type: ignore[no-untyped-def]
     )
 
 
-@pytest.mark.parametrize(
-    "weights",
-    [[5, 1, 1, 1, 1, 1, 1, 2, 5], [100, 7, 7, 7, 7, 7, 7, 1, 100], [1, 1], [3, 0, 0, 4, 9, 1]],
-)
-@pytest.mark.parametrize("parts", [2, 3, 4])
-def test_stage_partition_is_deepspeeds(weights: list[int], parts: int) -> None:
-    """The stage boundaries equal DeepSpeed's own ``partition_method`` functions."""
-    from deepspeed.runtime import utils as ds_utils
+def test_pipeline_layer_names_are_the_pipelines() -> None:
+    """The estimator's layer list (it may not import ``training``) is the pipeline's."""
+    from megatron_glm.training.pipeline import pipeline_layer_names as built
 
-    assert partition_balanced(weights, parts) == list(ds_utils.partition_balanced(weights, parts))
-    assert partition_uniform(len(weights), parts) == list(
-        ds_utils.partition_uniform(len(weights), parts)
-    )
+    for layers in (1, 2, 24):
+        assert pipeline_layer_names(layers) == built(layers)
 
 
 def test_layer_parameters_sum_to_the_model() -> None:
