@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.compat.torch import set_subgroup_timeout
-from megatron_glm.training.rank_discovery import find_task, resolve_rendezvous
+from megatron_glm.training.rank_discovery import find_task, free_port_on, resolve_rendezvous
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +110,7 @@ def discover_world(env: Mapping[str, str]) -> DistEnv:
 
 def free_port() -> int:
     """A TCP port free on the loopback interface right now (for a world of one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port_on("127.0.0.1")
 
 
 def init_distributed(env: DistEnv, *, timeout_minutes: float = 30.0) -> torch.device:

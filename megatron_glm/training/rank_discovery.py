@@ -241,7 +241,7 @@ def _rendezvous_by_mpi4py(
             f"({', '.join(lacking)} unknown and mpi4py is not installed); it will not train "
             f"alone: {MPI_HINT}"
         )
-    mine = (socket.gethostname(), free_port_any()) if task.rank == 0 else None
+    mine = (socket.gethostname(), free_port_on("")) if task.rank == 0 else None
     host, port0 = comm.bcast(mine, root=0)
     if local is None:
         local = int(comm.Split_type(_mpi_shared_type()).Get_rank())
@@ -263,10 +263,11 @@ def _mpi_shared_type() -> int:
     return int(MPI.COMM_TYPE_SHARED)
 
 
-def free_port_any() -> int:
-    """A TCP port free on every interface of this host (rank 0 listens on it for all nodes)."""
+def free_port_on(host: str) -> int:
+    """A TCP port free right now on ``host``'s interface (``""``: every interface, where rank 0
+    listens for all nodes; ``127.0.0.1``: loopback, for a world of one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
